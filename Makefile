@@ -1,0 +1,91 @@
+# modelmux build. Plain GNU make; objects under build/.
+#   make                 build everything
+#   make test            install deps, build, run every test (last line: N passed, N failed)
+#   make SANITIZE=address,undefined test
+#   make run             the demo: gateway in front of local demo backends
+#   make bench           benchmarks (not tests), see docs/BENCHMARKS.md
+#   make fuzz            libFuzzer build of the HTTP request parser
+CC       ?= cc
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
+            -fno-strict-aliasing -pthread -Icommon -Igateway
+LDFLAGS  += -pthread
+LIBS     := -levent -levent_pthreads -lcurl -ljansson -lhiredis -lm
+BUILD    ?= build
+
+ifdef SANITIZE
+CFLAGS   += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
+LDFLAGS  += -fsanitize=$(SANITIZE)
+BUILD    := build/san
+endif
+
+COMMON_SRC  := $(wildcard common/*.c)
+GATEWAY_SRC := $(filter-out gateway/main.c,$(wildcard gateway/*.c))
+UNIT_SRC    := $(wildcard tests/unit/test_*.c)
+FAKE_SRC    := $(wildcard tests/fakes/*.c)
+BENCH_SRC   := $(wildcard tests/bench/*.c)
+
+COMMON_OBJ  := $(COMMON_SRC:%.c=$(BUILD)/%.o)
+GATEWAY_OBJ := $(GATEWAY_SRC:%.c=$(BUILD)/%.o)
+UNIT_BIN    := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+FAKE_BIN    := $(FAKE_SRC:tests/fakes/%.c=$(BUILD)/tests/%)
+BENCH_BIN   := $(BENCH_SRC:tests/bench/%.c=$(BUILD)/tests/%)
+
+.PHONY: all deps test unit integration run bench fuzz clean
+all: $(BUILD)/modelmux-gateway $(UNIT_BIN) $(FAKE_BIN) $(BENCH_BIN)
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/libmmcommon.a: $(COMMON_OBJ)
+	$(AR) rcs $@ $^
+$(BUILD)/libmmgateway.a: $(GATEWAY_OBJ)
+	$(AR) rcs $@ $^
+
+$(BUILD)/modelmux-gateway: $(BUILD)/gateway/main.o $(BUILD)/libmmgateway.a $(BUILD)/libmmcommon.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libmmgateway.a $(BUILD)/libmmcommon.a tests/unit/test.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests/unit $(LDFLAGS) -o $@ $< $(BUILD)/libmmgateway.a $(BUILD)/libmmcommon.a $(LIBS)
+$(BUILD)/tests/%: tests/fakes/%.c $(BUILD)/libmmcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libmmcommon.a $(LIBS)
+$(BUILD)/tests/%: tests/bench/%.c $(BUILD)/libmmcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libmmcommon.a $(LIBS)
+
+deps:
+	@sh deploy/deps.sh
+
+test: deps
+	@$(MAKE) --no-print-directory all
+	@BUILD=$(BUILD) sh tests/run.sh
+
+unit: all
+	@BUILD=$(BUILD) sh tests/run.sh unit
+
+integration: all
+	@BUILD=$(BUILD) sh tests/run.sh integration
+
+run: deps
+	@$(MAKE) --no-print-directory all
+	@sh deploy/demo.sh
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@sh tests/bench/run.sh
+
+# libFuzzer target for the strict request parser; corpus in tests/fuzz/corpus.
+FUZZ_SECONDS ?= 30
+fuzz: $(BUILD)/fuzz/fuzz_http
+	$(BUILD)/fuzz/fuzz_http -max_total_time=$(FUZZ_SECONDS) -max_len=4096 $(BUILD)/fuzz/corpus tests/fuzz/corpus/http_request
+$(BUILD)/fuzz/fuzz_http: tests/fuzz/fuzz_http.c $(COMMON_SRC)
+	@mkdir -p $(dir $@) $(BUILD)/fuzz/corpus
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -Icommon -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz/fuzz_http.c common/http_parse.c common/buf.c
+
+clean:
+	rm -rf build
+
+-include $(COMMON_OBJ:.o=.d) $(GATEWAY_OBJ:.o=.d) $(BUILD)/gateway/main.d

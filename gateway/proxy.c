@@ -1,0 +1,751 @@
+/* proxy.c: one client request through the gateway.
+ *
+ *   classify (builtin / routed by model / default pool / error)
+ *   -> pick variant and backend -> forward over libcurl
+ *   -> relay: streamed answers (SSE, passthrough) chunk by chunk with
+ *      back-pressure; non-streaming model answers buffered whole, so a cut or
+ *      malformed upstream answer becomes a clean 502 instead of a truncated
+ *      200.
+ * A client that goes away aborts the upstream transfer at once. */
+#include "proxy.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
+#include <jansson.h>
+
+#include "buf.h"
+#include "jsonutil.h"
+#include "log.h"
+
+/* Stop reading from the upstream while this much is queued for the client. */
+#define PX_CLIENT_HIGH_WATER (1024 * 1024)
+#define PX_MAX_RESP_HEADERS (64 * 1024)
+
+typedef struct px_req {
+    mm_proxy_thread  *t;
+    mm_http_exchange *ex;
+    char              reqid[80];
+    const char       *path;          /* request-target, kept as sent */
+    size_t            path_len;
+    json_t           *json;          /* parsed body when routed by model */
+    mm_route         *route;         /* requested route (NULL: default pool) */
+    mm_route         *variant;
+    mm_pool          *pool;
+    mm_backend       *backend;
+    int               held;          /* backend counted as outstanding */
+    uint64_t          tried[MM_POOL_MAX_BACKENDS / 64];
+    int               streaming;     /* the client asked "stream": true */
+    int               relay;         /* send the answer as it arrives */
+    mm_buf            fwd_body;      /* rewritten body; empty: send the client's */
+    /* the current attempt */
+    CURL             *easy;
+    struct curl_slist *hdrs;
+    struct event     *timer;
+    int               status;
+    int64_t           resp_cl;
+    int               headers_done;
+    int               client_began;
+    int               paused;
+    int               timed_out;
+    int               too_large;
+    uint64_t          attempt_ns;
+    uint64_t          last_ns;
+    mm_buf            resp_hdrs;     /* filtered upstream headers for the client */
+    mm_buf            resp_body;     /* buffered answer */
+    char              curl_err[CURL_ERROR_SIZE];
+} px_req;
+
+static void px_free(px_req *r)
+{
+    if (!r)
+        return;
+    if (r->timer)
+        event_free(r->timer);
+    if (r->hdrs)
+        curl_slist_free_all(r->hdrs);
+    if (r->json)
+        json_decref(r->json);
+    mm_buf_free(&r->fwd_body);
+    mm_buf_free(&r->resp_hdrs);
+    mm_buf_free(&r->resp_body);
+    free(r);
+}
+
+static int ieq(const char *a, size_t alen, const char *b)
+{
+    size_t blen = strlen(b);
+    return alen == blen && strncasecmp(a, b, alen) == 0;
+}
+
+/* Our own headers on every answer. */
+static void px_our_headers(px_req *r, mm_buf *out)
+{
+    mm_buf_printf(out, "x-request-id: %s\r\n", r->reqid);
+    if (r->variant)
+        mm_buf_printf(out, "x-modelmux-model: %s\r\n", r->variant->name);
+    if (r->backend)
+        mm_buf_printf(out, "x-modelmux-backend: %s\r\n", r->backend->cfg->url);
+}
+
+static void px_error(px_req *r, int status, const char *param, const char *msg)
+{
+    mm_buf h;
+    mm_buf_init(&h, 8192);
+    px_our_headers(r, &h);
+    mm_http_respond_error(r->ex, status, param, mm_buf_cstr(&h), "%s", msg);
+    mm_buf_free(&h);
+}
+
+/* ---- upstream attempt ---- */
+
+static void px_release_attempt(px_req *r, int cancel)
+{
+    if (r->timer)
+        evtimer_del(r->timer);
+    if (r->easy) {
+        if (cancel)
+            mm_upstream_cancel(r->t->up, r->easy);
+        else
+            mm_upstream_recycle(r->t->up, r->easy);
+        r->easy = NULL;
+    }
+    if (r->hdrs) {
+        curl_slist_free_all(r->hdrs);
+        r->hdrs = NULL;
+    }
+    if (r->held) {
+        r->held = 0;
+        mm_pool_release(r->pool, r->backend);
+    }
+}
+
+static void px_begin_client(px_req *r)
+{
+    if (r->client_began)
+        return;
+    r->client_began = 1;
+    mm_buf h;
+    mm_buf_init(&h, PX_MAX_RESP_HEADERS + 8192);
+    mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
+    px_our_headers(r, &h);
+    mm_http_begin(r->ex, r->status, mm_buf_cstr(&h), r->resp_cl);
+    mm_buf_free(&h);
+}
+
+/* The attempt failed before or after the first byte reached the client. */
+static void px_fail(px_req *r, int status, const char *what)
+{
+    if (!r->client_began) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "upstream %s: %s", r->backend ? r->backend->cfg->url : "?", what);
+        r->ex->on_abort = NULL;
+        px_error(r, status, NULL, msg);
+    } else if (r->streaming) {
+        /* Mid-stream: one SSE error event, then a clean end of the chunked
+         * body; never a made-up [DONE]. */
+        mm_buf ev;
+        mm_buf_init(&ev, 4096);
+        mm_buf_append_str(&ev, "data: ");
+        char msg[512];
+        snprintf(msg, sizeof msg, "upstream failed mid-stream: %s", what);
+        mm_oai_error_body(&ev, status, NULL, msg);
+        mm_buf_append_str(&ev, "\n\n");
+        mm_http_write(r->ex, ev.data, ev.len);
+        mm_buf_free(&ev);
+        r->ex->on_abort = NULL;
+        mm_http_end(r->ex);
+    } else {
+        r->ex->on_abort = NULL;
+        mm_http_abort(r->ex);
+    }
+    px_free(r);
+}
+
+static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
+{
+    px_req *r = ud;
+    size_t len = size * nmemb;
+    size_t l = len;
+    while (l > 0 && (p[l - 1] == '\n' || p[l - 1] == '\r'))
+        l--;
+    if (len >= 5 && memcmp(p, "HTTP/", 5) == 0) {
+        /* A new status line (also after a 100 Continue): start over. */
+        const char *sp = memchr(p, ' ', l);
+        r->status = 0;
+        if (sp && (size_t)(sp - p) + 4 <= l && isdigit((unsigned char)sp[1]) &&
+            isdigit((unsigned char)sp[2]) && isdigit((unsigned char)sp[3]))
+            r->status = (sp[1] - '0') * 100 + (sp[2] - '0') * 10 + (sp[3] - '0');
+        r->resp_cl = -1;
+        mm_buf_reset(&r->resp_hdrs);
+        return len;
+    }
+    if (l == 0) {
+        if (r->status >= 200) {
+            r->headers_done = 1;
+            r->last_ns = mm_now_ns();
+            if (r->relay)
+                px_begin_client(r);
+        }
+        return len;
+    }
+    const char *colon = memchr(p, ':', l);
+    if (!colon)
+        return len;
+    size_t nlen = (size_t)(colon - p);
+    const char *v = colon + 1;
+    while (v < p + l && (*v == ' ' || *v == '\t'))
+        v++;
+    size_t vlen = (size_t)(p + l - v);
+    if (ieq(p, nlen, "content-length")) {
+        char tmp[32];
+        if (vlen < sizeof tmp) {
+            memcpy(tmp, v, vlen);
+            tmp[vlen] = '\0';
+            char *end;
+            long long cl = strtoll(tmp, &end, 10);
+            if (*end == '\0' && cl >= 0)
+                r->resp_cl = cl;
+        }
+        return len;
+    }
+    /* Hop-by-hop headers describe the upstream connection, not the answer. */
+    if (ieq(p, nlen, "connection") || ieq(p, nlen, "keep-alive") ||
+        ieq(p, nlen, "transfer-encoding") || ieq(p, nlen, "te") || ieq(p, nlen, "trailer") ||
+        ieq(p, nlen, "upgrade") || ieq(p, nlen, "proxy-connection") ||
+        ieq(p, nlen, "x-request-id") || (nlen > 11 && strncasecmp(p, "x-modelmux-", 11) == 0))
+        return len;
+    if (mm_buf_append(&r->resp_hdrs, p, l) || mm_buf_append(&r->resp_hdrs, "\r\n", 2))
+        return 0; /* header section too large: abort -> 502 */
+    return len;
+}
+
+static size_t px_on_write(char *p, size_t size, size_t nmemb, void *ud)
+{
+    px_req *r = ud;
+    size_t len = size * nmemb;
+    r->last_ns = mm_now_ns();
+    if (r->relay) {
+        px_begin_client(r);
+        if (mm_http_pending(r->ex) > PX_CLIENT_HIGH_WATER) {
+            /* The client reads slower than the upstream writes: stop reading
+             * upstream until the client drains (on_drain resumes). */
+            r->paused = 1;
+            return CURL_WRITEFUNC_PAUSE;
+        }
+        mm_http_write(r->ex, p, len);
+        return len;
+    }
+    if (mm_buf_append(&r->resp_body, p, len) != 0) {
+        r->too_large = 1;
+        return 0;
+    }
+    return len;
+}
+
+static void px_on_drain(mm_http_exchange *ex, void *udata)
+{
+    px_req *r = udata;
+    (void)ex;
+    if (r->paused && r->easy) {
+        r->paused = 0;
+        curl_easy_pause(r->easy, CURLPAUSE_CONT);
+    }
+}
+
+static void px_on_client_abort(mm_http_exchange *ex, void *udata)
+{
+    px_req *r = udata;
+    (void)ex;
+    px_release_attempt(r, 1);
+    px_free(r);
+}
+
+static void px_arm_timer(px_req *r);
+
+static void px_on_timer(evutil_socket_t fd, short what, void *arg)
+{
+    px_req *r = arg;
+    (void)fd;
+    (void)what;
+    px_arm_timer(r);
+}
+
+/* (Re)arm the attempt's timer for the nearest of first-byte and idle
+ * deadlines; fire the timeout when it has passed. Cheaper than re-arming on
+ * every chunk: data only records last_ns. */
+static void px_arm_timer(px_req *r)
+{
+    const mm_timeouts_cfg *to = &r->backend->cfg->timeouts;
+    uint64_t now = mm_now_ns(), deadline = 0;
+    if (!r->headers_done && to->first_byte_ms > 0)
+        deadline = r->attempt_ns + (uint64_t)to->first_byte_ms * 1000000ull;
+    else if (r->headers_done && to->idle_ms > 0 && !r->paused)
+        deadline = r->last_ns + (uint64_t)to->idle_ms * 1000000ull;
+    else if (r->headers_done && to->idle_ms > 0)
+        deadline = now + (uint64_t)to->idle_ms * 1000000ull; /* slow client, not upstream */
+    if (!deadline)
+        return;
+    if (now >= deadline) {
+        const char *what = r->headers_done ? "idle timeout between chunks" : "no response before first-byte timeout";
+        r->timed_out = 1;
+        px_release_attempt(r, 1);
+        px_fail(r, 504, what);
+        return;
+    }
+    uint64_t left = deadline - now;
+    struct timeval tv = {(time_t)(left / 1000000000ull), (suseconds_t)(left % 1000000000ull / 1000)};
+    evtimer_add(r->timer, &tv);
+}
+
+static int px_add_header(px_req *r, const char *name, size_t nlen, const char *val, size_t vlen)
+{
+    char line[8192 + 256];
+    if (nlen + vlen + 3 > sizeof line)
+        return -E2BIG;
+    memcpy(line, name, nlen);
+    size_t k = nlen;
+    if (vlen == 0) {
+        line[k++] = ';'; /* curl: "Name;" sends an empty header, "Name:" deletes it */
+    } else {
+        line[k++] = ':';
+        line[k++] = ' ';
+        memcpy(line + k, val, vlen);
+        k += vlen;
+    }
+    line[k] = '\0';
+    struct curl_slist *n = curl_slist_append(r->hdrs, line);
+    if (!n)
+        return -ENOMEM;
+    r->hdrs = n;
+    return 0;
+}
+
+static int px_build_headers(px_req *r)
+{
+    const mm_http_request *q = &r->ex->req;
+    const mm_backend_cfg *b = r->backend->cfg;
+    int rc = 0, saw_accept = 0;
+    const mm_http_header *xff = NULL;
+    for (size_t i = 0; i < q->nheaders && rc == 0; i++) {
+        const mm_http_header *h = &q->headers[i];
+        if (ieq(h->name, h->name_len, "connection") || ieq(h->name, h->name_len, "keep-alive") ||
+            ieq(h->name, h->name_len, "proxy-connection") || ieq(h->name, h->name_len, "te") ||
+            ieq(h->name, h->name_len, "trailer") || ieq(h->name, h->name_len, "upgrade") ||
+            ieq(h->name, h->name_len, "transfer-encoding") ||
+            ieq(h->name, h->name_len, "content-length") || ieq(h->name, h->name_len, "host") ||
+            ieq(h->name, h->name_len, "expect") || ieq(h->name, h->name_len, "x-request-id"))
+            continue;
+        if (ieq(h->name, h->name_len, "x-forwarded-for")) {
+            xff = h;
+            continue;
+        }
+        if (b->api_key && ieq(h->name, h->name_len, "authorization"))
+            continue;
+        if (ieq(h->name, h->name_len, "accept"))
+            saw_accept = 1;
+        rc = px_add_header(r, h->name, h->name_len, h->value, h->value_len);
+    }
+    char tmp[8192];
+    const char *peer = r->ex->peer;
+    const char *colon = strrchr(peer, ':');
+    size_t iplen = colon ? (size_t)(colon - peer) : strlen(peer);
+    int n;
+    if (xff)
+        n = snprintf(tmp, sizeof tmp, "%.*s, %.*s", (int)(xff->value_len < 4096 ? xff->value_len : 4096),
+                     xff->value, (int)iplen, peer);
+    else
+        n = snprintf(tmp, sizeof tmp, "%.*s", (int)iplen, peer);
+    if (rc == 0)
+        rc = px_add_header(r, "X-Forwarded-For", 15, tmp, (size_t)n);
+    if (rc == 0)
+        rc = px_add_header(r, "x-request-id", 12, r->reqid, strlen(r->reqid));
+    if (rc == 0 && b->api_key) {
+        n = snprintf(tmp, sizeof tmp, "Bearer %s", b->api_key);
+        rc = px_add_header(r, "Authorization", 13, tmp, (size_t)n);
+    }
+    /* curl would add "Expect: 100-continue" for large bodies (a round trip
+     * for nothing) and a default Accept header the client never sent. */
+    if (rc == 0) {
+        struct curl_slist *s = curl_slist_append(r->hdrs, "Expect:");
+        rc = s ? 0 : -ENOMEM;
+        r->hdrs = s ? s : r->hdrs;
+    }
+    if (rc == 0 && !saw_accept) {
+        struct curl_slist *s = curl_slist_append(r->hdrs, "Accept:");
+        rc = s ? 0 : -ENOMEM;
+        r->hdrs = s ? s : r->hdrs;
+    }
+    return rc;
+}
+
+/* The body for this backend: the client's bytes, with the model field
+ * replaced when the backend serves it under another name. */
+static int px_body_for_backend(px_req *r, const char **body, size_t *len)
+{
+    const mm_backend_cfg *b = r->backend->cfg;
+    mm_buf *src = &r->ex->body;
+    *body = src->data;
+    *len = src->len;
+    if (!r->json || !b->served_model)
+        return 0;
+    mm_buf_reset(&r->fwd_body);
+    size_t vs, ve;
+    int rc;
+    if (mm_json_top_value_span(src->data, src->len, "model", &vs, &ve) == 0) {
+        /* Splice: every other byte of the client's body stays as sent. */
+        rc = mm_buf_append(&r->fwd_body, src->data, vs);
+        if (rc == 0)
+            rc = mm_json_append_str(&r->fwd_body, b->served_model, strlen(b->served_model));
+        if (rc == 0)
+            rc = mm_buf_append(&r->fwd_body, src->data + ve, src->len - ve);
+    } else {
+        json_object_set_new(r->json, "model", json_string(b->served_model));
+        char *s = json_dumps(r->json, JSON_COMPACT);
+        rc = s ? mm_buf_append_str(&r->fwd_body, s) : -ENOMEM;
+        free(s);
+    }
+    if (rc)
+        return rc;
+    *body = r->fwd_body.data;
+    *len = r->fwd_body.len;
+    return 0;
+}
+
+static void px_start_attempt(px_req *r)
+{
+    mm_backend *b = mm_pool_pick(r->pool, r->tried);
+    if (!b) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "no backend available for model %s",
+                 r->variant ? r->variant->name : "(default pool)");
+        r->ex->on_abort = NULL;
+        px_error(r, 503, NULL, msg);
+        px_free(r);
+        return;
+    }
+    r->backend = b;
+    r->held = 1;
+    r->tried[b->index / 64] |= 1ull << (b->index % 64);
+    r->status = 0;
+    r->resp_cl = -1;
+    r->headers_done = 0;
+    r->paused = 0;
+    mm_buf_reset(&r->resp_hdrs);
+    mm_buf_reset(&r->resp_body);
+    const char *body;
+    size_t blen;
+    char url[4096];
+    int n = snprintf(url, sizeof url, "%s%.*s", b->cfg->url, (int)r->path_len, r->path);
+    if (n < 0 || (size_t)n >= sizeof url) {
+        px_release_attempt(r, 0);
+        r->ex->on_abort = NULL;
+        px_error(r, 414, NULL, "request target too long");
+        px_free(r);
+        return;
+    }
+    if (px_body_for_backend(r, &body, &blen) || px_build_headers(r)) {
+        px_release_attempt(r, 0);
+        r->ex->on_abort = NULL;
+        px_error(r, 500, NULL, "out of memory");
+        px_free(r);
+        return;
+    }
+    CURL *e = mm_upstream_easy(r->t->up);
+    if (!e) {
+        px_release_attempt(r, 0);
+        r->ex->on_abort = NULL;
+        px_error(r, 500, NULL, "out of memory");
+        px_free(r);
+        return;
+    }
+    r->easy = e;
+    const mm_http_request *q = &r->ex->req;
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->hdrs);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, px_on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, px_on_write);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->curl_err);
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    if (b->cfg->timeouts.connect_ms > 0)
+        curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)b->cfg->timeouts.connect_ms);
+    if (b->cfg->timeouts.total_ms > 0)
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)b->cfg->timeouts.total_ms);
+    char method[32];
+    size_t ml = q->method_len < sizeof method - 1 ? q->method_len : sizeof method - 1;
+    memcpy(method, q->method, ml);
+    method[ml] = '\0';
+    if (strcmp(method, "GET") == 0 && blen == 0) {
+        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+    } else if (strcmp(method, "HEAD") == 0) {
+        curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+    } else {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDS, body ? body : "");
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)blen);
+        if (strcmp(method, "POST") != 0)
+            curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+    }
+    r->curl_err[0] = '\0';
+    r->attempt_ns = mm_now_ns();
+    r->last_ns = r->attempt_ns;
+    if (mm_upstream_add(r->t->up, e, r) != 0) {
+        px_release_attempt(r, 0);
+        r->ex->on_abort = NULL;
+        px_error(r, 500, NULL, "cannot start upstream transfer");
+        px_free(r);
+        return;
+    }
+    px_arm_timer(r);
+}
+
+void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
+{
+    px_req *r = priv;
+    (void)easy;
+    if (rc == CURLE_OK && r->status >= 200 && !r->too_large) {
+        px_release_attempt(r, 0);
+        r->ex->on_abort = NULL;
+        if (r->relay) {
+            px_begin_client(r);
+            mm_http_end(r->ex);
+        } else {
+            mm_buf h;
+            mm_buf_init(&h, PX_MAX_RESP_HEADERS + 8192);
+            mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
+            px_our_headers(r, &h);
+            mm_http_respond(r->ex, r->status, mm_buf_cstr(&h), r->resp_body.data, r->resp_body.len);
+            mm_buf_free(&h);
+        }
+        px_free(r);
+        return;
+    }
+    char what[CURL_ERROR_SIZE + 64];
+    int status = 502;
+    if (r->too_large)
+        snprintf(what, sizeof what, "response larger than max_response_bytes");
+    else if (rc == CURLE_OK)
+        snprintf(what, sizeof what, "no valid response");
+    else
+        snprintf(what, sizeof what, "%s", r->curl_err[0] ? r->curl_err : curl_easy_strerror(rc));
+    if (rc == CURLE_OPERATION_TIMEDOUT)
+        status = 504;
+    px_release_attempt(r, 0);
+    px_fail(r, status, what);
+}
+
+/* ---- classification ---- */
+
+static int path_is(const px_req *r, const char *p)
+{
+    size_t n = strlen(p);
+    return r->path_len >= n && memcmp(r->path, p, n) == 0 &&
+           (r->path_len == n || r->path[n] == '?');
+}
+
+static int is_json_type(const mm_http_request *q)
+{
+    const mm_http_header *h = mm_http_find_header(q, "content-type");
+    if (!h)
+        return 0;
+    size_t n = h->value_len;
+    const char *semi = memchr(h->value, ';', n);
+    if (semi)
+        n = (size_t)(semi - h->value);
+    while (n && (h->value[n - 1] == ' ' || h->value[n - 1] == '\t'))
+        n--;
+    if (ieq(h->value, n, "application/json"))
+        return 1;
+    return n > 5 && strncasecmp(h->value + n - 5, "+json", 5) == 0;
+}
+
+static void px_set_reqid(px_req *r)
+{
+    const mm_http_header *h = mm_http_find_header(&r->ex->req, "x-request-id");
+    if (h && h->value_len > 0 && h->value_len < sizeof r->reqid) {
+        memcpy(r->reqid, h->value, h->value_len);
+        r->reqid[h->value_len] = '\0';
+        return;
+    }
+    uint64_t a = mm_rng_next(&r->t->rng), b = mm_rng_next(&r->t->rng);
+    snprintf(r->reqid, sizeof r->reqid, "%016llx%016llx", (unsigned long long)a,
+             (unsigned long long)b);
+}
+
+static void px_route_default(px_req *r, int status_without, const char *msg_without)
+{
+    mm_router *rt = r->t->router;
+    if (!rt->default_pool) {
+        r->ex->on_abort = NULL;
+        px_error(r, status_without, NULL, msg_without);
+        px_free(r);
+        return;
+    }
+    r->pool = rt->default_pool;
+    r->relay = 1; /* Nginx upstream mode: stream whatever comes back */
+    if (r->json) {
+        json_decref(r->json);
+        r->json = NULL;
+    }
+    px_start_attempt(r);
+}
+
+static void px_route_model(px_req *r, const char *name, size_t nlen)
+{
+    mm_router *rt = r->t->router;
+    mm_route *route = mm_router_find(rt, name, nlen);
+    if (!route) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "The model `%.*s` does not exist. Available models: %s",
+                 (int)(nlen > 200 ? 200 : nlen), name, rt->names_list);
+        r->ex->on_abort = NULL;
+        px_error(r, 404, "model", msg);
+        px_free(r);
+        return;
+    }
+    r->route = route;
+    const char *key = NULL;
+    size_t klen = 0;
+    char num[64];
+    if (route->cfg->sticky_kind == MM_STICKY_HEADER) {
+        const mm_http_header *h = mm_http_find_header(&r->ex->req, route->cfg->sticky_key);
+        if (h) {
+            key = h->value;
+            klen = h->value_len;
+        }
+    } else if (route->cfg->sticky_kind == MM_STICKY_BODY) {
+        json_t *v = json_object_get(r->json, route->cfg->sticky_key);
+        if (json_is_string(v)) {
+            key = json_string_value(v);
+            klen = json_string_length(v);
+        } else if (json_is_integer(v)) {
+            klen = (size_t)snprintf(num, sizeof num, "%lld", (long long)json_integer_value(v));
+            key = num;
+        }
+    }
+    r->variant = mm_route_pick_variant(route, key, klen, &r->t->rng);
+    if (!r->variant) {
+        r->ex->on_abort = NULL;
+        px_error(r, 503, NULL, "no variant of this model is available");
+        px_free(r);
+        return;
+    }
+    r->pool = r->variant->pool;
+    json_t *s = json_object_get(r->json, "stream");
+    r->streaming = json_is_true(s);
+    r->relay = r->streaming;
+    px_start_attempt(r);
+}
+
+static void px_builtin_health(px_req *r)
+{
+    char body[256];
+    int n = snprintf(body, sizeof body, "{\"status\":\"ok\",\"models\":%zu}",
+                     r->t->router->nroutes);
+    mm_buf h;
+    mm_buf_init(&h, 1024);
+    mm_buf_append_str(&h, "Content-Type: application/json\r\n");
+    px_our_headers(r, &h);
+    mm_http_respond(r->ex, 200, mm_buf_cstr(&h), body, (size_t)n);
+    mm_buf_free(&h);
+}
+
+static void px_builtin_models(px_req *r)
+{
+    mm_buf h;
+    mm_buf_init(&h, 1024);
+    mm_buf_append_str(&h, "Content-Type: application/json\r\n");
+    px_our_headers(r, &h);
+    mm_http_respond(r->ex, 200, mm_buf_cstr(&h), r->t->router->models_json,
+                    r->t->router->models_json_len);
+    mm_buf_free(&h);
+}
+
+void mm_proxy_handle(mm_http_exchange *ex, void *arg)
+{
+    mm_proxy_thread *t = arg;
+    px_req *r = calloc(1, sizeof *r);
+    if (!r) {
+        mm_http_respond_error(ex, 500, NULL, NULL, "out of memory");
+        return;
+    }
+    r->t = t;
+    r->ex = ex;
+    mm_buf_init(&r->fwd_body, t->cfg->max_body_bytes + 4096);
+    mm_buf_init(&r->resp_hdrs, PX_MAX_RESP_HEADERS);
+    mm_buf_init(&r->resp_body, t->cfg->max_response_bytes);
+    r->timer = evtimer_new(t->base, px_on_timer, r);
+    if (!r->timer) {
+        px_free(r);
+        mm_http_respond_error(ex, 500, NULL, NULL, "out of memory");
+        return;
+    }
+    ex->udata = r;
+    ex->on_abort = px_on_client_abort;
+    ex->on_drain = px_on_drain;
+    px_set_reqid(r);
+    const mm_http_request *q = &ex->req;
+    r->path = q->target;
+    r->path_len = q->target_len;
+    int is_get = ieq(q->method, q->method_len, "GET");
+    int is_post = ieq(q->method, q->method_len, "POST");
+
+    if (is_get && path_is(r, "/health")) {
+        ex->on_abort = NULL;
+        px_builtin_health(r);
+        px_free(r);
+        return;
+    }
+    if (is_get && path_is(r, "/v1/models")) {
+        ex->on_abort = NULL;
+        px_builtin_models(r);
+        px_free(r);
+        return;
+    }
+    if (!is_post) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "no route for %.*s %.*s", (int)(q->method_len > 16 ? 16 : q->method_len),
+                 q->method, (int)(q->target_len > 128 ? 128 : q->target_len), q->target);
+        px_route_default(r, 404, msg);
+        return;
+    }
+    if (!is_json_type(q)) {
+        px_route_default(r, 415, "Content-Type must be application/json");
+        return;
+    }
+    json_error_t jerr;
+    /* Duplicate keys are refused: the gateway and the upstream must never
+     * disagree about which "model" a body names. */
+    r->json = json_loadb(ex->body.data ? ex->body.data : "", ex->body.len,
+                         JSON_REJECT_DUPLICATES, &jerr);
+    if (!r->json || !json_is_object(r->json)) {
+        char msg[512];
+        if (r->json)
+            snprintf(msg, sizeof msg, "request body must be a JSON object");
+        else
+            snprintf(msg, sizeof msg, "invalid JSON body: %s (line %d, column %d)", jerr.text,
+                     jerr.line, jerr.column);
+        px_route_default(r, 400, msg);
+        return;
+    }
+    json_t *model = json_object_get(r->json, "model");
+    if (json_is_string(model) && json_string_length(model) > 0) {
+        px_route_model(r, json_string_value(model), json_string_length(model));
+        return;
+    }
+    if (model) {
+        r->ex->on_abort = NULL;
+        px_error(r, 400, "model", "the model field must be a non-empty string");
+        px_free(r);
+        return;
+    }
+    px_route_default(r, 400, "missing required field: model");
+}

@@ -1,0 +1,159 @@
+/* server.c: threads, listeners and lifecycle of the gateway. */
+#include "server.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+#include <event2/event.h>
+#include <event2/thread.h>
+
+#include "httpd.h"
+#include "log.h"
+#include "proxy.h"
+#include "router.h"
+#include "upstream.h"
+
+#define SERVER_MAX_THREADS 256
+
+typedef struct srv_thread {
+    pthread_t        tid;
+    struct event_base *base;
+    mm_httpd        *httpd;
+    mm_proxy_thread  px;
+    int              started;
+} srv_thread;
+
+static void *thread_main(void *arg)
+{
+    srv_thread *st = arg;
+    event_base_dispatch(st->base);
+    return NULL;
+}
+
+static void thread_free(srv_thread *st)
+{
+    mm_httpd_free(st->httpd);      /* aborts exchanges, which cancel transfers */
+    mm_upstream_free(st->px.up);
+    if (st->base)
+        event_base_free(st->base);
+}
+
+static int thread_init(srv_thread *st, int index, const mm_gateway_cfg *cfg, mm_router *router,
+                       char *err, size_t errlen)
+{
+    st->base = event_base_new();
+    if (!st->base) {
+        snprintf(err, errlen, "event_base_new failed");
+        return -ENOMEM;
+    }
+    st->px.base = st->base;
+    st->px.router = router;
+    st->px.cfg = cfg;
+    st->px.index = index;
+    st->px.rng = ((uint64_t)time(NULL) << 20) ^ ((uint64_t)getpid() << 8) ^ (uint64_t)(index + 1);
+    if (mm_upstream_new(st->base, mm_proxy_upstream_done, &st->px.up) != 0) {
+        snprintf(err, errlen, "cannot create the upstream client");
+        return -ENOMEM;
+    }
+    mm_httpd_limits lim = {
+        .max_header_bytes = cfg->max_header_bytes,
+        .max_body_bytes = cfg->max_body_bytes,
+        .idle_timeout_ms = cfg->client_timeout_ms,
+    };
+    if (mm_httpd_new(st->base, &lim, mm_proxy_handle, &st->px, &st->httpd) != 0) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    return mm_httpd_listen(st->httpd, cfg->listen_host, cfg->listen_port, 1, err, errlen);
+}
+
+static int cpu_count(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > SERVER_MAX_THREADS ? SERVER_MAX_THREADS : (int)n;
+}
+
+int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
+{
+    int rc = 0, nthreads = cfg->threads > 0 ? cfg->threads : cpu_count();
+    srv_thread *threads = NULL;
+    mm_router *router = NULL;
+    sigset_t sigs;
+
+    /* Signals are taken synchronously by this thread with sigwait; every
+     * event-loop thread inherits the blocked mask. */
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    if (evthread_use_pthreads() != 0) {
+        snprintf(err, errlen, "libevent without pthreads support");
+        return -ENOTSUP;
+    }
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        snprintf(err, errlen, "curl_global_init failed");
+        return -EIO;
+    }
+    rc = mm_router_new(cfg, &router, err, errlen);
+    if (rc)
+        goto out_curl;
+    threads = calloc((size_t)nthreads, sizeof *threads);
+    if (!threads) {
+        rc = -ENOMEM;
+        snprintf(err, errlen, "out of memory");
+        goto out_router;
+    }
+    for (int i = 0; i < nthreads; i++) {
+        rc = thread_init(&threads[i], i, cfg, router, err, errlen);
+        if (rc)
+            goto out_threads;
+    }
+    for (int i = 0; i < nthreads; i++) {
+        if (pthread_create(&threads[i].tid, NULL, thread_main, &threads[i]) != 0) {
+            rc = -EAGAIN;
+            snprintf(err, errlen, "pthread_create failed");
+            goto out_stop;
+        }
+        threads[i].started = 1;
+    }
+    mm_info("listening on %s:%d (%d threads, %zu models)", cfg->listen_host,
+            mm_httpd_port(threads[0].httpd), nthreads, cfg->nmodels);
+
+    for (;;) {
+        int sig = 0;
+        if (sigwait(&sigs, &sig) != 0)
+            continue;
+        if (sig == SIGHUP) {
+            mm_info("SIGHUP: configuration reload is not supported yet; ignored");
+            continue;
+        }
+        mm_info("signal %d: shutting down", sig);
+        break;
+    }
+out_stop:
+    for (int i = 0; i < nthreads; i++)
+        if (threads[i].started)
+            event_base_loopbreak(threads[i].base);
+    for (int i = 0; i < nthreads; i++)
+        if (threads[i].started)
+            pthread_join(threads[i].tid, NULL);
+out_threads:
+    for (int i = 0; i < nthreads; i++)
+        thread_free(&threads[i]);
+    free(threads);
+out_router:
+    mm_router_free(router);
+out_curl:
+    curl_global_cleanup();
+    return rc;
+}

@@ -1,0 +1,30 @@
+/* upstream.h: libcurl's multi-socket API driven by one libevent loop.
+ *
+ * One mm_upstream per event-loop thread. Its multi handle owns the
+ * connection cache, so upstream keep-alive connections are reused across
+ * requests of that thread. Easy handles are recycled from a free list because
+ * curl_easy_init is costly relative to a small proxied request. */
+#ifndef MM_UPSTREAM_H
+#define MM_UPSTREAM_H
+#include <curl/curl.h>
+
+struct event_base;
+typedef struct mm_upstream mm_upstream;
+
+/* Called when a transfer added with mm_upstream_add finishes (success or
+ * error), outside any curl callback: the callee may add new transfers. The
+ * easy handle has already been removed from the multi handle. */
+typedef void (*mm_upstream_done_fn)(CURL *easy, CURLcode rc, void *priv);
+
+int   mm_upstream_new(struct event_base *base, mm_upstream_done_fn done, mm_upstream **out);
+void  mm_upstream_free(mm_upstream *u);
+/* An easy handle with default options (curl_easy_reset state). */
+CURL *mm_upstream_easy(mm_upstream *u);
+/* Start the transfer; priv comes back in the done callback. */
+int   mm_upstream_add(mm_upstream *u, CURL *easy, void *priv);
+/* Abort a running transfer (no done callback) and recycle its handle. The
+ * connection is closed, so the upstream sees the abort at once. */
+void  mm_upstream_cancel(mm_upstream *u, CURL *easy);
+/* Give back a handle that finished (after the done callback). */
+void  mm_upstream_recycle(mm_upstream *u, CURL *easy);
+#endif

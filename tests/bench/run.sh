@@ -1,0 +1,537 @@
+#!/bin/sh
+# tests/bench/run.sh: `make bench`. Everything runs on loopback and is
+# started and stopped here (temp dir, free ports, a trap that kills it all).
+#
+# Cases (BENCH_CASES="direct nginx modelmux sse", comma or space separated,
+# default all):
+#   direct    wrk straight to a static nginx upstream (the ceiling)
+#   nginx     wrk through nginx proxy_pass + upstream keepalive (the yardstick)
+#   modelmux  wrk through the gateway, routing on the body's "model"
+#   sse       per-chunk SSE latency, direct vs through the gateway
+#             (tests/bench/sse_latency.c, ping-pong, one clock)
+# wrk cases run interleaved, BENCH_RUNS rounds of BENCH_DURATION seconds
+# after a BENCH_WARMUP-second warm-up each; the table shows medians.
+#
+# Adding a case: a throughput case is a function wrk_setup_<name> that
+# starts what it needs (use the need_* helpers) and sets CASE_URL; any other
+# case is a function case_<name> that appends rows with add_result or
+# add_sse_result (or prints its own section into $TMP/extra.md). Then add
+# the name to ALL_CASES.
+#
+# Knobs: BENCH_DURATION (10) BENCH_RUNS (3) BENCH_WARMUP (3) BENCH_CONNS (32)
+# BENCH_THREADS (2) SSE_EVENTS (2000) BENCH_OUT (build/bench) BUILD (build)
+# GATEWAY SSE_LATENCY (binaries) BENCH_PERF=1 (perf profile of the gateway
+# under load, top symbols written to $BENCH_OUT/perf-gateway.txt).
+# Exit status: 0, or 1 when a case failed, was skipped or saw errors.
+# Functions are called by name (wrk_setup_$c, case_$c) and set globals:
+# shellcheck disable=SC2317,SC2154,SC2034,SC2046
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+
+BUILD=${BUILD:-build}
+GATEWAY=${GATEWAY:-$BUILD/modelmux-gateway}
+SSE_LATENCY=${SSE_LATENCY:-$BUILD/tests/sse_latency}
+BENCH_CASES=${BENCH_CASES:-all}
+BENCH_DURATION=${BENCH_DURATION:-10}
+BENCH_RUNS=${BENCH_RUNS:-3}
+BENCH_WARMUP=${BENCH_WARMUP:-3}
+BENCH_CONNS=${BENCH_CONNS:-32}
+BENCH_THREADS=${BENCH_THREADS:-2}
+SSE_EVENTS=${SSE_EVENTS:-2000}
+SSE_RUNS=${SSE_RUNS:-$BENCH_RUNS}
+BENCH_OUT=${BENCH_OUT:-$BUILD/bench}
+BENCH_PERF=${BENCH_PERF:-0}
+NGINX=${NGINX:-nginx}
+WRK=${WRK:-wrk}
+
+ALL_CASES="direct nginx modelmux sse"
+BENCH_DIR=tests/bench
+
+for v in BENCH_DURATION BENCH_RUNS BENCH_WARMUP BENCH_CONNS BENCH_THREADS SSE_EVENTS SSE_RUNS; do
+    eval "val=\$$v"
+    case $val in
+        ''|*[!0-9]*) echo "bench: $v must be a positive integer, not '$val'" >&2; exit 2 ;;
+    esac
+    [ "$val" -gt 0 ] || { echo "bench: $v must be > 0" >&2; exit 2; }
+done
+
+# ---------------------------------------------------------------- plumbing
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/mmbench.XXXXXX") || exit 1
+PIDS=""
+USED_PORTS=""
+STATUS=0
+
+cleanup() {
+    for p in $PIDS; do kill -TERM "$p" 2>/dev/null; done
+    # Give them a moment to exit cleanly, then make sure.
+    i=0
+    while [ "$i" -lt 30 ]; do
+        alive=""
+        for p in $PIDS; do kill -0 "$p" 2>/dev/null && alive="$alive $p"; done
+        [ -z "$alive" ] && break
+        sleep 0.1
+        i=$((i + 1))
+    done
+    for p in $PIDS; do kill -KILL "$p" 2>/dev/null; done
+    if [ "${BENCH_KEEP_TMP:-0}" = 1 ]; then
+        echo "bench: temp dir kept: $TMP" >&2
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+say() { echo "bench: $*"; }
+warn() { echo "bench: $*" >&2; }
+die() { echo "bench: FAILED: $*" >&2; exit 1; }
+
+need_tool() { command -v "$1" >/dev/null 2>&1 || die "'$1' not found (run 'make deps')"; }
+
+# Sets PORT to a random free port outside the kernel's ephemeral range
+# (32768+), where wrk's and the proxies' own client sockets live. Not via
+# $(...): the subshell would lose USED_PORTS.
+pick_port() {
+    n=0
+    while [ "$n" -lt 200 ]; do
+        n=$((n + 1))
+        r=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+        p=$((20000 + r % 10000))
+        case " $USED_PORTS " in *" $p "*) continue ;; esac
+        if command -v ss >/dev/null 2>&1; then
+            [ -n "$(ss -Htln "sport = :$p" 2>/dev/null)" ] && continue
+        else
+            curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$p/"
+            [ $? -eq 7 ] || continue
+        fi
+        USED_PORTS="$USED_PORTS $p"
+        PORT=$p
+        return 0
+    done
+    die "no free port found"
+}
+
+# spawn NAME CMD...: run in the background, output in $TMP/NAME.log.
+spawn() {
+    name=$1
+    shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS="$PIDS $LAST_PID"
+}
+
+# wait_http PID NAME CURL-ARGS...: until curl gets a 200 (10 s), failing
+# fast when the process is gone.
+wait_http() {
+    pid=$1
+    name=$2
+    shift 2
+    i=0
+    while [ "$i" -lt 200 ]; do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$@" 2>/dev/null)
+        [ "$code" = 200 ] && return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -20 "$TMP/$name.log" >&2
+            die "$name exited during startup"
+        fi
+        sleep 0.05
+        i=$((i + 1))
+    done
+    tail -20 "$TMP/$name.log" >&2
+    die "$name not ready after 10 s (last status '$code')"
+}
+
+alive_or_die() { # PID NAME
+    kill -0 "$1" 2>/dev/null && return 0
+    tail -30 "$TMP/$2.log" >&2
+    die "$2 (pid $1) died"
+}
+
+render_nginx_conf() { # TEMPLATE OUT PORT UP_PORT
+    user=""
+    # Workers would switch to nobody, who cannot use our 0700 temp dir.
+    [ "$(id -u)" = 0 ] && user="user root;"
+    sed -e "s|@DIR@|$TMP|g" -e "s|@PORT@|$3|g" -e "s|@UP_PORT@|${4:-}|g" \
+        -e "s|@SSE_PORT@|$SSE_PORT|g" -e "s|@SSE_PROXY_PORT@|${SSE_PROXY_PORT:-}|g" \
+        -e "s|@USER@|$user|g" "$1" >"$2"
+}
+
+post_json() { # URL -> curl args for the benchmark request
+    echo "-X POST -H Content-Type:application/json --data-binary @$TMP/body.json $1/v1/chat/completions"
+}
+
+# ----------------------------------------------------------- the services
+
+UP_PORT=""
+need_upstream() {
+    [ -n "$UP_PORT" ] && return 0
+    need_tool "$NGINX"
+    pick_port
+    UP_PORT=$PORT
+    render_nginx_conf "$BENCH_DIR/upstream.conf.in" "$TMP/upstream.conf" "$UP_PORT"
+    spawn upstream "$NGINX" -p "$TMP" -c "$TMP/upstream.conf" -e "$TMP/upstream.error.log"
+    UP_PID=$LAST_PID
+    # shellcheck disable=SC2046
+    wait_http "$UP_PID" upstream $(post_json "http://127.0.0.1:$UP_PORT")
+    curl -s $(post_json "http://127.0.0.1:$UP_PORT") >"$TMP/expected_body"
+    say "static upstream (nginx, 1 worker) on 127.0.0.1:$UP_PORT"
+}
+
+# The sse case's fake upstream port, fixed up front because the proxy's
+# and the gateway's configs route to it; sse_latency listens there only
+# during its runs (nothing health-checks it in between).
+pick_port
+SSE_PORT=$PORT
+
+PROXY_PORT=""
+need_proxy() {
+    [ -n "$PROXY_PORT" ] && return 0
+    need_upstream
+    pick_port
+    PROXY_PORT=$PORT
+    pick_port
+    SSE_PROXY_PORT=$PORT
+    render_nginx_conf "$BENCH_DIR/proxy.conf.in" "$TMP/proxy.conf" "$PROXY_PORT" "$UP_PORT"
+    spawn proxy "$NGINX" -p "$TMP" -c "$TMP/proxy.conf" -e "$TMP/proxy.error.log"
+    PROXY_PID=$LAST_PID
+    # shellcheck disable=SC2046
+    wait_http "$PROXY_PID" proxy $(post_json "http://127.0.0.1:$PROXY_PORT")
+    say "nginx proxy (2 workers, upstream keepalive 64) on 127.0.0.1:$PROXY_PORT"
+}
+
+GW_PORT=""
+need_gateway() {
+    [ -n "$GW_PORT" ] && return 0
+    [ -x "$GATEWAY" ] || return 1
+    need_upstream
+    pick_port
+    GW_PORT=$PORT
+    cat >"$TMP/gateway.json" <<EOF
+{
+  "listen": "127.0.0.1:$GW_PORT",
+  "threads": 2,
+  "models": [
+    {"name": "bench-model", "health": false,
+     "backends": [{"url": "http://127.0.0.1:$UP_PORT"}]},
+    {"name": "sse-model", "health": false,
+     "backends": [{"url": "http://127.0.0.1:$SSE_PORT"}]}
+  ]
+}
+EOF
+    if ! "$GATEWAY" -c "$TMP/gateway.json" --check >"$TMP/gateway-check.log" 2>&1; then
+        cat "$TMP/gateway-check.log" >&2
+        die "the gateway rejects the bench config ($TMP/gateway.json)"
+    fi
+    spawn gateway "$GATEWAY" -c "$TMP/gateway.json"
+    GW_PID=$LAST_PID
+    wait_http "$GW_PID" gateway "http://127.0.0.1:$GW_PORT/health"
+    # The numbers mean nothing unless the gateway relays the right answer.
+    hdrs="$TMP/gw-headers"
+    # shellcheck disable=SC2046
+    code=$(curl -s -D "$hdrs" -o "$TMP/gw-body" -w '%{http_code}' \
+        $(post_json "http://127.0.0.1:$GW_PORT"))
+    [ "$code" = 200 ] || { cat "$TMP/gw-body" >&2; die "gateway answered $code to the bench request"; }
+    cmp -s "$TMP/gw-body" "$TMP/expected_body" || die "gateway relayed a different body than the upstream's"
+    grep -qi '^x-modelmux-model: bench-model' "$hdrs" || warn "gateway answer lacks x-modelmux-model: bench-model"
+    say "modelmux gateway (threads 2) on 127.0.0.1:$GW_PORT"
+}
+
+# ------------------------------------------------------------- wrk cases
+
+wrk_setup_direct() {
+    need_upstream
+    CASE_URL="http://127.0.0.1:$UP_PORT"
+}
+
+wrk_setup_nginx() {
+    need_proxy
+    CASE_URL="http://127.0.0.1:$PROXY_PORT"
+}
+
+wrk_setup_modelmux() {
+    need_gateway || { CASE_SKIP="$GATEWAY not built"; return 1; }
+    CASE_URL="http://127.0.0.1:$GW_PORT"
+}
+
+# run_wrk CASE URL SECONDS OUTFILE
+run_wrk() {
+    "$WRK" -t"$BENCH_THREADS" -c"$BENCH_CONNS" -d"$3"s --latency \
+        -s "$BENCH_DIR/post.lua" "$2/v1/chat/completions" >"$4" 2>&1 \
+        || { cat "$4" >&2; die "wrk failed on case $1"; }
+}
+
+# parse_wrk FILE -> "rps p50_us p99_us errors"
+parse_wrk() {
+    awk '
+    function us(v) {
+        if (v ~ /us$/) return v + 0
+        if (v ~ /ms$/) return (v + 0) * 1000
+        if (v ~ /m$/)  return (v + 0) * 60000000
+        if (v ~ /s$/)  return (v + 0) * 1000000
+        return v + 0
+    }
+    /Latency Distribution/ { dist = 1; next }
+    dist && $1 == "50%" { p50 = us($2) }
+    dist && $1 == "99%" { p99 = us($2) }
+    /^Requests\/sec:/ { rps = $2 + 0 }
+    /Non-2xx or 3xx responses:/ { err += $NF }
+    /Socket errors:/ {
+        for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) err += $i + 0
+    }
+    END {
+        if (rps == "" || p50 == "" || p99 == "") { print "parse-error"; exit 1 }
+        printf "%.2f %.1f %.1f %d\n", rps, p50, p99, err
+    }' "$1"
+}
+
+add_result() { # CASE RUN RPS P50_US P99_US ERRORS
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TMP/results.tsv"
+}
+
+add_sse_result() { # LABEL RUN P50 P90 P99 MAX
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TMP/sse.tsv"
+}
+
+run_wrk_cases() {
+    cases=""
+    for c in $SELECTED; do
+        command -v "wrk_setup_$c" >/dev/null 2>&1 || continue
+        CASE_SKIP=""
+        if "wrk_setup_$c"; then
+            eval "URL_$c=\$CASE_URL"
+            cases="$cases $c"
+        else
+            warn "case $c SKIPPED: $CASE_SKIP"
+            echo "$c	$CASE_SKIP" >>"$TMP/skipped.tsv"
+            STATUS=1
+        fi
+    done
+    [ -n "$cases" ] || return 0
+    need_tool "$WRK"
+    for c in $cases; do
+        eval "url=\$URL_$c"
+        say "warm-up $c (${BENCH_WARMUP}s)"
+        run_wrk "$c" "$url" "$BENCH_WARMUP" "$TMP/wrk-warmup-$c.txt"
+    done
+    # Interleaved rounds, so slow drift on a shared machine (thermal, other
+    # tenants) hits every case alike instead of whichever ran last.
+    r=1
+    while [ "$r" -le "$BENCH_RUNS" ]; do
+        for c in $cases; do
+            eval "url=\$URL_$c"
+            out="$TMP/wrk-$c-$r.txt"
+            run_wrk "$c" "$url" "$BENCH_DURATION" "$out"
+            cp "$out" "$BENCH_OUT/" 2>/dev/null
+            m=$(parse_wrk "$out") || { cat "$out" >&2; die "cannot parse wrk output of $c"; }
+            # shellcheck disable=SC2086
+            set -- $m
+            add_result "$c" "$r" "$1" "$2" "$3" "$4"
+            say "run $r/$BENCH_RUNS $c: $1 req/s, p50 $2 us, p99 $3 us, errors $4"
+            if [ "$4" != 0 ]; then
+                warn "case $c: $4 errors (non-2xx or socket errors), see $BENCH_OUT/$(basename "$out")"
+                STATUS=1
+            fi
+            [ -n "${UP_PID:-}" ] && alive_or_die "$UP_PID" upstream
+            [ -n "${PROXY_PID:-}" ] && alive_or_die "$PROXY_PID" proxy
+            [ -n "${GW_PID:-}" ] && alive_or_die "$GW_PID" gateway
+        done
+        r=$((r + 1))
+    done
+    if [ "$BENCH_PERF" = 1 ] && [ -n "${GW_PID:-}" ]; then
+        perf_gateway
+    fi
+}
+
+# A profile of the gateway under the same load, outside the measured runs.
+perf_gateway() {
+    command -v perf >/dev/null 2>&1 || { warn "perf not installed, no profile"; return 0; }
+    say "perf profile of the gateway (${BENCH_DURATION}s under wrk)"
+    perf record -q -F 999 -g -p "$GW_PID" -o "$TMP/perf.data" -- sleep "$BENCH_DURATION" \
+        >"$TMP/perf-record.log" 2>&1 &
+    perf_pid=$!
+    PIDS="$PIDS $perf_pid"
+    run_wrk perf "http://127.0.0.1:$GW_PORT" "$BENCH_DURATION" "$TMP/wrk-perf.txt"
+    wait "$perf_pid"
+    perf report -i "$TMP/perf.data" --stdio --no-children --percent-limit 0.5 \
+        >"$BENCH_OUT/perf-gateway-full.txt" 2>/dev/null
+    perf report -i "$TMP/perf.data" --stdio --no-children -g none --percent-limit 0.3 \
+        --sort symbol,dso 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40 \
+        >"$BENCH_OUT/perf-gateway.txt"
+    say "perf: top symbols in $BENCH_OUT/perf-gateway.txt (call graphs: perf-gateway-full.txt)"
+}
+
+# -------------------------------------------------------------- sse case
+
+# parse_sse FILE -> "p50 p90 p99 max"
+parse_sse() {
+    awk '/^label=/ {
+        for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        printf "%s %s %s %s\n", v["p50_us"], v["p90_us"], v["p99_us"], v["max_us"]; found = 1
+    } END { if (!found) exit 1 }' "$1"
+}
+
+case_sse() {
+    [ -x "$SSE_LATENCY" ] || die "$SSE_LATENCY not built (make $SSE_LATENCY)"
+    need_proxy
+    have_gw=1
+    if ! need_gateway; then
+        warn "case sse (through the gateway) SKIPPED: $GATEWAY not built"
+        echo "sse	$GATEWAY not built" >>"$TMP/skipped.tsv"
+        STATUS=1
+        have_gw=0
+    fi
+    common="--events $SSE_EVENTS --warmup 200 --timeout-ms 10000"
+    r=1
+    while [ "$r" -le "$SSE_RUNS" ]; do
+        # shellcheck disable=SC2086
+        "$SSE_LATENCY" --port 0 --target self --label direct $common \
+            >"$TMP/sse-direct-$r.txt" 2>"$TMP/sse-direct-$r.log" \
+            || { cat "$TMP/sse-direct-$r.log" >&2; die "sse_latency direct failed"; }
+        m=$(parse_sse "$TMP/sse-direct-$r.txt") || die "cannot parse sse_latency output"
+        # shellcheck disable=SC2086
+        set -- $m
+        add_sse_result direct "$r" "$1" "$2" "$3" "$4"
+        say "sse run $r/$SSE_RUNS direct: p50 $1 us, p90 $2 us, p99 $3 us"
+        # shellcheck disable=SC2086
+        "$SSE_LATENCY" --port "$SSE_PORT" --target "127.0.0.1:$SSE_PROXY_PORT" --label nginx \
+            $common >"$TMP/sse-nginx-$r.txt" 2>"$TMP/sse-nginx-$r.log" \
+            || { cat "$TMP/sse-nginx-$r.log" >&2; die "sse_latency through nginx failed"; }
+        m=$(parse_sse "$TMP/sse-nginx-$r.txt") || die "cannot parse sse_latency output"
+        # shellcheck disable=SC2086
+        set -- $m
+        add_sse_result nginx "$r" "$1" "$2" "$3" "$4"
+        say "sse run $r/$SSE_RUNS nginx: p50 $1 us, p90 $2 us, p99 $3 us"
+        if [ "$have_gw" = 1 ]; then
+            # shellcheck disable=SC2086
+            if ! "$SSE_LATENCY" --port "$SSE_PORT" --target "127.0.0.1:$GW_PORT" \
+                --label modelmux $common >"$TMP/sse-gw-$r.txt" 2>"$TMP/sse-gw-$r.log"; then
+                cat "$TMP/sse-gw-$r.log" >&2
+                tail -20 "$TMP/gateway.log" >&2
+                die "sse_latency through the gateway failed"
+            fi
+            m=$(parse_sse "$TMP/sse-gw-$r.txt") || die "cannot parse sse_latency output"
+            # shellcheck disable=SC2086
+            set -- $m
+            add_sse_result modelmux "$r" "$1" "$2" "$3" "$4"
+            say "sse run $r/$SSE_RUNS modelmux: p50 $1 us, p90 $2 us, p99 $3 us"
+            alive_or_die "$GW_PID" gateway
+        fi
+        r=$((r + 1))
+    done
+}
+
+# ---------------------------------------------------------------- report
+
+median() { # numbers on stdin -> median
+    sort -g | awk '{ a[NR] = $1 } END {
+        if (NR == 0) { print "nan"; exit }
+        if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
+col_median() { # FILE KEY COLUMN
+    [ -f "$1" ] || { echo nan; return; }
+    awk -F'\t' -v k="$2" -v c="$3" '$1 == k { print $c }' "$1" | median
+}
+
+has_case() { [ -f "$1" ] && awk -F'\t' -v k="$2" '$1 == k { f = 1 } END { exit !f }' "$1"; }
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "nan"; else printf "%.2f", a / b }'; }
+ms() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1000 }'; }
+yesno() { awk -v e="$1" 'BEGIN { print ((e) ? "met" : "NOT met") }'; }
+
+report() {
+    md="$BENCH_OUT/results.md"
+    cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+    {
+        echo "### Results $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo
+        echo "Command: \`make bench\` (BENCH_CASES=\"$SELECTED\", wrk -t$BENCH_THREADS -c$BENCH_CONNS," \
+            "$BENCH_RUNS interleaved runs of ${BENCH_DURATION}s after a ${BENCH_WARMUP}s warm-up, medians;" \
+            "SSE: $SSE_RUNS runs of $SSE_EVENTS events)."
+        echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, Linux $(uname -r);" \
+            "$("$NGINX" -v 2>&1 | sed 's|.*/||;s|^|nginx |')," \
+            "$("$WRK" --version 2>&1 | head -1 | awk '{print "wrk", $2}')."
+        echo
+        if [ -f "$TMP/results.tsv" ]; then
+            echo "| case | req/s | p50 (ms) | p99 (ms) | errors |"
+            echo "|---|---:|---:|---:|---:|"
+            for c in $SELECTED; do
+                has_case "$TMP/results.tsv" "$c" || continue
+                rps=$(col_median "$TMP/results.tsv" "$c" 3)
+                p50=$(col_median "$TMP/results.tsv" "$c" 4)
+                p99=$(col_median "$TMP/results.tsv" "$c" 5)
+                errs=$(awk -F'\t' -v k="$c" '$1 == k { s += $6 } END { print s + 0 }' "$TMP/results.tsv")
+                printf '| %s | %.0f | %s | %s | %s |\n' "$c" "$rps" "$(ms "$p50")" "$(ms "$p99")" "$errs"
+            done
+            echo
+            if has_case "$TMP/results.tsv" modelmux && has_case "$TMP/results.tsv" nginx; then
+                rr=$(ratio "$(col_median "$TMP/results.tsv" modelmux 3)" "$(col_median "$TMP/results.tsv" nginx 3)")
+                pr=$(ratio "$(col_median "$TMP/results.tsv" modelmux 5)" "$(col_median "$TMP/results.tsv" nginx 5)")
+                p5=$(ratio "$(col_median "$TMP/results.tsv" modelmux 4)" "$(col_median "$TMP/results.tsv" nginx 4)")
+                echo "modelmux / nginx: req/s **$rr** (goal >= 1.0: $(yesno "$rr >= 1.0")), p99 **$pr** (goal <= 1.0: $(yesno "$pr <= 1.0")), p50 $p5."
+                echo
+            fi
+            echo "Per run (req/s, p50 us, p99 us, errors):"
+            echo
+            for c in $SELECTED; do
+                has_case "$TMP/results.tsv" "$c" || continue
+                awk -F'\t' -v k="$c" '$1 == k { line = line sep $3 ", " $4 ", " $5 ", " $6; sep = "; " }
+                    END { printf "- %s: %s\n", k, line }' "$TMP/results.tsv"
+            done
+            echo
+        fi
+        if [ -f "$TMP/sse.tsv" ]; then
+            echo "| SSE path | p50 (us) | p90 (us) | p99 (us) | max (us) |"
+            echo "|---|---:|---:|---:|---:|"
+            for l in direct nginx modelmux; do
+                has_case "$TMP/sse.tsv" "$l" || continue
+                printf '| %s | %s | %s | %s | %s |\n' "$l" \
+                    "$(col_median "$TMP/sse.tsv" "$l" 3)" "$(col_median "$TMP/sse.tsv" "$l" 4)" \
+                    "$(col_median "$TMP/sse.tsv" "$l" 5)" "$(col_median "$TMP/sse.tsv" "$l" 6)"
+            done
+            echo
+            if has_case "$TMP/sse.tsv" modelmux; then
+                a50=$(awk -v g="$(col_median "$TMP/sse.tsv" modelmux 3)" -v d="$(col_median "$TMP/sse.tsv" direct 3)" 'BEGIN { printf "%.1f", g - d }')
+                a99=$(awk -v g="$(col_median "$TMP/sse.tsv" modelmux 5)" -v d="$(col_median "$TMP/sse.tsv" direct 5)" 'BEGIN { printf "%.1f", g - d }')
+                echo "Added per chunk by the gateway: p50 **+$a50 us** (goal < 100 us: $(yesno "$a50 < 100")), p99 +$a99 us ($(yesno "$a99 < 100") at p99)."
+                echo
+            fi
+        fi
+        if [ -f "$TMP/skipped.tsv" ]; then
+            awk -F'\t' '{ printf "Skipped: %s (%s).\n", $1, $2 }' "$TMP/skipped.tsv"
+            echo
+        fi
+        [ -f "$TMP/extra.md" ] && cat "$TMP/extra.md"
+    } >"$md"
+    echo
+    cat "$md"
+    say "markdown written to $md"
+}
+
+# ------------------------------------------------------------------ main
+
+if [ "$BENCH_CASES" = all ]; then
+    SELECTED=$ALL_CASES
+else
+    SELECTED=$(echo "$BENCH_CASES" | tr ',' ' ')
+fi
+for c in $SELECTED; do
+    case " $ALL_CASES " in
+        *" $c "*) ;;
+        *) echo "bench: unknown case '$c' (known: $ALL_CASES)" >&2; exit 2 ;;
+    esac
+done
+need_tool curl
+mkdir -p "$BENCH_OUT" || exit 1
+rm -f "$BENCH_OUT"/wrk-*.txt
+printf '%s\n' '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}' | tr -d '\n' >"$TMP/body.json"
+say "cases: $SELECTED; temp dir $TMP"
+
+run_wrk_cases
+for c in $SELECTED; do
+    command -v "case_$c" >/dev/null 2>&1 && "case_$c"
+done
+report
+exit $STATUS

@@ -1,0 +1,437 @@
+// Helpers for the gateway's integration tests: start fakes and the gateway as
+// real processes, talk HTTP to them (node:http or raw bytes), and make sure
+// nothing is left running when the test file's process ends.
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const ROOT = path.resolve(here, '..', '..');
+export const TMP = path.join(ROOT, 'tests', '.tmp');
+export const FAKE = path.join(ROOT, 'tests', 'fakes', 'upstream.mjs');
+
+export function gatewayBin() {
+    const build = process.env.MM_BUILD || 'build';
+    return path.resolve(ROOT, build, 'modelmux-gateway');
+}
+
+// ---- process bookkeeping -------------------------------------------------
+
+const children = new Set();
+
+function track(proc) {
+    children.add(proc);
+    proc.on('exit', () => children.delete(proc));
+    return proc;
+}
+
+function killAll() {
+    for (const p of children) {
+        try { p.kill('SIGKILL'); } catch { /* already gone */ }
+    }
+    children.clear();
+}
+process.on('exit', killAll);
+for (const sig of ['SIGINT', 'SIGTERM']) {
+    process.on(sig, () => { killAll(); process.exit(1); });
+}
+
+// Waits for a child to exit; SIGKILLs it after graceMs. Resolves {code, signal}.
+function waitExit(proc, graceMs) {
+    return new Promise((resolve) => {
+        if (proc.exitCode !== null || proc.signalCode !== null) {
+            resolve({ code: proc.exitCode, signal: proc.signalCode });
+            return;
+        }
+        const t = setTimeout(() => { try { proc.kill('SIGKILL'); } catch { /* gone */ } }, graceMs);
+        proc.once('exit', (code, signal) => { clearTimeout(t); resolve({ code, signal }); });
+    });
+}
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+export function nowNs() { return process.hrtime.bigint(); }
+
+// A port that was free a moment ago (there is a small race with other
+// processes; on a test machine that is acceptable).
+export function getFreePort() {
+    return new Promise((resolve, reject) => {
+        const s = net.createServer();
+        s.unref();
+        s.on('error', reject);
+        s.listen(0, '127.0.0.1', () => {
+            const { port } = s.address();
+            s.close(() => resolve(port));
+        });
+    });
+}
+
+// ---- the fake upstream ---------------------------------------------------
+
+export async function startFake(opts = {}) {
+    const name = opts.name || 'fake';
+    const args = [FAKE, '--port', String(opts.port || 0), '--name', name, '--exit-on-stdin-eof'];
+    if (opts.mode) args.push('--mode', opts.mode);
+    const proc = track(spawn(process.execPath, args, { stdio: ['pipe', 'pipe', 'pipe'] }));
+    let err = '';
+    proc.stderr.on('data', (d) => { err += d; });
+    const port = await new Promise((resolve, reject) => {
+        let out = '';
+        const t = setTimeout(() => reject(new Error(`fake ${name} did not start within 5 s: ${err}`)), 5000);
+        proc.stdout.on('data', (d) => {
+            out += d;
+            const nl = out.indexOf('\n');
+            if (nl < 0) return;
+            clearTimeout(t);
+            try { resolve(JSON.parse(out.slice(0, nl)).port); } catch (e) { reject(e); }
+        });
+        proc.on('exit', (code) => { clearTimeout(t); reject(new Error(`fake ${name} exited ${code}: ${err}`)); });
+    });
+    const url = `http://127.0.0.1:${port}`;
+    return {
+        name,
+        port,
+        url,
+        proc,
+        async stats() {
+            const r = await request(port, { method: 'GET', path: '/_fake/stats' });
+            if (r.status !== 200) throw new Error(`fake ${name} stats: ${r.status}`);
+            return r.json();
+        },
+        async reset() {
+            await request(port, { method: 'POST', path: '/_fake/reset' });
+        },
+        async kill() {
+            try { proc.kill('SIGTERM'); } catch { /* gone */ }
+            await waitExit(proc, 2000);
+        },
+        stderr: () => err,
+    };
+}
+
+// ---- the gateway ---------------------------------------------------------
+
+let configSeq = 0;
+
+function writeConfig(config) {
+    fs.mkdirSync(TMP, { recursive: true });
+    const file = path.join(TMP, `gw-${process.pid}-${++configSeq}.json`);
+    fs.writeFileSync(file, typeof config === 'string' ? config : JSON.stringify(config, null, 2));
+    return file;
+}
+
+// Runs `modelmux-gateway -c FILE ...extra` to completion (for --check).
+export function runGatewaySync(config, extraArgs = [], opts = {}) {
+    const file = writeConfig(config);
+    const r = spawnSync(gatewayBin(), ['-c', file, ...extraArgs], {
+        env: { ...process.env, ...(opts.env || {}) },
+        encoding: 'utf8',
+        timeout: opts.timeoutMs || 10000,
+    });
+    return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr, error: r.error, file };
+}
+
+// Starts the gateway on config (an object; "listen" is filled in with a free
+// port when absent) and waits until GET /health answers 200.
+export async function startGateway(config, opts = {}) {
+    const bin = gatewayBin();
+    if (!fs.existsSync(bin)) throw new Error(`gateway binary not found: ${bin} (set MM_BUILD)`);
+    const cfg = { ...config };
+    if (!cfg.listen) cfg.listen = `127.0.0.1:${await getFreePort()}`;
+    const port = Number(cfg.listen.split(':').pop());
+    const file = writeConfig(cfg);
+    const proc = track(spawn(bin, ['-c', file, ...(opts.args || [])], {
+        env: { ...process.env, ...(opts.env || {}) },
+        stdio: ['ignore', 'pipe', 'pipe'],
+    }));
+    let log = '';
+    const cap = 1 << 20;   // keep the last MiB: enough to diagnose, bounded
+    const add = (d) => { log += d; if (log.length > cap) log = log.slice(-cap); };
+    proc.stdout.on('data', add);
+    proc.stderr.on('data', add);
+    let exited = null;
+    proc.on('exit', (code, signal) => { exited = { code, signal }; });
+
+    const deadline = Date.now() + (opts.readyTimeoutMs || 10000);
+    for (;;) {
+        if (exited) {
+            throw new Error(`gateway exited early (${JSON.stringify(exited)}); config ${file}; log:\n${log}`);
+        }
+        try {
+            const r = await request(port, { method: 'GET', path: '/health', timeoutMs: 500 });
+            if (r.status === 200) break;
+        } catch { /* not listening yet */ }
+        if (Date.now() > deadline) {
+            try { proc.kill('SIGKILL'); } catch { /* gone */ }
+            throw new Error(`gateway not ready within ${opts.readyTimeoutMs || 10000} ms; config ${file}; log:\n${log}`);
+        }
+        await sleep(20);
+    }
+    return {
+        port,
+        url: `http://127.0.0.1:${port}`,
+        proc,
+        configFile: file,
+        config: cfg,
+        log: () => log,
+        exited: () => exited,
+        // SIGTERM, then SIGKILL after graceMs; resolves {code, signal}.
+        async stop(graceMs = 5000) {
+            if (exited) return exited;
+            try { proc.kill('SIGTERM'); } catch { /* gone */ }
+            return waitExit(proc, graceMs);
+        },
+    };
+}
+
+// ---- HTTP clients --------------------------------------------------------
+
+// One request over a fresh connection (agent: false) unless opts.agent is
+// given. Resolves {status, headers, rawHeaders, body (string), json()}.
+export function request(port, opts = {}) {
+    return new Promise((resolve, reject) => {
+        const body = opts.body === undefined ? undefined
+            : (typeof opts.body === 'string' || Buffer.isBuffer(opts.body)) ? opts.body
+                : JSON.stringify(opts.body);
+        const headers = { ...(opts.headers || {}) };
+        if (body !== undefined && opts.body !== undefined && typeof opts.body === 'object' && !Buffer.isBuffer(opts.body)
+            && !Object.keys(headers).some((h) => h.toLowerCase() === 'content-type')) {
+            headers['content-type'] = 'application/json';
+        }
+        const req = http.request({
+            host: '127.0.0.1',
+            port,
+            method: opts.method || (body === undefined ? 'GET' : 'POST'),
+            path: opts.path || '/',
+            headers,
+            agent: opts.agent || false,
+        }, (res) => {
+            const parts = [];
+            res.on('data', (d) => parts.push(d));
+            res.on('end', () => {
+                clearTimeout(timer);
+                const text = Buffer.concat(parts).toString('utf8');
+                resolve({
+                    status: res.statusCode,
+                    headers: res.headers,
+                    rawHeaders: res.rawHeaders,
+                    body: text,
+                    json() { return JSON.parse(text); },
+                });
+            });
+            res.on('error', (e) => { clearTimeout(timer); reject(e); });
+        });
+        const timer = setTimeout(() => {
+            req.destroy(new Error(`request ${opts.method || ''} ${opts.path} timed out after ${opts.timeoutMs || 10000} ms`));
+        }, opts.timeoutMs || 10000);
+        req.on('error', (e) => { clearTimeout(timer); reject(e); });
+        if (body !== undefined) req.write(body);
+        req.end();
+    });
+}
+
+export function postJson(port, pathName, obj, headers = {}, extra = {}) {
+    return request(port, { method: 'POST', path: pathName, body: JSON.stringify(obj), headers: { 'content-type': 'application/json', ...headers }, ...extra });
+}
+
+export function chat(port, model, headers = {}, extra = {}) {
+    return postJson(port, '/v1/chat/completions', { model, messages: [{ role: 'user', content: 'hi' }] }, headers, extra);
+}
+
+// Sends raw bytes on a new TCP connection and collects what comes back.
+// Resolves {data: Buffer, text (latin1), closed, error} once the server
+// closes the connection, `until(data)` returns true, or timeoutMs passes
+// (closed is then false). The client never half-closes: "closed" means the
+// server closed.
+export function rawRequest(port, bytes, opts = {}) {
+    const timeoutMs = opts.timeoutMs || 3000;
+    return new Promise((resolve) => {
+        const sock = net.connect(port, '127.0.0.1');
+        const parts = [];
+        let done = false;
+        let error = null;
+        const finish = (closed) => {
+            if (done) return;
+            done = true;
+            clearTimeout(timer);
+            const data = Buffer.concat(parts);
+            sock.destroy();
+            resolve({ data, text: data.toString('latin1'), closed, error });
+        };
+        const timer = setTimeout(() => finish(false), timeoutMs);
+        sock.on('connect', () => {
+            const chunks = Array.isArray(bytes) ? bytes : [bytes];
+            // Several pieces are written with a pause between them, so a test
+            // can make a request arrive in parts.
+            let i = 0;
+            const writeNext = () => {
+                if (done || i >= chunks.length) return;
+                sock.write(chunks[i++]);
+                if (i < chunks.length) setTimeout(writeNext, opts.pieceDelayMs || 20);
+            };
+            writeNext();
+        });
+        sock.on('data', (d) => {
+            parts.push(d);
+            if (opts.until && opts.until(Buffer.concat(parts))) finish(false);
+        });
+        sock.on('end', () => finish(true));
+        sock.on('close', () => finish(true));
+        sock.on('error', (e) => { error = e; finish(true); });
+    });
+}
+
+// Parses consecutive HTTP/1.1 responses out of buf (Content-Length, chunked
+// or a 1xx/204/304 without body). Returns {responses, rest, incomplete}.
+// Each response: {status, reason, headers (lowercase names; arrays when
+// repeated), headerList, body: Buffer}.
+export function parseResponses(buf, opts = {}) {
+    const responses = [];
+    let off = 0;
+    for (;;) {
+        const headEnd = buf.indexOf('\r\n\r\n', off, 'latin1');
+        if (headEnd < 0) break;
+        const head = buf.subarray(off, headEnd).toString('latin1');
+        const lines = head.split('\r\n');
+        const m = /^HTTP\/1\.[01] (\d{3})(?: (.*))?$/.exec(lines[0]);
+        if (!m) return { responses, rest: buf.subarray(off), incomplete: true, garbage: true };
+        const headers = {};
+        const headerList = [];
+        for (const l of lines.slice(1)) {
+            const c = l.indexOf(':');
+            const k = l.slice(0, c).toLowerCase();
+            const v = l.slice(c + 1).trim();
+            headerList.push([k, v]);
+            if (k in headers) headers[k] = [].concat(headers[k], v);
+            else headers[k] = v;
+        }
+        const status = Number(m[1]);
+        let p = headEnd + 4;
+        let body;
+        if (status < 200 || status === 204 || status === 304 || opts.headOnly) {
+            body = Buffer.alloc(0);
+        } else if (/chunked/i.test(headers['transfer-encoding'] || '')) {
+            const parts = [];
+            let ok = false;
+            for (;;) {
+                const le = buf.indexOf('\r\n', p, 'latin1');
+                if (le < 0) break;
+                const size = parseInt(buf.subarray(p, le).toString('latin1').split(';')[0], 16);
+                if (Number.isNaN(size)) break;
+                if (size === 0) {
+                    const te = buf.indexOf('\r\n\r\n', le, 'latin1');
+                    // "0\r\n\r\n": the empty trailer's CRLF follows the size line.
+                    if (buf.subarray(le, le + 4).toString('latin1') === '\r\n\r\n') { p = le + 4; ok = true; }
+                    else if (te >= 0) { p = te + 4; ok = true; }
+                    break;
+                }
+                if (buf.length < le + 2 + size + 2) break;
+                parts.push(buf.subarray(le + 2, le + 2 + size));
+                p = le + 2 + size + 2;
+            }
+            if (!ok) return { responses, rest: buf.subarray(off), incomplete: true };
+            body = Buffer.concat(parts);
+        } else if (headers['content-length'] !== undefined) {
+            const n = Number(headers['content-length']);
+            if (buf.length < p + n) return { responses, rest: buf.subarray(off), incomplete: true };
+            body = buf.subarray(p, p + n);
+            p += n;
+        } else {
+            // Delimited by close: everything that is left.
+            body = buf.subarray(p);
+            p = buf.length;
+        }
+        responses.push({ status, reason: m[2] || '', headers, headerList, body });
+        off = p;
+    }
+    return { responses, rest: buf.subarray(off), incomplete: off < buf.length };
+}
+
+// For rawRequest's `until`: true once n complete responses are in.
+export function nResponses(n) {
+    return (buf) => parseResponses(buf).responses.length >= n;
+}
+
+// ---- assertions shared by several files ------------------------------------
+
+// The gateway's error shape: exactly {"error":{"message","type","param","code"}}.
+export function checkErrorShape(assert, res, status) {
+    assert.equal(res.status, status, `status; body: ${res.body}`);
+    assert.match(String(res.headers['content-type']), /^application\/json/, 'error content-type');
+    const j = JSON.parse(res.body);
+    assert.deepEqual(Object.keys(j), ['error'], `top-level keys of ${res.body}`);
+    assert.deepEqual(Object.keys(j.error).sort(), ['code', 'message', 'param', 'type'], `error keys of ${res.body}`);
+    assert.equal(typeof j.error.message, 'string');
+    assert.ok(j.error.message.length > 0, 'message not empty');
+    assert.equal(j.error.type, status >= 500 ? 'server_error' : 'invalid_request_error', `type of ${res.body}`);
+    assert.equal(j.error.code, status, `code of ${res.body}`);
+    return j.error;
+}
+
+// A model entry with health checks off, so a test's fakes need answer nothing
+// but the requests the test sends.
+export function model(name, backends, extra = {}) {
+    return { name, health: false, backends, ...extra };
+}
+
+// A raw keep-alive connection: write bytes, then wait for n complete
+// responses (parsed) or for the server to close.
+export async function openConn(port) {
+    const sock = net.connect(port, '127.0.0.1');
+    await new Promise((resolve, reject) => { sock.once('connect', resolve); sock.once('error', reject); });
+    let buf = Buffer.alloc(0);
+    let closed = false;
+    let waiter = null;
+    const poke = () => { if (waiter) waiter(); };
+    sock.on('data', (d) => { buf = Buffer.concat([buf, d]); poke(); });
+    sock.on('close', () => { closed = true; poke(); });
+    sock.on('error', () => { closed = true; poke(); });
+    return {
+        write(bytes) { sock.write(bytes); },
+        get closed() { return closed; },
+        // Resolves {responses, closed}; consumes the parsed bytes.
+        async read(n, timeoutMs = 3000) {
+            const deadline = Date.now() + timeoutMs;
+            for (;;) {
+                const p = parseResponses(buf);
+                if (p.responses.length >= n || closed || Date.now() >= deadline) {
+                    buf = Buffer.from(p.rest);
+                    return { responses: p.responses, closed };
+                }
+                await new Promise((resolve) => {
+                    waiter = resolve;
+                    setTimeout(resolve, Math.max(1, deadline - Date.now()));
+                });
+                waiter = null;
+            }
+        },
+        close() { sock.destroy(); },
+    };
+}
+
+// Chi-square statistic of observed counts against expected proportions.
+export function chiSquare(observed, weights) {
+    const n = observed.reduce((a, b) => a + b, 0);
+    const w = weights.reduce((a, b) => a + b, 0);
+    return observed.reduce((acc, o, i) => {
+        const e = (n * weights[i]) / w;
+        return acc + ((o - e) ** 2) / e;
+    }, 0);
+}
+
+// Runs fn(i) for i in [0, n) with at most `width` in flight; resolves the results in order.
+export async function pool(n, width, fn) {
+    const out = new Array(n);
+    let next = 0;
+    const worker = async () => {
+        while (next < n) {
+            const i = next++;
+            out[i] = await fn(i);
+        }
+    };
+    await Promise.all(Array.from({ length: Math.min(width, n) }, worker));
+    return out;
+}

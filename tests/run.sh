@@ -1,0 +1,60 @@
+#!/bin/sh
+# The test runner: unit binaries, then integration tests (node:test against
+# real processes). Its last line is "N passed, N failed".
+#   tests/run.sh [unit|integration]
+BUILD=${BUILD:-build}
+what=${1:-all}
+passed=0
+failed=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+count() { # add up "N passed, N failed" from the last such line of $log
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
+    if [ -z "$line" ]; then
+        failed=$((failed + 1))
+        echo "  (no summary line: counted as one failure)"
+        return
+    fi
+    p=$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')
+    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/')
+    passed=$((passed + p))
+    failed=$((failed + f))
+}
+
+if [ "$what" = all ] || [ "$what" = unit ]; then
+    for t in "$BUILD"/tests/test_*; do
+        [ -x "$t" ] || continue
+        echo "== unit: $(basename "$t")"
+        "$t" >"$log" 2>&1
+        rc=$?
+        grep -v '^ok ' "$log"
+        count
+        if [ $rc -ne 0 ] && ! grep -qE '^[0-9]+ passed, [1-9][0-9]* failed' "$log"; then
+            echo "  exit status $rc"
+            failed=$((failed + 1))
+        fi
+    done
+fi
+
+if [ "$what" = all ] || [ "$what" = integration ]; then
+    set -- tests/integration/*.test.mjs
+    if [ -e "$1" ]; then
+        echo "== integration: $*"
+        MM_BUILD="$BUILD" node --test --test-concurrency=1 --test-reporter=tap "$@" >"$log" 2>&1
+        grep -E '^(not ok|# (Subtest|pass|fail|skipped))' "$log" | grep -v '^# Subtest' 
+        grep -B2 -A30 '^not ok' "$log" | head -200
+        p=$(grep -E '^# pass [0-9]+' "$log" | tail -1 | awk '{print $3}')
+        f=$(grep -E '^# fail [0-9]+' "$log" | tail -1 | awk '{print $3}')
+        if [ -z "$p" ]; then
+            tail -40 "$log"
+            failed=$((failed + 1))
+        else
+            passed=$((passed + p))
+            failed=$((failed + f))
+        fi
+    fi
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
