@@ -8,9 +8,10 @@
 CC       ?= cc
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
-            -fno-strict-aliasing -pthread -Icommon -Igateway
+            -fno-strict-aliasing -pthread -Icommon -Igateway -Iworker
 LDFLAGS  += -pthread
 LIBS     := -levent -levent_pthreads -lcurl -ljansson -lhiredis -lm
+WORKER_LIBS := -lpcre2-8 -lopenblas
 BUILD    ?= build
 
 ifdef SANITIZE
@@ -21,34 +22,46 @@ endif
 
 COMMON_SRC  := $(wildcard common/*.c)
 GATEWAY_SRC := $(filter-out gateway/main.c,$(wildcard gateway/*.c))
+WORKER_SRC  := $(filter-out worker/main.c,$(wildcard worker/*.c))
 UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 FAKE_SRC    := $(wildcard tests/fakes/*.c)
 BENCH_SRC   := $(wildcard tests/bench/*.c)
 
 COMMON_OBJ  := $(COMMON_SRC:%.c=$(BUILD)/%.o)
 GATEWAY_OBJ := $(GATEWAY_SRC:%.c=$(BUILD)/%.o)
+WORKER_OBJ  := $(WORKER_SRC:%.c=$(BUILD)/%.o)
 UNIT_BIN    := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 FAKE_BIN    := $(FAKE_SRC:tests/fakes/%.c=$(BUILD)/tests/%)
 BENCH_BIN   := $(BENCH_SRC:tests/bench/%.c=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration run bench fuzz clean
-all: $(BUILD)/modelmux-gateway $(UNIT_BIN) $(FAKE_BIN) $(BENCH_BIN)
+WORKER_BIN  := $(if $(wildcard worker/main.c),$(BUILD)/modelmux-worker)
+all: $(BUILD)/modelmux-gateway $(WORKER_BIN) $(UNIT_BIN) $(FAKE_BIN) $(BENCH_BIN)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/libmmcommon.a: $(COMMON_OBJ)
+	@rm -f $@
 	$(AR) rcs $@ $^
 $(BUILD)/libmmgateway.a: $(GATEWAY_OBJ)
+	@rm -f $@
+	$(AR) rcs $@ $^
+$(BUILD)/libmmworker.a: $(WORKER_OBJ)
+	@mkdir -p $(dir $@)
+	@rm -f $@
 	$(AR) rcs $@ $^
 
 $(BUILD)/modelmux-gateway: $(BUILD)/gateway/main.o $(BUILD)/libmmgateway.a $(BUILD)/libmmcommon.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS)
 
-$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libmmgateway.a $(BUILD)/libmmcommon.a tests/unit/test.h
+$(BUILD)/modelmux-worker: $(BUILD)/worker/main.o $(BUILD)/libmmworker.a $(BUILD)/libmmcommon.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LIBS) $(WORKER_LIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libmmgateway.a $(BUILD)/libmmworker.a $(BUILD)/libmmcommon.a tests/unit/test.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests/unit $(LDFLAGS) -o $@ $< $(BUILD)/libmmgateway.a $(BUILD)/libmmcommon.a $(LIBS)
+	$(CC) $(CFLAGS) -Itests/unit $(LDFLAGS) -o $@ $< $(BUILD)/libmmgateway.a $(BUILD)/libmmworker.a $(BUILD)/libmmcommon.a $(LIBS) $(WORKER_LIBS)
 $(BUILD)/tests/%: tests/fakes/%.c $(BUILD)/libmmcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libmmcommon.a $(LIBS)
@@ -83,9 +96,9 @@ fuzz: $(BUILD)/fuzz/fuzz_http
 	$(BUILD)/fuzz/fuzz_http -max_total_time=$(FUZZ_SECONDS) -max_len=4096 $(BUILD)/fuzz/corpus tests/fuzz/corpus/http_request
 $(BUILD)/fuzz/fuzz_http: tests/fuzz/fuzz_http.c $(COMMON_SRC)
 	@mkdir -p $(dir $@) $(BUILD)/fuzz/corpus
-	clang -std=c11 -D_GNU_SOURCE -g -O1 -Icommon -fsanitize=fuzzer,address,undefined -o $@ tests/fuzz/fuzz_http.c common/http_parse.c common/buf.c
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -Icommon -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -o $@ tests/fuzz/fuzz_http.c common/http_parse.c common/buf.c
 
 clean:
 	rm -rf build
 
--include $(COMMON_OBJ:.o=.d) $(GATEWAY_OBJ:.o=.d) $(BUILD)/gateway/main.d
+-include $(COMMON_OBJ:.o=.d) $(GATEWAY_OBJ:.o=.d) $(WORKER_OBJ:.o=.d) $(BUILD)/gateway/main.d $(BUILD)/worker/main.d

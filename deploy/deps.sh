@@ -3,7 +3,8 @@
 # missing. Called by `make deps` (and so by `make run` / `make test`).
 set -e
 PKGS="gcc make pkg-config libevent-dev libcurl4-openssl-dev libjansson-dev libhiredis-dev \
-redis-server nginx-light wrk clang libclang-rt-14-dev nodejs npm curl procps"
+redis-server nginx-light wrk clang libclang-rt-14-dev nodejs npm curl procps \
+libpcre2-dev libopenblas-dev unicode-data"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

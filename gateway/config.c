@@ -653,7 +653,7 @@ static int parse_listen(walk *w, const json_t *v, int port_lo, char **host, int 
 
     if ((rc = get_str(w, v, 1, 300, F_NOSPACE, &s, &n)))
         return rc;
-    if (s[0] == ':' || all_digits(s)) {
+    if ((s[0] == ':' && all_digits(s + 1)) || all_digits(s)) {
         const char *p = s[0] == ':' ? s + 1 : s;
         if (parse_port(p, strlen(p), port_lo, port) < 0)
             return fail(w, "bad port in \"%s\" (expected %d..65535)", s, port_lo);
@@ -677,13 +677,13 @@ static int hexval(char c)
     return -1;
 }
 
-/* %XX-decode s[0..n) into a new string (a password may hold "@" or "/");
- * a bad escape or an encoded NUL gives NULL. */
-static char *pct_decode(const char *s, size_t n)
+/* %XX-decode s[0..n) into a new string *out (a password may hold "@" or
+ * "/"). -EINVAL for a bad escape or an encoded NUL. */
+static int pct_decode(const char *s, size_t n, char **out)
 {
-    char *out = malloc(n + 1), *o = out;
-    if (!out)
-        return NULL;
+    char *o = malloc(n + 1);
+    if (!(*out = o))
+        return -ENOMEM;
     for (size_t i = 0; i < n; i++) {
         int hi, lo;
         if (s[i] != '%') {
@@ -693,14 +693,15 @@ static char *pct_decode(const char *s, size_t n)
         hi = i + 1 < n ? hexval(s[i + 1]) : -1;
         lo = i + 2 < n ? hexval(s[i + 2]) : -1;
         if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) {
-            free(out);
-            return NULL;
+            free(*out);
+            *out = NULL;
+            return -EINVAL;
         }
         *o++ = (char)(hi * 16 + lo);
         i += 2;
     }
     *o = '\0';
-    return out;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -1166,7 +1167,8 @@ static int model_post(walk *w, void *obj)
 /* One table for "defaults", models[] and "default_pool"; scope says which
  * keys each accepts. Order matters: backends inherit the settings above. */
 static const row model_rows[] = {
-    R_STR(mm_model_cfg, "name", name, 1, CFG_MAX_NAME, NULL, F_NOSPACE | F_REQUIRED),
+    { .key = "name", .kind = K_STR, .off = offsetof(mm_model_cfg, name), .min = 1,
+      .max = CFG_MAX_NAME, .flags = F_NOSPACE | F_REQUIRED, .scope = SC_MODEL },
     R_ENUM(mm_model_cfg, "strategy", strategy, strategy_names, MM_STRATEGY_ROUND_ROBIN),
     R_OBJ(mm_model_cfg, "timeouts", timeouts, timeouts_table, 0),
     R_FNSUB(mm_model_cfg, "health", health, row_health, health_table),
@@ -1401,10 +1403,10 @@ static int row_redis_url(walk *w, json_t *v, void *obj)
         free(r->username);
         free(r->password);
         r->username = r->password = NULL;
-        if (colon > a && !(r->username = pct_decode(a, (size_t)(colon - a))))
-            return fail(w, "bad %%-escape in the user name");
-        if (!(r->password = pct_decode(colon + 1, (size_t)(at - colon - 1))))
-            return fail(w, "bad %%-escape in the password");
+        if (colon > a && (rc = pct_decode(a, (size_t)(colon - a), &r->username)))
+            return rc == -ENOMEM ? nomem(w) : fail(w, "bad %%-escape in the user name");
+        if ((rc = pct_decode(colon + 1, (size_t)(at - colon - 1), &r->password)))
+            return rc == -ENOMEM ? nomem(w) : fail(w, "bad %%-escape in the password");
         a = at + 1;
     }
     if ((why = parse_authority(a, (size_t)(end - a), 6379, 1, &h, &hn, &r->port)))

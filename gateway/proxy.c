@@ -22,6 +22,13 @@
 #include "jsonutil.h"
 #include "log.h"
 
+enum { PX_IDLE = 0, PX_ATTEMPT, PX_BACKOFF, PX_QUEUED };
+
+/* Retry budget shared by all threads: retries in flight stay under 20% of
+ * requests in flight (at least 3), so a sick fleet is not hit twice as hard. */
+static _Atomic long px_inflight;
+static _Atomic long px_retries_inflight;
+
 /* Stop reading from the upstream while this much is queued for the client. */
 #define PX_CLIENT_HIGH_WATER (1024 * 1024)
 #define PX_MAX_RESP_HEADERS (64 * 1024)
@@ -39,6 +46,19 @@ typedef struct px_req {
     mm_backend       *backend;
     int               held;          /* backend counted as outstanding */
     uint64_t          tried[MM_POOL_MAX_BACKENDS / 64];
+    char             *req_model;     /* the body's model as sent (own copy) */
+    size_t            req_model_len;
+    const char       *sticky;        /* sticky key, kept for fallbacks */
+    size_t            sticky_len;
+    char              sticky_num[32];
+    const char       *fallback_name; /* set once a fallback model serves */
+    mm_route         *fb_variant;    /* the variant whose fallbacks apply */
+    size_t            fb_pos;        /* next fallback candidate */
+    int               attempts;      /* on the current pool */
+    int               retrying;      /* counted in px_retries_inflight */
+    uint64_t          deadline_ns;   /* total deadline, 0 = none */
+    int               phase;         /* PX_* below */
+    mm_waiter         waiter;
     int               streaming;     /* the client asked "stream": true */
     int               relay;         /* send the answer as it arrives */
     mm_buf            fwd_body;      /* rewritten body; empty: send the client's */
@@ -53,6 +73,11 @@ typedef struct px_req {
     int               paused;
     int               timed_out;
     int               too_large;
+    int               hold_error;    /* 5xx/429 answer kept for retry or pass-through */
+    int               have_last;     /* resp_* hold a failed upstream answer */
+    int               retry_after_ms;
+    int               last_status;   /* of the last failed attempt */
+    char              last_what[CURL_ERROR_SIZE + 32];
     uint64_t          attempt_ns;
     uint64_t          last_ns;
     mm_buf            resp_hdrs;     /* filtered upstream headers for the client */
@@ -64,12 +89,20 @@ static void px_free(px_req *r)
 {
     if (!r)
         return;
+    if (r->pool && r->waiter.queued)
+        mm_pool_dequeue(r->pool, &r->waiter);
+    if (r->waiter.wake)
+        event_free(r->waiter.wake);
+    if (r->retrying)
+        px_retries_inflight--;
+    px_inflight--;
     if (r->timer)
         event_free(r->timer);
     if (r->hdrs)
         curl_slist_free_all(r->hdrs);
     if (r->json)
         json_decref(r->json);
+    free(r->req_model);
     mm_buf_free(&r->fwd_body);
     mm_buf_free(&r->resp_hdrs);
     mm_buf_free(&r->resp_body);
@@ -90,6 +123,8 @@ static void px_our_headers(px_req *r, mm_buf *out)
         mm_buf_printf(out, "x-modelmux-model: %s\r\n", r->variant->name);
     if (r->backend)
         mm_buf_printf(out, "x-modelmux-backend: %s\r\n", r->backend->cfg->url);
+    if (r->fallback_name)
+        mm_buf_printf(out, "x-modelmux-fallback: %s\r\n", r->fallback_name);
 }
 
 static void px_error(px_req *r, int status, const char *param, const char *msg)
@@ -103,7 +138,7 @@ static void px_error(px_req *r, int status, const char *param, const char *msg)
 
 /* ---- upstream attempt ---- */
 
-static void px_release_attempt(px_req *r, int cancel)
+static void px_release_attempt(px_req *r, int cancel, mm_outcome o)
 {
     if (r->timer)
         evtimer_del(r->timer);
@@ -120,8 +155,10 @@ static void px_release_attempt(px_req *r, int cancel)
     }
     if (r->held) {
         r->held = 0;
-        mm_pool_release(r->pool, r->backend);
+        mm_pool_release(r->pool, r->backend, o,
+                        o == MM_OUTCOME_HTTP_FAIL ? r->retry_after_ms : 0, mm_now_ms());
     }
+    r->phase = PX_IDLE;
 }
 
 static void px_begin_client(px_req *r)
@@ -137,13 +174,23 @@ static void px_begin_client(px_req *r)
     mm_buf_free(&h);
 }
 
-/* The attempt failed before or after the first byte reached the client. */
+/* The request has failed for good (no retry, no fallback left), before or
+ * after the first byte reached the client. */
 static void px_fail(px_req *r, int status, const char *what)
 {
-    if (!r->client_began) {
+    r->ex->on_abort = NULL;
+    if (!r->client_began && r->have_last) {
+        /* The last upstream's own error answer (e.g. its 429 with
+         * Retry-After) tells the client more than a generic 502. */
+        mm_buf h;
+        mm_buf_init(&h, PX_MAX_RESP_HEADERS + 8192);
+        mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
+        px_our_headers(r, &h);
+        mm_http_respond(r->ex, r->status, mm_buf_cstr(&h), r->resp_body.data, r->resp_body.len);
+        mm_buf_free(&h);
+    } else if (!r->client_began) {
         char msg[512];
         snprintf(msg, sizeof msg, "upstream %s: %s", r->backend ? r->backend->cfg->url : "?", what);
-        r->ex->on_abort = NULL;
         px_error(r, status, NULL, msg);
     } else if (r->streaming) {
         /* Mid-stream: one SSE error event, then a clean end of the chunked
@@ -157,13 +204,93 @@ static void px_fail(px_req *r, int status, const char *what)
         mm_buf_append_str(&ev, "\n\n");
         mm_http_write(r->ex, ev.data, ev.len);
         mm_buf_free(&ev);
-        r->ex->on_abort = NULL;
         mm_http_end(r->ex);
     } else {
-        r->ex->on_abort = NULL;
         mm_http_abort(r->ex);
     }
     px_free(r);
+}
+
+static void px_start_attempt(px_req *r);
+
+/* Next fallback model, if any: the variant's own list, then the requested
+ * (split) route's. Switches r to it and returns 1. */
+static int px_switch_fallback(px_req *r)
+{
+    if (!r->route)
+        return 0;
+    const mm_model_cfg *first = r->route->cfg;
+    for (;;) {
+        const mm_model_cfg *vc = r->fb_variant ? r->fb_variant->cfg : first;
+        size_t nv = vc->nfallback, nr = vc == first ? 0 : first->nfallback;
+        if (r->fb_pos >= nv + nr)
+            return 0;
+        const char *name = r->fb_pos < nv ? vc->fallback[r->fb_pos] : first->fallback[r->fb_pos - nv];
+        r->fb_pos++;
+        mm_route *rt = mm_router_find(r->t->router, name, strlen(name));
+        mm_route *v = rt ? mm_route_pick_variant(rt, r->sticky, r->sticky_len, &r->t->rng) : NULL;
+        if (!v || v->pool == r->pool)
+            continue;
+        r->fallback_name = rt->name;
+        r->variant = v;
+        r->pool = v->pool;
+        memset(r->tried, 0, sizeof r->tried);
+        r->attempts = 0;
+        return 1;
+    }
+}
+
+static int px_method_idempotent(const mm_http_request *q)
+{
+    static const char *const m[] = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"};
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++)
+        if (ieq(q->method, q->method_len, m[i]))
+            return 1;
+    return 0;
+}
+
+/* An attempt failed before anything reached the client (its backend is
+ * already released). Retry on another backend, else fall back, else fail.
+ * nothing_sent: the upstream cannot have acted on the request (connect
+ * failed), which makes even a non-idempotent passthrough safe to retry. */
+static void px_after_failure(px_req *r, int status, const char *what, int nothing_sent)
+{
+    const mm_model_cfg *mc = r->pool->cfg;
+    /* Model requests are safe to retry until the first byte: nothing was
+     * generated for the client. Passthrough follows HTTP idempotence. */
+    int safe = r->route || nothing_sent || px_method_idempotent(&r->ex->req);
+    int retry = safe && r->attempts <= mc->retries;
+    if (retry && !r->retrying) {
+        long inflight = px_inflight, budget = inflight / 5;
+        if (budget < 3)
+            budget = 3;
+        if (px_retries_inflight >= budget)
+            retry = 0;
+        else {
+            r->retrying = 1;
+            px_retries_inflight++;
+        }
+    }
+    /* Jittered exponential backoff: 5, 10, 20 ... ms (cap 100), 50-100%. */
+    uint64_t base = 5ull << (r->attempts > 5 ? 5 : r->attempts - 1);
+    if (base > 100)
+        base = 100;
+    uint64_t backoff_ms = base / 2 + mm_rng_next(&r->t->rng) % (base / 2 + 1);
+    if (retry && r->deadline_ns && mm_now_ns() + backoff_ms * 1000000ull >= r->deadline_ns)
+        retry = 0;
+    mm_debug("request %s: attempt %d on %s failed (%s)%s", r->reqid, r->attempts,
+             r->backend ? r->backend->cfg->url : "?", what, retry ? ", retrying" : "");
+    if (retry) {
+        r->phase = PX_BACKOFF;
+        struct timeval tv = {0, (suseconds_t)(backoff_ms * 1000)};
+        evtimer_add(r->timer, &tv);
+        return;
+    }
+    if (safe && px_switch_fallback(r)) {
+        px_start_attempt(r);
+        return;
+    }
+    px_fail(r, status, what);
 }
 
 static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
@@ -188,7 +315,10 @@ static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
         if (r->status >= 200) {
             r->headers_done = 1;
             r->last_ns = mm_now_ns();
-            if (r->relay)
+            /* A failed answer is held back: it may still be retried
+             * elsewhere, or passed through whole at the end. */
+            r->hold_error = r->status >= 500 || r->status == 429;
+            if (r->relay && !r->hold_error)
                 px_begin_client(r);
         }
         return len;
@@ -201,6 +331,17 @@ static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
     while (v < p + l && (*v == ' ' || *v == '\t'))
         v++;
     size_t vlen = (size_t)(p + l - v);
+    if (ieq(p, nlen, "retry-after")) {
+        char tmp[16];
+        if (vlen > 0 && vlen < sizeof tmp) {
+            memcpy(tmp, v, vlen);
+            tmp[vlen] = '\0';
+            char *end;
+            long secs = strtol(tmp, &end, 10);
+            if (*end == '\0' && secs >= 0)
+                r->retry_after_ms = (int)(secs > 3600 ? 3600000 : secs * 1000);
+        }
+    }
     if (ieq(p, nlen, "content-length")) {
         char tmp[32];
         if (vlen < sizeof tmp) {
@@ -229,7 +370,7 @@ static size_t px_on_write(char *p, size_t size, size_t nmemb, void *ud)
     px_req *r = ud;
     size_t len = size * nmemb;
     r->last_ns = mm_now_ns();
-    if (r->relay) {
+    if (r->relay && !r->hold_error) {
         px_begin_client(r);
         if (mm_http_pending(r->ex) > PX_CLIENT_HIGH_WATER) {
             /* The client reads slower than the upstream writes: stop reading
@@ -261,18 +402,47 @@ static void px_on_client_abort(mm_http_exchange *ex, void *udata)
 {
     px_req *r = udata;
     (void)ex;
-    px_release_attempt(r, 1);
+    px_release_attempt(r, 1, MM_OUTCOME_CANCEL);
     px_free(r);
 }
 
 static void px_arm_timer(px_req *r);
+static void px_respond_busy(px_req *r, const char *why);
 
 static void px_on_timer(evutil_socket_t fd, short what, void *arg)
 {
     px_req *r = arg;
     (void)fd;
     (void)what;
-    px_arm_timer(r);
+    switch (r->phase) {
+    case PX_ATTEMPT:
+        px_arm_timer(r);
+        break;
+    case PX_BACKOFF:
+        r->phase = PX_IDLE;
+        px_start_attempt(r);
+        break;
+    case PX_QUEUED:
+        mm_pool_dequeue(r->pool, &r->waiter);
+        r->phase = PX_IDLE;
+        px_respond_busy(r, "timed out waiting in the queue");
+        break;
+    default:
+        break;
+    }
+}
+
+/* A queued request was handed a free slot (possibly by another thread). */
+static void px_on_wake(evutil_socket_t fd, short what, void *arg)
+{
+    px_req *r = arg;
+    (void)fd;
+    (void)what;
+    if (r->phase != PX_QUEUED)
+        return;
+    evtimer_del(r->timer);
+    r->phase = PX_IDLE;
+    px_start_attempt(r);
 }
 
 /* (Re)arm the attempt's timer for the nearest of first-byte and idle
@@ -291,15 +461,79 @@ static void px_arm_timer(px_req *r)
     if (!deadline)
         return;
     if (now >= deadline) {
-        const char *what = r->headers_done ? "idle timeout between chunks" : "no response before first-byte timeout";
+        const char *what = r->headers_done ? "idle timeout between chunks"
+                                           : "no response before the first-byte timeout";
         r->timed_out = 1;
-        px_release_attempt(r, 1);
-        px_fail(r, 504, what);
+        r->have_last = 0;
+        px_release_attempt(r, 1, MM_OUTCOME_CONN_FAIL);
+        if (r->client_began)
+            px_fail(r, 504, what);
+        else
+            px_after_failure(r, 504, what, 0);
         return;
     }
     uint64_t left = deadline - now;
     struct timeval tv = {(time_t)(left / 1000000000ull), (suseconds_t)(left % 1000000000ull / 1000)};
     evtimer_add(r->timer, &tv);
+}
+
+static void px_respond_busy(px_req *r, const char *why)
+{
+    char msg[512];
+    snprintf(msg, sizeof msg, "model %s is at capacity: %s", r->variant ? r->variant->name : "(default pool)", why);
+    mm_buf h;
+    mm_buf_init(&h, 8192);
+    px_our_headers(r, &h);
+    mm_buf_append_str(&h, "Retry-After: 1\r\n");
+    r->ex->on_abort = NULL;
+    mm_http_respond_error(r->ex, 429, NULL, mm_buf_cstr(&h), "%s", msg);
+    mm_buf_free(&h);
+    px_free(r);
+}
+
+/* No backend could take the attempt: queue, fall back, or answer now. */
+static void px_no_backend(px_req *r, const mm_pick_info *info)
+{
+    const mm_model_cfg *mc = r->pool->cfg;
+    if (info->busy && mc->max_queue > 0 && r->phase != PX_QUEUED) {
+        if (!r->waiter.wake)
+            r->waiter.wake = event_new(r->t->base, -1, 0, px_on_wake, r);
+        if (r->waiter.wake && mm_pool_enqueue(r->pool, &r->waiter) == 0) {
+            r->phase = PX_QUEUED;
+            int ms = mc->queue_timeout_ms > 0 ? mc->queue_timeout_ms : 30000;
+            struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+            evtimer_add(r->timer, &tv);
+            return;
+        }
+    }
+    if (px_switch_fallback(r)) {
+        px_start_attempt(r);
+        return;
+    }
+    if (r->have_last || (info->untried == 0 && r->attempts > 0)) {
+        px_fail(r, r->last_status ? r->last_status : 502, r->last_what);
+        return;
+    }
+    if (info->busy) {
+        px_respond_busy(r, mc->max_queue > 0 ? "the queue is full" : "every backend is at max_requests");
+        return;
+    }
+    /* Everything is down, open or cooling: say when to come back instead of
+     * letting the client wait for timeouts. */
+    uint64_t now = mm_now_ms();
+    uint64_t secs = info->retry_at_ms > now ? (info->retry_at_ms - now + 999) / 1000 : 1;
+    char hdr[64], msg[512];
+    snprintf(hdr, sizeof hdr, "Retry-After: %llu\r\n", (unsigned long long)(secs ? secs : 1));
+    snprintf(msg, sizeof msg, "no backend available for model %s (all down or circuit open)",
+             r->variant ? r->variant->name : "(default pool)");
+    mm_buf h;
+    mm_buf_init(&h, 8192);
+    px_our_headers(r, &h);
+    mm_buf_append_str(&h, hdr);
+    r->ex->on_abort = NULL;
+    mm_http_respond_error(r->ex, 503, NULL, mm_buf_cstr(&h), "%s", msg);
+    mm_buf_free(&h);
+    px_free(r);
 }
 
 static int px_add_header(px_req *r, const char *name, size_t nlen, const char *val, size_t vlen)
@@ -391,7 +625,13 @@ static int px_body_for_backend(px_req *r, const char **body, size_t *len)
     mm_buf *src = &r->ex->body;
     *body = src->data;
     *len = src->len;
-    if (!r->json || !b->served_model)
+    if (!r->json)
+        return 0;
+    /* The name the backend serves: its served_model, else the name of the
+     * model whose pool it is in (a split variant or a fallback). */
+    const char *want = b->served_model ? b->served_model : r->variant->name;
+    if (r->req_model && strlen(want) == r->req_model_len &&
+        memcmp(want, r->req_model, r->req_model_len) == 0)
         return 0;
     mm_buf_reset(&r->fwd_body);
     size_t vs, ve;
@@ -400,11 +640,11 @@ static int px_body_for_backend(px_req *r, const char **body, size_t *len)
         /* Splice: every other byte of the client's body stays as sent. */
         rc = mm_buf_append(&r->fwd_body, src->data, vs);
         if (rc == 0)
-            rc = mm_json_append_str(&r->fwd_body, b->served_model, strlen(b->served_model));
+            rc = mm_json_append_str(&r->fwd_body, want, strlen(want));
         if (rc == 0)
             rc = mm_buf_append(&r->fwd_body, src->data + ve, src->len - ve);
     } else {
-        json_object_set_new(r->json, "model", json_string(b->served_model));
+        json_object_set_new(r->json, "model", json_string(want));
         char *s = json_dumps(r->json, JSON_COMPACT);
         rc = s ? mm_buf_append_str(&r->fwd_body, s) : -ENOMEM;
         free(s);
@@ -418,16 +658,18 @@ static int px_body_for_backend(px_req *r, const char **body, size_t *len)
 
 static void px_start_attempt(px_req *r)
 {
-    mm_backend *b = mm_pool_pick(r->pool, r->tried);
+    mm_pick_info info;
+    mm_backend *b = mm_pool_pick(r->pool, r->tried, mm_now_ms(), &info);
     if (!b) {
-        char msg[512];
-        snprintf(msg, sizeof msg, "no backend available for model %s",
-                 r->variant ? r->variant->name : "(default pool)");
-        r->ex->on_abort = NULL;
-        px_error(r, 503, NULL, msg);
-        px_free(r);
+        px_no_backend(r, &info);
         return;
     }
+    r->attempts++;
+    r->phase = PX_ATTEMPT;
+    r->have_last = 0;
+    r->hold_error = 0;
+    r->retry_after_ms = 0;
+    r->too_large = 0;
     r->backend = b;
     r->held = 1;
     r->tried[b->index / 64] |= 1ull << (b->index % 64);
@@ -442,14 +684,14 @@ static void px_start_attempt(px_req *r)
     char url[4096];
     int n = snprintf(url, sizeof url, "%s%.*s", b->cfg->url, (int)r->path_len, r->path);
     if (n < 0 || (size_t)n >= sizeof url) {
-        px_release_attempt(r, 0);
+        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
         r->ex->on_abort = NULL;
         px_error(r, 414, NULL, "request target too long");
         px_free(r);
         return;
     }
     if (px_body_for_backend(r, &body, &blen) || px_build_headers(r)) {
-        px_release_attempt(r, 0);
+        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
         r->ex->on_abort = NULL;
         px_error(r, 500, NULL, "out of memory");
         px_free(r);
@@ -457,7 +699,7 @@ static void px_start_attempt(px_req *r)
     }
     CURL *e = mm_upstream_easy(r->t->up);
     if (!e) {
-        px_release_attempt(r, 0);
+        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
         r->ex->on_abort = NULL;
         px_error(r, 500, NULL, "out of memory");
         px_free(r);
@@ -498,7 +740,7 @@ static void px_start_attempt(px_req *r)
     r->attempt_ns = mm_now_ns();
     r->last_ns = r->attempt_ns;
     if (mm_upstream_add(r->t->up, e, r) != 0) {
-        px_release_attempt(r, 0);
+        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
         r->ex->on_abort = NULL;
         px_error(r, 500, NULL, "cannot start upstream transfer");
         px_free(r);
@@ -511,8 +753,8 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
 {
     px_req *r = priv;
     (void)easy;
-    if (rc == CURLE_OK && r->status >= 200 && !r->too_large) {
-        px_release_attempt(r, 0);
+    if (rc == CURLE_OK && r->status >= 200 && !r->hold_error && !r->too_large) {
+        px_release_attempt(r, 0, MM_OUTCOME_OK);
         r->ex->on_abort = NULL;
         if (r->relay) {
             px_begin_client(r);
@@ -528,18 +770,37 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
         px_free(r);
         return;
     }
-    char what[CURL_ERROR_SIZE + 64];
-    int status = 502;
-    if (r->too_large)
-        snprintf(what, sizeof what, "response larger than max_response_bytes");
-    else if (rc == CURLE_OK)
-        snprintf(what, sizeof what, "no valid response");
+    if (r->too_large) {
+        px_release_attempt(r, 0, MM_OUTCOME_OK);
+        px_fail(r, 502, "response larger than max_response_bytes");
+        return;
+    }
+    if (rc == CURLE_OK && r->hold_error) {
+        /* A whole 5xx/429 answer: a failure for the breaker, kept to pass
+         * through if no retry or fallback does better. */
+        r->have_last = 1;
+        r->last_status = r->status;
+        snprintf(r->last_what, sizeof r->last_what, "HTTP %d", r->status);
+        px_release_attempt(r, 0, MM_OUTCOME_HTTP_FAIL);
+        if (r->client_began)
+            px_fail(r, 502, r->last_what);
+        else
+            px_after_failure(r, r->status, r->last_what, 0);
+        return;
+    }
+    int status = rc == CURLE_OPERATION_TIMEDOUT ? 504 : 502;
+    if (rc == CURLE_OK)
+        snprintf(r->last_what, sizeof r->last_what, "no valid response");
     else
-        snprintf(what, sizeof what, "%s", r->curl_err[0] ? r->curl_err : curl_easy_strerror(rc));
-    if (rc == CURLE_OPERATION_TIMEDOUT)
-        status = 504;
-    px_release_attempt(r, 0);
-    px_fail(r, status, what);
+        snprintf(r->last_what, sizeof r->last_what, "%s",
+                 r->curl_err[0] ? r->curl_err : curl_easy_strerror(rc));
+    r->last_status = status;
+    r->have_last = 0;
+    px_release_attempt(r, 0, MM_OUTCOME_CONN_FAIL);
+    if (r->client_began)
+        px_fail(r, status, r->last_what);
+    else
+        px_after_failure(r, status, r->last_what, rc == CURLE_COULDNT_CONNECT);
 }
 
 /* ---- classification ---- */
@@ -631,7 +892,16 @@ static void px_route_model(px_req *r, const char *name, size_t nlen)
             key = num;
         }
     }
+    if (key == num) {
+        memcpy(r->sticky_num, num, klen < sizeof r->sticky_num ? klen + 1 : sizeof r->sticky_num);
+        key = r->sticky_num;
+    }
+    r->sticky = key;
+    r->sticky_len = klen;
+    r->req_model = strndup(name, nlen);
+    r->req_model_len = r->req_model ? nlen : 0;
     r->variant = mm_route_pick_variant(route, key, klen, &r->t->rng);
+    r->fb_variant = r->variant;
     if (!r->variant) {
         r->ex->on_abort = NULL;
         px_error(r, 503, NULL, "no variant of this model is available");
@@ -639,6 +909,8 @@ static void px_route_model(px_req *r, const char *name, size_t nlen)
         return;
     }
     r->pool = r->variant->pool;
+    if (r->pool->cfg->timeouts.total_ms > 0)
+        r->deadline_ns = r->ex->start_ns + (uint64_t)r->pool->cfg->timeouts.total_ms * 1000000ull;
     json_t *s = json_object_get(r->json, "stream");
     r->streaming = json_is_true(s);
     r->relay = r->streaming;
@@ -679,6 +951,7 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
     }
     r->t = t;
     r->ex = ex;
+    px_inflight++;
     mm_buf_init(&r->fwd_body, t->cfg->max_body_bytes + 4096);
     mm_buf_init(&r->resp_hdrs, PX_MAX_RESP_HEADERS);
     mm_buf_init(&r->resp_body, t->cfg->max_response_bytes);

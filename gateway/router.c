@@ -7,8 +7,18 @@
 #include <string.h>
 #include <time.h>
 
+#include <event2/event.h>
+
 #include "buf.h"
 #include "jsonutil.h"
+#include "log.h"
+
+uint64_t mm_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
 
 static int pool_init(mm_pool *p, const mm_model_cfg *m, const char *name, char *err,
                      size_t errlen)
@@ -29,8 +39,14 @@ static int pool_init(mm_pool *p, const mm_model_cfg *m, const char *name, char *
         return -ENOMEM;
     }
     for (size_t i = 0; i < p->nbackends; i++) {
-        p->backends[i].cfg = &m->backends[i];
-        p->backends[i].index = i;
+        mm_backend *b = &p->backends[i];
+        b->cfg = &m->backends[i];
+        b->pool = p;
+        b->index = i;
+        /* Static backends start up so traffic flows at once; the first
+         * failed checks take a dead one out within `fall` intervals. */
+        mm_health_init(&b->health, &m->health, 1);
+        mm_breaker_init(&b->breaker, &m->breaker);
         p->weights[i] = m->backends[i].weight;
     }
     mm_swrr_init(p->swrr, p->nbackends, p->weights);
@@ -198,12 +214,45 @@ mm_route *mm_route_pick_variant(mm_route *route, const char *key, size_t key_len
     return i < 0 ? NULL : route->variants[i];
 }
 
-mm_backend *mm_pool_pick(mm_pool *p, const uint64_t *tried)
+static int pool_can_eject(const mm_pool *p)
+{
+    if (p->nbackends <= 1)
+        return 0;
+    size_t open = 0;
+    for (size_t i = 0; i < p->nbackends; i++)
+        open += p->backends[i].breaker.state != MM_BREAKER_CLOSED;
+    return (open + 1) * 100 <= (size_t)p->cfg->breaker.max_ejection_percent * p->nbackends;
+}
+
+mm_backend *mm_pool_pick(mm_pool *p, const uint64_t *tried, uint64_t now_ms, mm_pick_info *info)
 {
     uint8_t eligible[MM_POOL_MAX_BACKENDS];
-    for (size_t i = 0; i < p->nbackends; i++)
-        eligible[i] = !(tried && (tried[i / 64] >> (i % 64) & 1));
+    mm_pick_info inf = {0, 0, 0};
     pthread_mutex_lock(&p->lock);
+    for (size_t i = 0; i < p->nbackends; i++) {
+        mm_backend *b = &p->backends[i];
+        eligible[i] = 0;
+        if ((tried && (tried[i / 64] >> (i % 64) & 1)) || b->cfg->weight <= 0)
+            continue;
+        inf.untried++;
+        uint64_t at = 0;
+        if (!b->health.up)
+            at = now_ms + (uint64_t)(b->health.cfg->interval_ms > 0 ? b->health.cfg->interval_ms : 1000);
+        else if (b->cooldown_until_ms > now_ms)
+            at = b->cooldown_until_ms;
+        else if (!mm_breaker_would_allow(&b->breaker, now_ms))
+            at = mm_breaker_retry_at(&b->breaker, now_ms);
+        if (at) {
+            if (!inf.retry_at_ms || at < inf.retry_at_ms)
+                inf.retry_at_ms = at;
+            continue;
+        }
+        if (b->cfg->max_requests > 0 && b->outstanding >= b->cfg->max_requests) {
+            inf.busy = 1;
+            continue;
+        }
+        eligible[i] = 1;
+    }
     int i;
     switch (p->cfg->strategy) {
     case MM_STRATEGY_RANDOM:
@@ -215,18 +264,138 @@ mm_backend *mm_pool_pick(mm_pool *p, const uint64_t *tried)
     default:
         i = mm_swrr_pick(p->swrr, p->nbackends, eligible);
     }
+    if (i >= 0 && !mm_breaker_allow(&p->backends[i].breaker, now_ms))
+        i = -1; /* cannot happen: would_allow said yes under the same lock */
     if (i >= 0) {
         p->outstanding[i]++;
         p->backends[i].outstanding++;
+        p->backends[i].requests++;
     }
     pthread_mutex_unlock(&p->lock);
+    if (info)
+        *info = inf;
     return i < 0 ? NULL : &p->backends[i];
 }
 
-void mm_pool_release(mm_pool *p, mm_backend *b)
+/* Caller holds the lock. Wake the oldest waiter, if any. */
+static void pool_wake_one(mm_pool *p)
+{
+    mm_waiter *w = p->queue_head;
+    if (!w)
+        return;
+    p->queue_head = w->next;
+    if (p->queue_head)
+        p->queue_head->prev = NULL;
+    else
+        p->queue_tail = NULL;
+    w->next = w->prev = NULL;
+    w->queued = 0;
+    p->queued--;
+    event_active(w->wake, EV_TIMEOUT, 0);
+}
+
+void mm_pool_release(mm_pool *p, mm_backend *b, mm_outcome o, int retry_after_ms, uint64_t now_ms)
 {
     pthread_mutex_lock(&p->lock);
     p->outstanding[b->index]--;
     b->outstanding--;
+    if (o == MM_OUTCOME_CANCEL) {
+        mm_breaker_cancel(&b->breaker);
+    } else {
+        int fail = o != MM_OUTCOME_OK;
+        b->failures += (uint64_t)fail;
+        mm_breaker_state before = b->breaker.state;
+        if (mm_breaker_record(&b->breaker, fail, now_ms, pool_can_eject(p)))
+            mm_warn("backend %s of %s: circuit breaker opened for %d ms", b->cfg->url,
+                    p->name[0] ? p->name : "default pool", b->breaker.open_ms);
+        else if (before != MM_BREAKER_CLOSED && b->breaker.state == MM_BREAKER_CLOSED)
+            mm_info("backend %s of %s: circuit breaker closed", b->cfg->url,
+                    p->name[0] ? p->name : "default pool");
+        if (fail)
+            mm_swrr_penalize(&p->swrr[b->index]);
+        /* Only connection-level failures say the server itself is gone; an
+         * HTTP 5xx is the breaker's business (see docs/RESILIENCE.md). */
+        if (o == MM_OUTCOME_CONN_FAIL && mm_health_record(&b->health, MM_HEALTH_FAIL)) {
+            b->last_change_ms = now_ms;
+            mm_warn("backend %s of %s: down (passive: %d failed requests)", b->cfg->url,
+                    p->name[0] ? p->name : "default pool", b->health.fail_streak);
+        } else if (o == MM_OUTCOME_OK && b->health.up) {
+            mm_health_record(&b->health, MM_HEALTH_OK);
+        }
+        if (retry_after_ms > 0)
+            b->cooldown_until_ms = now_ms + (uint64_t)retry_after_ms;
+    }
+    pool_wake_one(p);
     pthread_mutex_unlock(&p->lock);
+}
+
+int mm_pool_enqueue(mm_pool *p, mm_waiter *w)
+{
+    int rc = 0;
+    pthread_mutex_lock(&p->lock);
+    if (p->queued >= p->cfg->max_queue) {
+        rc = -EAGAIN;
+    } else {
+        w->next = NULL;
+        w->prev = p->queue_tail;
+        if (p->queue_tail)
+            p->queue_tail->next = w;
+        else
+            p->queue_head = w;
+        p->queue_tail = w;
+        w->queued = 1;
+        p->queued++;
+    }
+    pthread_mutex_unlock(&p->lock);
+    return rc;
+}
+
+void mm_pool_dequeue(mm_pool *p, mm_waiter *w)
+{
+    pthread_mutex_lock(&p->lock);
+    if (w->queued) {
+        if (w->prev)
+            w->prev->next = w->next;
+        else
+            p->queue_head = w->next;
+        if (w->next)
+            w->next->prev = w->prev;
+        else
+            p->queue_tail = w->prev;
+        w->queued = 0;
+        w->next = w->prev = NULL;
+        p->queued--;
+    }
+    pthread_mutex_unlock(&p->lock);
+}
+
+int mm_pool_health_result(mm_pool *p, mm_backend *b, mm_health_result r, uint64_t now_ms)
+{
+    pthread_mutex_lock(&p->lock);
+    int changed = mm_health_record(&b->health, r);
+    if (changed) {
+        b->last_change_ms = now_ms;
+        if (b->health.up) {
+            /* Back from the dead: give it a clean breaker. */
+            mm_breaker_init(&b->breaker, b->breaker.cfg);
+            pool_wake_one(p);
+        }
+    }
+    pthread_mutex_unlock(&p->lock);
+    if (changed)
+        mm_log(b->health.up ? MM_LOG_INFO : MM_LOG_WARN, "backend %s of %s: %s (health check)",
+               b->cfg->url, p->name[0] ? p->name : "default pool", mm_health_state_name(&b->health));
+    return changed;
+}
+
+size_t mm_router_npools(const mm_router *r)
+{
+    return r->nroutes + (r->default_pool ? 1 : 0);
+}
+
+mm_pool *mm_router_pool(mm_router *r, size_t i)
+{
+    if (i < r->nroutes)
+        return r->routes[i].pool; /* NULL for a split */
+    return i == r->nroutes ? r->default_pool : NULL;
 }

@@ -11,13 +11,46 @@
 #include <stdint.h>
 
 #include "balance.h"
+#include "breaker.h"
 #include "config.h"
+#include "health.h"
 
+struct event;
+
+/* Everything mutable in a backend is guarded by its pool's lock. */
 typedef struct mm_backend {
     const mm_backend_cfg *cfg;
-    size_t index;              /* position in its pool */
-    int    outstanding;        /* in flight; guarded by the pool lock */
+    struct mm_pool *pool;
+    size_t   index;              /* position in its pool */
+    int      outstanding;        /* requests in flight */
+    mm_health  health;
+    mm_breaker breaker;
+    uint64_t cooldown_until_ms;  /* from Retry-After on 429/503 */
+    uint64_t requests, failures; /* totals, for the admin view */
+    uint64_t last_change_ms;     /* last health transition */
 } mm_backend;
+
+/* A request waiting for a backend slot (max_requests reached). */
+typedef struct mm_waiter {
+    struct mm_waiter *prev, *next;
+    struct event     *wake;      /* activated (from any thread) on a free slot */
+    int               queued;
+} mm_waiter;
+
+/* Outcome of one attempt, as the breaker and health see it. */
+typedef enum mm_outcome {
+    MM_OUTCOME_OK = 0,       /* any answer but 5xx/429: client errors never count */
+    MM_OUTCOME_HTTP_FAIL,    /* 5xx or 429 */
+    MM_OUTCOME_CONN_FAIL,    /* connect error, reset, timeout, broken framing */
+    MM_OUTCOME_CANCEL,       /* client left before an outcome */
+} mm_outcome;
+
+/* Why mm_pool_pick found nothing. */
+typedef struct mm_pick_info {
+    int      busy;           /* some backend is usable but at max_requests */
+    int      untried;        /* backends not yet tried by this request */
+    uint64_t retry_at_ms;    /* earliest time an unusable backend may be tried */
+} mm_pick_info;
 
 typedef struct mm_pool {
     const mm_model_cfg *cfg;
@@ -29,6 +62,8 @@ typedef struct mm_pool {
     int          *weights;
     int          *outstanding; /* mirror for mm_balance_least */
     uint64_t      rng;
+    mm_waiter    *queue_head, *queue_tail;
+    int           queued;
 } mm_pool;
 
 typedef struct mm_route {
@@ -63,9 +98,26 @@ mm_route *mm_router_find(mm_router *r, const char *name, size_t len);
 mm_route *mm_route_pick_variant(mm_route *route, const char *key, size_t key_len,
                                 uint64_t *rng);
 
-/* Pick a backend not in `tried` (a bitmap by backend index, may be NULL) and
- * count it as outstanding. NULL when none is eligible. */
-mm_backend *mm_pool_pick(mm_pool *p, const uint64_t *tried);
-void        mm_pool_release(mm_pool *p, mm_backend *b);
+/* Pick a backend not in `tried` (a bitmap by backend index, may be NULL)
+ * that is up, admitted by its breaker, not cooling down after Retry-After
+ * and under its max_requests; count it as outstanding. NULL when none is
+ * eligible, with the reason in *info. */
+mm_backend *mm_pool_pick(mm_pool *p, const uint64_t *tried, uint64_t now_ms,
+                         mm_pick_info *info);
+/* The attempt on b ended. retry_after_ms > 0 cools b down that long. Wakes
+ * one queued waiter. */
+void        mm_pool_release(mm_pool *p, mm_backend *b, mm_outcome o, int retry_after_ms,
+                            uint64_t now_ms);
+/* Queue a waiter (max_queue per pool): 0, or -EAGAIN when the queue is full. */
+int         mm_pool_enqueue(mm_pool *p, mm_waiter *w);
+/* Remove a waiter if still queued (timeout, client gone). */
+void        mm_pool_dequeue(mm_pool *p, mm_waiter *w);
+/* Feed an active health-check result; returns 1 when up/down changed. */
+int         mm_pool_health_result(mm_pool *p, mm_backend *b, mm_health_result r, uint64_t now_ms);
+/* Every pool, default pool included, for the health checker and admin. */
+size_t      mm_router_npools(const mm_router *r);
+mm_pool    *mm_router_pool(mm_router *r, size_t i);
+
+uint64_t mm_now_ms(void);
 #define MM_POOL_MAX_BACKENDS 256
 #endif

@@ -14,6 +14,8 @@
 #include <event2/event.h>
 #include <event2/thread.h>
 
+#include "admin.h"
+#include "healthcheck.h"
 #include "httpd.h"
 #include "log.h"
 #include "proxy.h"
@@ -85,6 +87,8 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
     int rc = 0, nthreads = cfg->threads > 0 ? cfg->threads : cpu_count();
     srv_thread *threads = NULL;
     mm_router *router = NULL;
+    mm_healthcheck *hc = NULL;
+    mm_admin *admin = NULL;
     sigset_t sigs;
 
     /* Signals are taken synchronously by this thread with sigwait; every
@@ -118,6 +122,17 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
         if (rc)
             goto out_threads;
     }
+    /* Health checks and the admin API live on the first loop. */
+    rc = mm_healthcheck_start(threads[0].base, router, &hc);
+    if (rc) {
+        snprintf(err, errlen, "cannot start health checks");
+        goto out_threads;
+    }
+    if (cfg->admin_port > 0) {
+        rc = mm_admin_start(threads[0].base, cfg, router, &admin, err, errlen);
+        if (rc)
+            goto out_threads;
+    }
     for (int i = 0; i < nthreads; i++) {
         if (pthread_create(&threads[i].tid, NULL, thread_main, &threads[i]) != 0) {
             rc = -EAGAIN;
@@ -148,6 +163,8 @@ out_stop:
         if (threads[i].started)
             pthread_join(threads[i].tid, NULL);
 out_threads:
+    mm_admin_free(admin);
+    mm_healthcheck_free(hc);
     for (int i = 0; i < nthreads; i++)
         thread_free(&threads[i]);
     free(threads);

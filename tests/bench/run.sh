@@ -179,12 +179,6 @@ need_upstream() {
     say "static upstream (nginx, 1 worker) on 127.0.0.1:$UP_PORT"
 }
 
-# The sse case's fake upstream port, fixed up front because the proxy's
-# and the gateway's configs route to it; sse_latency listens there only
-# during its runs (nothing health-checks it in between).
-pick_port
-SSE_PORT=$PORT
-
 PROXY_PORT=""
 need_proxy() {
     [ -n "$PROXY_PORT" ] && return 0
@@ -344,7 +338,9 @@ run_wrk_cases() {
     fi
 }
 
-# A profile of the gateway under the same load, outside the measured runs.
+# A profile of the gateway under the same load, outside the measured runs:
+# top symbols, and system calls per request next to nginx's (syscalls are
+# where a proxy on 2 cores spends most of its time).
 perf_gateway() {
     command -v perf >/dev/null 2>&1 || { warn "perf not installed, no profile"; return 0; }
     say "perf profile of the gateway (${BENCH_DURATION}s under wrk)"
@@ -357,9 +353,37 @@ perf_gateway() {
     perf report -i "$TMP/perf.data" --stdio --no-children --percent-limit 0.5 \
         >"$BENCH_OUT/perf-gateway-full.txt" 2>/dev/null
     perf report -i "$TMP/perf.data" --stdio --no-children -g none --percent-limit 0.3 \
-        --sort symbol,dso 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40 \
+        --sort dso,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//' | head -40 \
         >"$BENCH_OUT/perf-gateway.txt"
-    say "perf: top symbols in $BENCH_OUT/perf-gateway.txt (call graphs: perf-gateway-full.txt)"
+    {
+        echo
+        echo "system calls per request (perf stat, ${BENCH_DURATION}s under wrk):"
+        perf_syscalls modelmux "$GW_PID" "http://127.0.0.1:$GW_PORT"
+        if [ -n "${PROXY_PID:-}" ]; then
+            workers=$(pgrep -P "$PROXY_PID" | tr '\n' ',' | sed 's/,$//')
+            [ -n "$workers" ] && perf_syscalls nginx "$workers" "http://127.0.0.1:$PROXY_PORT"
+        fi
+    } >>"$BENCH_OUT/perf-gateway.txt"
+    say "perf: $BENCH_OUT/perf-gateway.txt (call graphs: perf-gateway-full.txt)"
+}
+
+# perf_syscalls NAME PIDS URL: system calls per request of PIDS under wrk.
+perf_syscalls() {
+    perf stat -x, -e 'syscalls:sys_enter_*' -p "$2" -o "$TMP/perf-stat-$1.txt" \
+        -- sleep "$BENCH_DURATION" >/dev/null 2>&1 &
+    perf_pid=$!
+    PIDS="$PIDS $perf_pid"
+    run_wrk "$1" "$3" "$BENCH_DURATION" "$TMP/wrk-stat-$1.txt"
+    wait "$perf_pid"
+    reqs=$(awk '/requests in/ { print $1 }' "$TMP/wrk-stat-$1.txt")
+    awk -F, -v n="$reqs" -v name="$1" '
+        $1 ~ /^[0-9]+$/ && $1 > 0 { sub(/^syscalls:sys_enter_/, "", $3); c[$3] = $1; t += $1 }
+        END {
+            if (n + 0 == 0) exit
+            printf "  %s: %.2f syscalls/request over %d requests:", name, t / n, n
+            for (k in c) if (c[k] / n >= 0.05) printf " %s %.2f", k, c[k] / n
+            printf "\n"
+        }' "$TMP/perf-stat-$1.txt"
 }
 
 # -------------------------------------------------------------- sse case
@@ -439,7 +463,12 @@ has_case() { [ -f "$1" ] && awk -F'\t' -v k="$2" '$1 == k { f = 1 } END { exit !
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "nan"; else printf "%.2f", a / b }'; }
 ms() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1000 }'; }
-yesno() { awk -v e="$1" 'BEGIN { print ((e) ? "met" : "NOT met") }'; }
+goal() { # A OP B, OP one of >= <= < -> "met" / "NOT met"
+    awk -v a="$1" -v op="$2" -v b="$3" 'BEGIN {
+        if (a == "nan" || b == "nan") { print "unknown"; exit }
+        ok = (op == ">=") ? (a + 0 >= b + 0) : (op == "<=") ? (a + 0 <= b + 0) : (a + 0 < b + 0)
+        print (ok ? "met" : "NOT met") }'
+}
 
 report() {
     md="$BENCH_OUT/results.md"
@@ -470,7 +499,7 @@ report() {
                 rr=$(ratio "$(col_median "$TMP/results.tsv" modelmux 3)" "$(col_median "$TMP/results.tsv" nginx 3)")
                 pr=$(ratio "$(col_median "$TMP/results.tsv" modelmux 5)" "$(col_median "$TMP/results.tsv" nginx 5)")
                 p5=$(ratio "$(col_median "$TMP/results.tsv" modelmux 4)" "$(col_median "$TMP/results.tsv" nginx 4)")
-                echo "modelmux / nginx: req/s **$rr** (goal >= 1.0: $(yesno "$rr >= 1.0")), p99 **$pr** (goal <= 1.0: $(yesno "$pr <= 1.0")), p50 $p5."
+                echo "modelmux / nginx: req/s **$rr** (goal >= 1.0: $(goal "$rr" ">=" 1.0)), p99 **$pr** (goal <= 1.0: $(goal "$pr" "<=" 1.0)), p50 $p5."
                 echo
             fi
             echo "Per run (req/s, p50 us, p99 us, errors):"
@@ -495,9 +524,14 @@ report() {
             if has_case "$TMP/sse.tsv" modelmux; then
                 a50=$(awk -v g="$(col_median "$TMP/sse.tsv" modelmux 3)" -v d="$(col_median "$TMP/sse.tsv" direct 3)" 'BEGIN { printf "%.1f", g - d }')
                 a99=$(awk -v g="$(col_median "$TMP/sse.tsv" modelmux 5)" -v d="$(col_median "$TMP/sse.tsv" direct 5)" 'BEGIN { printf "%.1f", g - d }')
-                echo "Added per chunk by the gateway: p50 **+$a50 us** (goal < 100 us: $(yesno "$a50 < 100")), p99 +$a99 us ($(yesno "$a99 < 100") at p99)."
-                echo
+                echo "Added per chunk by the gateway: p50 **+$a50 us** (goal < 100 us: $(goal "$a50" "<" 100)), p99 +$a99 us ($(goal "$a99" "<" 100) at p99)."
             fi
+            if has_case "$TMP/sse.tsv" nginx; then
+                n50=$(awk -v g="$(col_median "$TMP/sse.tsv" nginx 3)" -v d="$(col_median "$TMP/sse.tsv" direct 3)" 'BEGIN { printf "%.1f", g - d }')
+                n99=$(awk -v g="$(col_median "$TMP/sse.tsv" nginx 5)" -v d="$(col_median "$TMP/sse.tsv" direct 5)" 'BEGIN { printf "%.1f", g - d }')
+                echo "Added per chunk by nginx (proxy_buffering off), for comparison: p50 +$n50 us, p99 +$n99 us."
+            fi
+            echo
         fi
         if [ -f "$TMP/skipped.tsv" ]; then
             awk -F'\t' '{ printf "Skipped: %s (%s).\n", $1, $2 }' "$TMP/skipped.tsv"
@@ -524,6 +558,11 @@ for c in $SELECTED; do
     esac
 done
 need_tool curl
+# The sse case's fake upstream port, fixed up front because the proxy's
+# and the gateway's configs route to it; sse_latency listens there only
+# during its runs (nothing health-checks it in between).
+pick_port
+SSE_PORT=$PORT
 mkdir -p "$BENCH_OUT" || exit 1
 rm -f "$BENCH_OUT"/wrk-*.txt
 printf '%s\n' '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}' | tr -d '\n' >"$TMP/body.json"

@@ -3,7 +3,7 @@
 import test, { after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import { startFake, startGateway, postJson, chat, model, chiSquare, pool } from './lib.mjs';
+import { startFake, startGateway, postJson, chat, model, chiSquare, pool, sleep } from './lib.mjs';
 
 // chi-square critical value, df = 1, p = 0.001
 const CHI2_DF1_999 = 10.83;
@@ -21,6 +21,7 @@ before(async () => {
             model('wrr', [{ url: fa.url, weight: 5 }, { url: fb.url, weight: 1 }, { url: fc.url, weight: 1 }],
                 { strategy: 'round_robin' }),
             model('rnd', [{ url: fa.url, weight: 3 }, { url: fb.url, weight: 1 }], { strategy: 'random' }),
+            model('lo', [{ url: fa.url }, { url: fb.url }], { strategy: 'least_outstanding' }),
             model('va', [{ url: fa.url }]),
             model('vb', [{ url: fb.url }]),
             { name: 'split', split: [{ model: 'va', weight: 90 }, { model: 'vb', weight: 10 }] },
@@ -57,6 +58,29 @@ test('random: weights 3,1 hold over 1200 requests (chi-square, 99.9%)', async ()
     assert.equal(obs[0] + obs[1], 1200);
     const chi = chiSquare(obs, [3, 1]);
     assert.ok(chi < CHI2_DF1_999, `observed ${obs} for weights 3:1, chi2 ${chi.toFixed(2)}`);
+});
+
+test('least_outstanding: while one backend holds a slow request, the other gets the rest', async () => {
+    const slow = chat(gw.port, 'lo', { 'x-fake-first-delay-ms': '1500' }, { timeoutMs: 5000 });
+    // Wait until the slow request is at a fake, so the gateway counts it.
+    const deadline = Date.now() + 2000;
+    let busy = null;
+    while (!busy && Date.now() < deadline) {
+        for (const f of [fa, fb]) if ((await f.stats()).inflight > 0) busy = f;
+        if (!busy) await sleep(10);
+    }
+    assert.ok(busy, 'the slow request reached a backend');
+    const names = [];
+    for (let i = 0; i < 6; i++) {
+        const r = await chat(gw.port, 'lo');
+        assert.equal(r.status, 200);
+        names.push(r.json().fake.name);
+    }
+    const idle = busy === fa ? 'b' : 'a';
+    assert.deepEqual(names, Array(6).fill(idle), `the busy backend was ${busy.name}`);
+    const r = await slow;
+    assert.equal(r.status, 200);
+    assert.equal(r.json().fake.name, busy.name);
 });
 
 test('split: 90/10 over 2000 requests (chi-square, 99.9%), header names the variant', async () => {

@@ -57,11 +57,12 @@ test('default_pool: JSON without model and invalid JSON go to the pool', async (
 });
 
 test('default_pool: other methods pass through', async () => {
-    for (const method of ['PUT', 'DELETE', 'PATCH']) {
+    for (const method of ['PUT', 'PATCH', 'DELETE']) {
         const r = await request(gw.port, { method, path: '/res/1', body: 'payload', headers: { 'content-type': 'application/octet-stream' } });
         assert.equal(r.status, 200, `${method}: ${r.body}`);
         assert.equal(r.json().fake.method, method);
-        assert.equal(r.json().fake.body, 'payload');
+        assert.equal(r.json().fake.body, 'payload', `${method} body`);
+        assert.equal(r.json().fake.headers['content-type'], 'application/octet-stream', `${method} content-type`);
     }
 });
 

@@ -57,6 +57,15 @@ test('routing: a non-streaming answer keeps upstream headers and comes with Cont
     assert.equal(Number(r.headers['content-length']), Buffer.byteLength(r.body));
 });
 
+test('routing: an upstream 4xx answer is passed through as it is', async () => {
+    const r = await chat(gw.port, 'alpha', { 'x-fake-mode': 'status:422' });
+    assert.equal(r.status, 422);
+    const j = r.json();
+    assert.equal(j.error.code, 422);
+    assert.equal(j.fake.name, 'fa', 'the upstream\'s own body');
+    assert.equal(r.headers['x-modelmux-backend'], fa.url);
+});
+
 test('routing: unknown model is a 404 listing the available names', async () => {
     const before = (await fa.stats()).requests + (await fb.stats()).requests + (await fc.stats()).requests;
     const r = await chat(gw.port, 'no-such-model');

@@ -9,7 +9,13 @@ let fs1, gw;
 
 before(async () => {
     fs1 = await startFake({ name: 'streamer' });
-    gw = await startGateway({ threads: 2, models: [model('slow', [{ url: fs1.url }])] });
+    gw = await startGateway({
+        threads: 2,
+        models: [
+            model('slow', [{ url: fs1.url }]),
+            model('idle', [{ url: fs1.url }], { timeouts: { idle_ms: 300 } }),
+        ],
+    });
 });
 
 after(async () => {
@@ -20,10 +26,10 @@ after(async () => {
 // Opens a streaming chat request. onEvent(text, arrivalNs, req) is called per
 // SSE event. Resolves {res, events, arrivals, ended, error} when the response
 // ends, errors or the request is destroyed.
-function streamChat(headers, onEvent, timeoutMs = 10000) {
+function streamChat(headers, onEvent, timeoutMs = 10000, modelName = 'slow') {
     return new Promise((resolve) => {
-        const out = { res: null, events: [], arrivals: [], ended: false, error: null };
-        const timer = setTimeout(() => { out.error = new Error('timeout'); req.destroy(); }, timeoutMs);
+        const out = { res: null, events: [], arrivals: [], ended: false, error: null, timedOut: false };
+        const timer = setTimeout(() => { out.timedOut = true; req.destroy(); }, timeoutMs);
         const done = () => { clearTimeout(timer); resolve(out); };
         const req = http.request({
             host: '127.0.0.1', port: gw.port, method: 'POST', path: '/v1/chat/completions', agent: false,
@@ -45,12 +51,12 @@ function streamChat(headers, onEvent, timeoutMs = 10000) {
                 }
             });
             res.on('end', () => { out.ended = true; done(); });
-            res.on('error', (e) => { out.error = e; done(); });
+            res.on('error', (e) => { out.error = out.error || e; done(); });
             res.on('close', done);
         });
         req.on('error', (e) => { out.error = out.error || e; done(); });
         req.on('close', () => { if (!out.res) done(); });
-        req.end(JSON.stringify({ model: 'slow', stream: true, messages: [{ role: 'user', content: 'go' }] }));
+        req.end(JSON.stringify({ model: modelName, stream: true, messages: [{ role: 'user', content: 'go' }] }));
     });
 }
 
@@ -58,6 +64,7 @@ test('streaming: each chunk reaches the client before the next is sent', async (
     const n = 5;
     const out = await streamChat({ 'x-fake-chunks': String(n), 'x-fake-delay-ms': '150' });
     assert.equal(out.error, null);
+    assert.equal(out.timedOut, false);
     assert.equal(out.res.statusCode, 200);
     assert.match(out.res.headers['content-type'], /^text\/event-stream/);
     assert.equal(out.res.headers['transfer-encoding'], 'chunked');
@@ -103,9 +110,30 @@ test('streaming: client disconnect aborts the upstream within 200 ms', async () 
 
 test('streaming: an upstream that dies mid-stream ends the client stream without [DONE]', async () => {
     const out = await streamChat({ 'x-fake-chunks': '5', 'x-fake-mode': 'midstream-close' }, null, 5000);
-    assert.notEqual(out.error?.message, 'timeout', 'the client is not left hanging');
+    assert.equal(out.timedOut, false, 'the client is not left hanging');
     assert.equal(out.res?.statusCode, 200);
-    const data = out.events.filter((e) => e.startsWith('data: {'));
-    assert.equal(data.length, 2, `the two chunks sent were relayed: ${JSON.stringify(out.events)}`);
+    const chunks = out.events.filter((e) => e.startsWith('data: {')).map((e) => JSON.parse(e.slice(6)))
+        .filter((c) => c.object === 'chat.completion.chunk');
+    assert.deepEqual(chunks.map((c) => c.fake.index), [0, 1], `the two chunks sent were relayed: ${JSON.stringify(out.events)}`);
     assert.ok(!out.events.includes('data: [DONE]'), 'no [DONE] invented');
+});
+
+test('streaming: a gap longer than idle_ms cuts the upstream and ends the client stream', async () => {
+    await fs1.reset();
+    const t0 = Date.now();
+    const out = await streamChat({ 'x-fake-chunks': '3', 'x-fake-delay-ms': '1500' }, null, 5000, 'idle');
+    const dt = Date.now() - t0;
+    assert.equal(out.timedOut, false, 'the client is not left hanging');
+    assert.equal(out.res?.statusCode, 200);
+    assert.ok(!out.events.includes('data: [DONE]'), 'no [DONE]');
+    assert.ok(dt >= 250 && dt < 1400, `the stream ended ${dt} ms after it began (idle_ms 300, chunks 1500 ms apart)`);
+    const deadline = Date.now() + 2000;
+    let s;
+    for (;;) {
+        s = await fs1.stats();
+        if (s.aborted > 0 || Date.now() > deadline) break;
+        await sleep(10);
+    }
+    assert.equal(s.aborted, 1, 'the upstream saw its request cut');
+    assert.equal(s.aborts[0].chunks_sent, 1);
 });

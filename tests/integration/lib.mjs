@@ -131,7 +131,8 @@ export function runGatewaySync(config, extraArgs = [], opts = {}) {
         encoding: 'utf8',
         timeout: opts.timeoutMs || 10000,
     });
-    return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr, error: r.error, file };
+    fs.rmSync(file, { force: true });
+    return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr, error: r.error };
 }
 
 // Starts the gateway on config (an object; "listen" is filled in with a free
@@ -178,11 +179,16 @@ export async function startGateway(config, opts = {}) {
         config: cfg,
         log: () => log,
         exited: () => exited,
-        // SIGTERM, then SIGKILL after graceMs; resolves {code, signal}.
+        // SIGTERM, then SIGKILL after graceMs; resolves {code, signal}. The
+        // config file goes too (a gateway that failed to start keeps its
+        // file, named in the error, for diagnosis).
         async stop(graceMs = 5000) {
-            if (exited) return exited;
-            try { proc.kill('SIGTERM'); } catch { /* gone */ }
-            return waitExit(proc, graceMs);
+            if (!exited) {
+                try { proc.kill('SIGTERM'); } catch { /* gone */ }
+                await waitExit(proc, graceMs);
+            }
+            fs.rmSync(file, { force: true });
+            return exited;
         },
     };
 }

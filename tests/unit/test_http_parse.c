@@ -506,6 +506,8 @@ TEST(chunked_reject_sizes)
 TEST(chunked_reject_data_framing)
 {
     ASSERT_EQ(CHUNK("5\r\nhelloX\r\n0\r\n\r\n"), -EINVAL);
+    ASSERT_EQ(CHUNK("5\r\nhelloX\n0\r\n\r\n"), -EINVAL);
+    ASSERT_EQ(CHUNK("5\r\nhello\n\n0\r\n\r\n"), -EINVAL);
     ASSERT_EQ(CHUNK("5\r\nhello\n0\r\n\r\n"), -EINVAL);
     ASSERT_EQ(CHUNK("5\r\nhello\r0\r\n\r\n"), -EINVAL);
     ASSERT_EQ(CHUNK("5\r\nhello0\r\n\r\n"), -EINVAL);

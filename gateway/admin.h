@@ -1,0 +1,15 @@
+/* admin.h: the admin listener (default 127.0.0.1 only): backend state,
+ * and later the dashboard and fleet control. A token is required when it
+ * listens beyond loopback. Runs on one event loop. */
+#ifndef MM_ADMIN_H
+#define MM_ADMIN_H
+#include "config.h"
+#include "router.h"
+
+struct event_base;
+typedef struct mm_admin mm_admin;
+
+int  mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_router *r,
+                    mm_admin **out, char *err, size_t errlen);
+void mm_admin_free(mm_admin *a);
+#endif
