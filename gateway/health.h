@@ -26,8 +26,10 @@ typedef struct mm_health {
 
 void mm_health_init(mm_health *h, const mm_health_cfg *cfg, int initially_up);
 /* Feed one result; returns 1 when up/down changed. LOADING counts towards
- * going down like a failure but marks the backend loading instead of failed.
- * With cfg->enabled == 0 the backend stays up whatever is fed. */
+ * going down like a failure but marks the backend loading instead of failed;
+ * `loading` always reflects the latest result. A result of the other kind
+ * resets the streak. With cfg->enabled == 0 the backend stays up whatever
+ * is fed (returns 0). */
 int  mm_health_record(mm_health *h, mm_health_result r);
 /* Milliseconds until the next active check: interval_ms while stable, a
  * faster interval (interval/4, at least 10 ms) while a transition is in

@@ -14,6 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <event2/event.h>
 #include <jansson.h>
@@ -83,12 +85,132 @@ typedef struct px_req {
     mm_buf            resp_hdrs;     /* filtered upstream headers for the client */
     mm_buf            resp_body;     /* buffered answer */
     char              curl_err[CURL_ERROR_SIZE];
+    /* observability: copies, since the exchange is gone by px_free */
+    uint64_t          start_ns;
+    char              method[16];
+    char              target[1024];
+    char              peer[64];
+    int               no_record;     /* builtin endpoints are not counted */
+    int               sent_status;   /* status sent to the client */
+    mm_err_kind       err;           /* why the request failed, if it did */
+    int               total_attempts;
+    uint64_t          bytes_out;
+    uint64_t          first_byte_ns; /* first answer byte to the client */
+    uint64_t          last_event_ns; /* previous SSE event */
+    int64_t           prompt_tokens, completion_tokens;
+    mm_hist           itl;
+    int               sse;           /* parse the stream's SSE events */
+    int               strip_usage;   /* we asked for usage; the client did not */
+    mm_buf            sse_buf;       /* incomplete SSE event */
 } px_req;
+
+static const char *const px_err_names[MM_ERR__COUNT] = {
+    "none", "connect", "timeout", "5xx", "429", "breaker_open", "client_abort", "midstream", "client",
+};
+
+static void px_access_log(px_req *r, uint64_t now)
+{
+    if (r->t->access_fd < 0)
+        return;
+    mm_buf b;
+    mm_buf_init(&b, 16 * 1024);
+    char ts[64];
+    struct timespec rt;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    gmtime_r(&rt.tv_sec, &tm);
+    snprintf(ts, sizeof ts, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900, tm.tm_mon + 1,
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, rt.tv_nsec / 1000000L);
+    mm_buf_printf(&b, "{\"time\":\"%s\",\"request_id\":", ts);
+    mm_json_append_str(&b, r->reqid, strlen(r->reqid));
+    mm_buf_append_str(&b, ",\"client\":");
+    mm_json_append_str(&b, r->peer, strlen(r->peer));
+    mm_buf_append_str(&b, ",\"method\":");
+    mm_json_append_str(&b, r->method, strlen(r->method));
+    mm_buf_append_str(&b, ",\"path\":");
+    mm_json_append_str(&b, r->target, strlen(r->target));
+    mm_buf_append_str(&b, ",\"requested_model\":");
+    if (r->req_model)
+        mm_json_append_str(&b, r->req_model, r->req_model_len);
+    else
+        mm_buf_append_str(&b, "null");
+    mm_buf_append_str(&b, ",\"model\":");
+    if (r->variant)
+        mm_json_append_str(&b, r->variant->name, strlen(r->variant->name));
+    else
+        mm_buf_append_str(&b, "null");
+    mm_buf_append_str(&b, ",\"backend\":");
+    if (r->backend)
+        mm_json_append_str(&b, r->backend->cfg->url, strlen(r->backend->cfg->url));
+    else
+        mm_buf_append_str(&b, "null");
+    mm_buf_printf(&b, ",\"status\":%d,\"bytes\":%llu,\"latency_ms\":%.3f,\"ttft_ms\":", r->sent_status,
+                  (unsigned long long)r->bytes_out, (double)(now - r->start_ns) / 1e6);
+    if (r->first_byte_ns)
+        mm_buf_printf(&b, "%.3f", (double)(r->first_byte_ns - r->start_ns) / 1e6);
+    else
+        mm_buf_append_str(&b, "null");
+    mm_buf_append_str(&b, ",\"prompt_tokens\":");
+    if (r->prompt_tokens >= 0)
+        mm_buf_printf(&b, "%lld", (long long)r->prompt_tokens);
+    else
+        mm_buf_append_str(&b, "null");
+    mm_buf_append_str(&b, ",\"completion_tokens\":");
+    if (r->completion_tokens >= 0)
+        mm_buf_printf(&b, "%lld", (long long)r->completion_tokens);
+    else
+        mm_buf_append_str(&b, "null");
+    mm_buf_printf(&b, ",\"retries\":%d,\"fallback\":", r->total_attempts > 1 ? r->total_attempts - 1 : 0);
+    if (r->fallback_name)
+        mm_json_append_str(&b, r->fallback_name, strlen(r->fallback_name));
+    else
+        mm_buf_append_str(&b, "null");
+    mm_buf_append_str(&b, ",\"error\":");
+    if (r->err != MM_ERR_NONE)
+        mm_buf_printf(&b, "\"%s\"", px_err_names[r->err]);
+    else
+        mm_buf_append_str(&b, "null");
+    mm_buf_append_str(&b, "}\n");
+    /* One write per line: lines from several threads never interleave. */
+    ssize_t w = write(r->t->access_fd, b.data, b.len);
+    (void)w;
+    mm_buf_free(&b);
+}
+
+static void px_record(px_req *r)
+{
+    if (r->no_record || !r->t->metrics)
+        return;
+    uint64_t now = mm_now_ns();
+    mm_request_record rec = {
+        .model = r->req_model ? r->req_model : "",
+        .variant = r->variant ? r->variant->name : "",
+        .backend = r->backend ? r->backend->cfg->url : "",
+        .status = r->sent_status,
+        .err = r->err,
+        .retries = r->total_attempts > 1 ? r->total_attempts - 1 : 0,
+        .fallback = r->fallback_name != NULL,
+        .prompt_tokens = r->prompt_tokens,
+        .completion_tokens = r->completion_tokens,
+        .latency_us = (now - r->start_ns) / 1000,
+        .ttft_us = r->first_byte_ns ? (r->first_byte_ns - r->start_ns) / 1000 : 0,
+        .itl = r->itl.count ? &r->itl : NULL,
+    };
+    /* Gateway-side failures count once per request; upstream failures were
+     * counted per attempt against their backend (px_attempt_error). */
+    if (r->err != MM_ERR_BREAKER_OPEN && r->err != MM_ERR_CLIENT_ABORT && r->err != MM_ERR_CLIENT &&
+        r->err != MM_ERR_429)
+        rec.err = MM_ERR_NONE;
+    mm_metrics_record(r->t->metrics, &rec);
+    px_access_log(r, now);
+}
 
 static void px_free(px_req *r)
 {
     if (!r)
         return;
+    px_record(r);
+    mm_buf_free(&r->sse_buf);
     if (r->pool && r->waiter.queued)
         mm_pool_dequeue(r->pool, &r->waiter);
     if (r->waiter.wake)
@@ -109,15 +231,34 @@ static void px_free(px_req *r)
     free(r);
 }
 
+/* A failed attempt counts against its backend in errors_total. */
+static void px_attempt_error(px_req *r, mm_err_kind k)
+{
+    r->err = k;
+    if (!r->t->metrics || r->no_record)
+        return;
+    mm_request_record rec = {
+        .model = r->req_model ? r->req_model : "",
+        .variant = r->variant ? r->variant->name : "",
+        .backend = r->backend ? r->backend->cfg->url : "",
+        .err = k,
+        .attempt_only = 1,
+    };
+    mm_metrics_record(r->t->metrics, &rec);
+}
+
 static int ieq(const char *a, size_t alen, const char *b)
 {
     size_t blen = strlen(b);
     return alen == blen && strncasecmp(a, b, alen) == 0;
 }
 
-/* Our own headers on every answer. */
-static void px_our_headers(px_req *r, mm_buf *out)
+/* Our own headers on every answer; also notes what was sent. */
+static void px_our_headers(px_req *r, mm_buf *out, int status)
 {
+    r->sent_status = status;
+    if (!r->first_byte_ns)
+        r->first_byte_ns = mm_now_ns();
     mm_buf_printf(out, "x-request-id: %s\r\n", r->reqid);
     if (r->variant)
         mm_buf_printf(out, "x-modelmux-model: %s\r\n", r->variant->name);
@@ -131,7 +272,9 @@ static void px_error(px_req *r, int status, const char *param, const char *msg)
 {
     mm_buf h;
     mm_buf_init(&h, 8192);
-    px_our_headers(r, &h);
+    px_our_headers(r, &h, status);
+    if (status < 500 && status != 429 && r->err == MM_ERR_NONE)
+        r->err = MM_ERR_CLIENT;
     mm_http_respond_error(r->ex, status, param, mm_buf_cstr(&h), "%s", msg);
     mm_buf_free(&h);
 }
@@ -169,7 +312,7 @@ static void px_begin_client(px_req *r)
     mm_buf h;
     mm_buf_init(&h, PX_MAX_RESP_HEADERS + 8192);
     mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
-    px_our_headers(r, &h);
+    px_our_headers(r, &h, r->status);
     mm_http_begin(r->ex, r->status, mm_buf_cstr(&h), r->resp_cl);
     mm_buf_free(&h);
 }
@@ -185,7 +328,8 @@ static void px_fail(px_req *r, int status, const char *what)
         mm_buf h;
         mm_buf_init(&h, PX_MAX_RESP_HEADERS + 8192);
         mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
-        px_our_headers(r, &h);
+        px_our_headers(r, &h, r->status);
+        r->bytes_out += r->resp_body.len;
         mm_http_respond(r->ex, r->status, mm_buf_cstr(&h), r->resp_body.data, r->resp_body.len);
         mm_buf_free(&h);
     } else if (!r->client_began) {
@@ -365,6 +509,82 @@ static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
     return len;
 }
 
+/* Read prompt/completion tokens from a usage object somewhere in text. */
+static void px_usage_from_json(px_req *r, const char *text, size_t len)
+{
+    size_t vs, ve;
+    if (mm_json_top_value_span(text, len, "usage", &vs, &ve) != 0 || text[vs] != '{')
+        return;
+    json_t *u = json_loadb(text + vs, ve - vs, 0, NULL);
+    if (!u)
+        return;
+    json_t *pt = json_object_get(u, "prompt_tokens"), *ct = json_object_get(u, "completion_tokens");
+    if (json_is_integer(pt))
+        r->prompt_tokens = json_integer_value(pt);
+    if (json_is_integer(ct))
+        r->completion_tokens = json_integer_value(ct);
+    json_decref(u);
+}
+
+/* One complete SSE event (with its blank line). Returns 1 to forward it. */
+static int px_sse_event(px_req *r, const char *ev, size_t n)
+{
+    static const char key[] = "\"usage\":";
+    const char *data = n >= 6 && memcmp(ev, "data: ", 6) == 0 ? ev + 6 : NULL;
+    if (!data)
+        return 1;
+    const char *u = memmem(data, n - 6, key, sizeof key - 1);
+    if (!u)
+        return 1;
+    const char *v = u + sizeof key - 1;
+    while (v < ev + n && *v == ' ')
+        v++;
+    if ((size_t)(ev + n - v) >= 4 && memcmp(v, "null", 4) == 0)
+        return 1;
+    px_usage_from_json(r, data, n - 6);
+    if (!r->strip_usage)
+        return 1;
+    /* The usage-only chunk we asked for on the client's behalf. */
+    json_t *j = json_loadb(data, n - 6, 0, NULL);
+    json_t *ch = json_object_get(j, "choices");
+    int usage_only = json_is_array(ch) && json_array_size(ch) == 0;
+    json_decref(j);
+    return !usage_only;
+}
+
+/* Split the stream into SSE events so usage can be read (and our own usage
+ * chunk dropped) and inter-token times measured. Whole events pass at once;
+ * only a partial event waits for its end. */
+static void px_sse_feed(px_req *r, const char *p, size_t len)
+{
+    if (mm_buf_append(&r->sse_buf, p, len) != 0) {
+        /* An event over the cap: stop parsing, relay bytes as they are. */
+        r->sse = 0;
+        mm_http_write(r->ex, r->sse_buf.data, r->sse_buf.len);
+        mm_http_write(r->ex, p, len);
+        mm_buf_reset(&r->sse_buf);
+        return;
+    }
+    size_t start = 0, i = 0;
+    char *b = r->sse_buf.data;
+    while (i + 1 < r->sse_buf.len) {
+        if (b[i] == '\n' && b[i + 1] == '\n') {
+            size_t end = i + 2;
+            if (px_sse_event(r, b + start, end - start)) {
+                uint64_t now = mm_now_ns();
+                if (r->last_event_ns)
+                    mm_hist_observe(&r->itl, (now - r->last_event_ns) / 1000);
+                r->last_event_ns = now;
+                mm_http_write(r->ex, b + start, end - start);
+            }
+            start = i = end;
+            continue;
+        }
+        i++;
+    }
+    mm_buf_consume(&r->sse_buf, start);
+}
+
 static size_t px_on_write(char *p, size_t size, size_t nmemb, void *ud)
 {
     px_req *r = ud;
@@ -378,7 +598,11 @@ static size_t px_on_write(char *p, size_t size, size_t nmemb, void *ud)
             r->paused = 1;
             return CURL_WRITEFUNC_PAUSE;
         }
-        mm_http_write(r->ex, p, len);
+        r->bytes_out += len;
+        if (r->sse)
+            px_sse_feed(r, p, len);
+        else
+            mm_http_write(r->ex, p, len);
         return len;
     }
     if (mm_buf_append(&r->resp_body, p, len) != 0) {
@@ -402,6 +626,7 @@ static void px_on_client_abort(mm_http_exchange *ex, void *udata)
 {
     px_req *r = udata;
     (void)ex;
+    r->err = MM_ERR_CLIENT_ABORT;
     px_release_attempt(r, 1, MM_OUTCOME_CANCEL);
     px_free(r);
 }
@@ -465,6 +690,7 @@ static void px_arm_timer(px_req *r)
                                            : "no response before the first-byte timeout";
         r->timed_out = 1;
         r->have_last = 0;
+        px_attempt_error(r, r->client_began ? MM_ERR_MIDSTREAM : MM_ERR_TIMEOUT);
         px_release_attempt(r, 1, MM_OUTCOME_CONN_FAIL);
         if (r->client_began)
             px_fail(r, 504, what);
@@ -483,7 +709,8 @@ static void px_respond_busy(px_req *r, const char *why)
     snprintf(msg, sizeof msg, "model %s is at capacity: %s", r->variant ? r->variant->name : "(default pool)", why);
     mm_buf h;
     mm_buf_init(&h, 8192);
-    px_our_headers(r, &h);
+    px_our_headers(r, &h, 429);
+    r->err = MM_ERR_429;
     mm_buf_append_str(&h, "Retry-After: 1\r\n");
     r->ex->on_abort = NULL;
     mm_http_respond_error(r->ex, 429, NULL, mm_buf_cstr(&h), "%s", msg);
@@ -528,7 +755,8 @@ static void px_no_backend(px_req *r, const mm_pick_info *info)
              r->variant ? r->variant->name : "(default pool)");
     mm_buf h;
     mm_buf_init(&h, 8192);
-    px_our_headers(r, &h);
+    px_our_headers(r, &h, 503);
+    r->err = MM_ERR_BREAKER_OPEN;
     mm_buf_append_str(&h, hdr);
     r->ex->on_abort = NULL;
     mm_http_respond_error(r->ex, 503, NULL, mm_buf_cstr(&h), "%s", msg);
@@ -630,24 +858,50 @@ static int px_body_for_backend(px_req *r, const char **body, size_t *len)
     /* The name the backend serves: its served_model, else the name of the
      * model whose pool it is in (a split variant or a fallback). */
     const char *want = b->served_model ? b->served_model : r->variant->name;
-    if (r->req_model && strlen(want) == r->req_model_len &&
-        memcmp(want, r->req_model, r->req_model_len) == 0)
+    int rename = !(r->req_model && strlen(want) == r->req_model_len &&
+                   memcmp(want, r->req_model, r->req_model_len) == 0);
+    json_t *so = json_object_get(r->json, "stream_options");
+    int add_usage = r->strip_usage && !so;
+    int set_usage = r->strip_usage && so;
+    if (!rename && !add_usage && !set_usage)
         return 0;
     mm_buf_reset(&r->fwd_body);
     size_t vs, ve;
-    int rc;
-    if (mm_json_top_value_span(src->data, src->len, "model", &vs, &ve) == 0) {
+    int rc = 0;
+    if (!set_usage && mm_json_top_value_span(src->data, src->len, "model", &vs, &ve) == 0) {
         /* Splice: every other byte of the client's body stays as sent. */
+        size_t tail_end = src->len;
+        if (add_usage) {
+            while (tail_end > 0 && src->data[tail_end - 1] != '}')
+                tail_end--;
+            tail_end = tail_end ? tail_end - 1 : 0; /* position of the final '}' */
+        }
         rc = mm_buf_append(&r->fwd_body, src->data, vs);
         if (rc == 0)
             rc = mm_json_append_str(&r->fwd_body, want, strlen(want));
         if (rc == 0)
-            rc = mm_buf_append(&r->fwd_body, src->data + ve, src->len - ve);
+            rc = mm_buf_append(&r->fwd_body, src->data + ve, tail_end - ve);
+        if (rc == 0 && add_usage)
+            rc = mm_buf_append_str(&r->fwd_body, ",\"stream_options\":{\"include_usage\":true}");
+        if (rc == 0)
+            rc = mm_buf_append(&r->fwd_body, src->data + tail_end, src->len - tail_end);
     } else {
-        json_object_set_new(r->json, "model", json_string(want));
-        char *s = json_dumps(r->json, JSON_COMPACT);
-        rc = s ? mm_buf_append_str(&r->fwd_body, s) : -ENOMEM;
-        free(s);
+        json_t *copy = json_deep_copy(r->json);
+        if (!copy)
+            return -ENOMEM;
+        json_object_set_new(copy, "model", json_string(want));
+        if (r->strip_usage) {
+            json_t *nso = json_object_get(copy, "stream_options");
+            if (!json_is_object(nso)) {
+                nso = json_object();
+                json_object_set_new(copy, "stream_options", nso);
+            }
+            json_object_set_new(nso, "include_usage", json_true());
+        }
+        char *txt = json_dumps(copy, JSON_COMPACT);
+        json_decref(copy);
+        rc = txt ? mm_buf_append_str(&r->fwd_body, txt) : -ENOMEM;
+        free(txt);
     }
     if (rc)
         return rc;
@@ -665,6 +919,7 @@ static void px_start_attempt(px_req *r)
         return;
     }
     r->attempts++;
+    r->total_attempts++;
     r->phase = PX_ATTEMPT;
     r->have_last = 0;
     r->hold_error = 0;
@@ -758,12 +1013,17 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
         r->ex->on_abort = NULL;
         if (r->relay) {
             px_begin_client(r);
+            if (r->sse && r->sse_buf.len) /* a last event without its blank line */
+                mm_http_write(r->ex, r->sse_buf.data, r->sse_buf.len);
             mm_http_end(r->ex);
         } else {
             mm_buf h;
             mm_buf_init(&h, PX_MAX_RESP_HEADERS + 8192);
             mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
-            px_our_headers(r, &h);
+            px_our_headers(r, &h, r->status);
+            r->bytes_out += r->resp_body.len;
+            if (r->json && r->status >= 200 && r->status < 300)
+                px_usage_from_json(r, r->resp_body.data, r->resp_body.len);
             mm_http_respond(r->ex, r->status, mm_buf_cstr(&h), r->resp_body.data, r->resp_body.len);
             mm_buf_free(&h);
         }
@@ -781,6 +1041,7 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
         r->have_last = 1;
         r->last_status = r->status;
         snprintf(r->last_what, sizeof r->last_what, "HTTP %d", r->status);
+        px_attempt_error(r, r->status == 429 ? MM_ERR_429 : MM_ERR_5XX);
         px_release_attempt(r, 0, MM_OUTCOME_HTTP_FAIL);
         if (r->client_began)
             px_fail(r, 502, r->last_what);
@@ -796,6 +1057,8 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
                  r->curl_err[0] ? r->curl_err : curl_easy_strerror(rc));
     r->last_status = status;
     r->have_last = 0;
+    px_attempt_error(r, r->client_began ? MM_ERR_MIDSTREAM
+                        : rc == CURLE_OPERATION_TIMEDOUT ? MM_ERR_TIMEOUT : MM_ERR_CONNECT);
     px_release_attempt(r, 0, MM_OUTCOME_CONN_FAIL);
     if (r->client_began)
         px_fail(r, status, r->last_what);
@@ -862,6 +1125,8 @@ static void px_route_default(px_req *r, int status_without, const char *msg_with
 static void px_route_model(px_req *r, const char *name, size_t nlen)
 {
     mm_router *rt = r->t->router;
+    r->req_model = strndup(name, nlen);
+    r->req_model_len = r->req_model ? nlen : 0;
     mm_route *route = mm_router_find(rt, name, nlen);
     if (!route) {
         char msg[1024];
@@ -898,8 +1163,6 @@ static void px_route_model(px_req *r, const char *name, size_t nlen)
     }
     r->sticky = key;
     r->sticky_len = klen;
-    r->req_model = strndup(name, nlen);
-    r->req_model_len = r->req_model ? nlen : 0;
     r->variant = mm_route_pick_variant(route, key, klen, &r->t->rng);
     r->fb_variant = r->variant;
     if (!r->variant) {
@@ -914,6 +1177,13 @@ static void px_route_model(px_req *r, const char *name, size_t nlen)
     json_t *s = json_object_get(r->json, "stream");
     r->streaming = json_is_true(s);
     r->relay = r->streaming;
+    if (r->streaming && (path_is(r, "/v1/chat/completions") || path_is(r, "/v1/completions"))) {
+        /* Ask for usage so tokens can be counted; drop that chunk again
+         * when the client did not ask for it. */
+        r->sse = 1;
+        json_t *so = json_object_get(r->json, "stream_options");
+        r->strip_usage = !json_is_true(json_object_get(so, "include_usage"));
+    }
     px_start_attempt(r);
 }
 
@@ -925,9 +1195,27 @@ static void px_builtin_health(px_req *r)
     mm_buf h;
     mm_buf_init(&h, 1024);
     mm_buf_append_str(&h, "Content-Type: application/json\r\n");
-    px_our_headers(r, &h);
+    px_our_headers(r, &h, 200);
     mm_http_respond(r->ex, 200, mm_buf_cstr(&h), body, (size_t)n);
     mm_buf_free(&h);
+}
+
+static void px_builtin_metrics(px_req *r)
+{
+    mm_buf body;
+    mm_buf_init(&body, 64 * 1024 * 1024);
+    if (!r->t->metrics || mm_metrics_prometheus(r->t->metrics, &body) != 0) {
+        mm_buf_free(&body);
+        px_error(r, 500, NULL, "metrics unavailable");
+        return;
+    }
+    mm_buf h;
+    mm_buf_init(&h, 1024);
+    mm_buf_append_str(&h, "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n");
+    px_our_headers(r, &h, 200);
+    mm_http_respond(r->ex, 200, mm_buf_cstr(&h), body.data, body.len);
+    mm_buf_free(&h);
+    mm_buf_free(&body);
 }
 
 static void px_builtin_models(px_req *r)
@@ -935,7 +1223,7 @@ static void px_builtin_models(px_req *r)
     mm_buf h;
     mm_buf_init(&h, 1024);
     mm_buf_append_str(&h, "Content-Type: application/json\r\n");
-    px_our_headers(r, &h);
+    px_our_headers(r, &h, 200);
     mm_http_respond(r->ex, 200, mm_buf_cstr(&h), r->t->router->models_json,
                     r->t->router->models_json_len);
     mm_buf_free(&h);
@@ -955,6 +1243,8 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
     mm_buf_init(&r->fwd_body, t->cfg->max_body_bytes + 4096);
     mm_buf_init(&r->resp_hdrs, PX_MAX_RESP_HEADERS);
     mm_buf_init(&r->resp_body, t->cfg->max_response_bytes);
+    mm_buf_init(&r->sse_buf, 1024 * 1024);
+    r->prompt_tokens = r->completion_tokens = -1;
     r->timer = evtimer_new(t->base, px_on_timer, r);
     if (!r->timer) {
         px_free(r);
@@ -966,6 +1256,10 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
     ex->on_drain = px_on_drain;
     px_set_reqid(r);
     const mm_http_request *q = &ex->req;
+    r->start_ns = ex->start_ns;
+    snprintf(r->method, sizeof r->method, "%.*s", (int)(q->method_len < 15 ? q->method_len : 15), q->method);
+    snprintf(r->target, sizeof r->target, "%.*s", (int)(q->target_len < 1023 ? q->target_len : 1023), q->target);
+    snprintf(r->peer, sizeof r->peer, "%s", ex->peer);
     r->path = q->target;
     r->path_len = q->target_len;
     int is_get = ieq(q->method, q->method_len, "GET");
@@ -973,12 +1267,21 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
 
     if (is_get && path_is(r, "/health")) {
         ex->on_abort = NULL;
+        r->no_record = 1;
         px_builtin_health(r);
+        px_free(r);
+        return;
+    }
+    if (is_get && path_is(r, "/metrics")) {
+        ex->on_abort = NULL;
+        r->no_record = 1;
+        px_builtin_metrics(r);
         px_free(r);
         return;
     }
     if (is_get && path_is(r, "/v1/models")) {
         ex->on_abort = NULL;
+        r->no_record = 1;
         px_builtin_models(r);
         px_free(r);
         return;

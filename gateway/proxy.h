@@ -6,6 +6,7 @@
 
 #include "config.h"
 #include "httpd.h"
+#include "metrics.h"
 #include "router.h"
 #include "upstream.h"
 
@@ -19,6 +20,8 @@ typedef struct mm_proxy_thread {
     uint64_t              rng;
     int                   index;
     unsigned long long    seq;      /* request counter for ids */
+    mm_metrics           *metrics;  /* shared by all threads */
+    int                   access_fd;/* JSON access log, -1 off */
 } mm_proxy_thread;
 
 /* The httpd handler; arg is the mm_proxy_thread. */

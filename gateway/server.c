@@ -2,6 +2,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -18,6 +19,7 @@
 #include "healthcheck.h"
 #include "httpd.h"
 #include "log.h"
+#include "metrics.h"
 #include "proxy.h"
 #include "router.h"
 #include "upstream.h"
@@ -48,8 +50,10 @@ static void thread_free(srv_thread *st)
 }
 
 static int thread_init(srv_thread *st, int index, const mm_gateway_cfg *cfg, mm_router *router,
-                       char *err, size_t errlen)
+                       mm_metrics *metrics, int access_fd, char *err, size_t errlen)
 {
+    st->px.metrics = metrics;
+    st->px.access_fd = access_fd;
     st->base = event_base_new();
     if (!st->base) {
         snprintf(err, errlen, "event_base_new failed");
@@ -89,6 +93,8 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
     mm_router *router = NULL;
     mm_healthcheck *hc = NULL;
     mm_admin *admin = NULL;
+    mm_metrics *metrics = NULL;
+    int access_fd = -1;
     sigset_t sigs;
 
     /* Signals are taken synchronously by this thread with sigwait; every
@@ -111,6 +117,21 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
     rc = mm_router_new(cfg, &router, err, errlen);
     if (rc)
         goto out_curl;
+    rc = mm_metrics_new(10000, &metrics);
+    if (rc) {
+        snprintf(err, errlen, "out of memory");
+        goto out_router;
+    }
+    if (cfg->access_log && strcmp(cfg->access_log, "-") == 0) {
+        access_fd = STDOUT_FILENO;
+    } else if (cfg->access_log) {
+        access_fd = open(cfg->access_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (access_fd < 0) {
+            rc = -errno;
+            snprintf(err, errlen, "access_log %s: %s", cfg->access_log, strerror(errno));
+            goto out_router;
+        }
+    }
     threads = calloc((size_t)nthreads, sizeof *threads);
     if (!threads) {
         rc = -ENOMEM;
@@ -118,7 +139,7 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
         goto out_router;
     }
     for (int i = 0; i < nthreads; i++) {
-        rc = thread_init(&threads[i], i, cfg, router, err, errlen);
+        rc = thread_init(&threads[i], i, cfg, router, metrics, access_fd, err, errlen);
         if (rc)
             goto out_threads;
     }
@@ -169,6 +190,9 @@ out_threads:
         thread_free(&threads[i]);
     free(threads);
 out_router:
+    if (access_fd > STDERR_FILENO)
+        close(access_fd);
+    mm_metrics_free(metrics);
     mm_router_free(router);
 out_curl:
     curl_global_cleanup();

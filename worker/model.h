@@ -57,6 +57,11 @@ int mm_model_generation_config_parse(const char *text, size_t len, const char *n
                                      mm_model_config *c, char *err, size_t errlen);
 int mm_model_is_stop(const mm_model_config *c, int token);
 
+/* RoPE inverse frequencies, head_dim/2 of them, as transformers computes
+ * them in float32 (default, linear, or llama3's smoothed scaling), so every
+ * backend rotates by the same angles. */
+void mm_model_rope_inv_freq(const mm_model_config *c, float *inv_freq);
+
 /* A weight as the backends see it: a row-major matrix (rows = out features)
  * or a vector (rows = 1), in its stored dtype. */
 typedef struct mm_weight {

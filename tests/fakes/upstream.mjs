@@ -15,6 +15,7 @@
 //   x-fake-chunks: N          streamed chunks (default 3)
 //   x-fake-delay-ms: MS       delay between streamed chunks (default 0)
 //   x-fake-first-delay-ms: MS delay before the first response byte (default 0)
+//   x-fake-chunked-response: 1  a non-streaming answer framed chunked (no Content-Length)
 // Control endpoints (not counted as requests):
 //   GET /_fake/stats   counters, abort events, the last request
 //   POST /_fake/reset  zero the counters
@@ -199,6 +200,15 @@ function answer(req, res, echo, state) {
     }
     if (req.method === 'POST' && json && json.stream === true) {
         stream(req, res, echo, model, state);
+        return;
+    }
+    if (req.headers['x-fake-chunked-response']) {
+        // No Content-Length: Node frames it chunked; two writes, two chunks.
+        const body = JSON.stringify(completionFor(echo, model));
+        res.writeHead(200, { 'content-type': 'application/json', 'x-fake-name': opts.name });
+        const half = body.length >> 1;
+        res.write(body.slice(0, half));
+        res.end(body.slice(half));
         return;
     }
     sendJson(res, 200, completionFor(echo, model));

@@ -39,6 +39,14 @@ test('fake: GET echoes, /health answers, stats count requests', async () => {
     assert.equal(s.last.path, '/anything?x=1');
 });
 
+test('fake: x-fake-chunked-response frames a JSON answer chunked', async () => {
+    const r = await postJson(fake.port, '/v1/chat/completions', { model: 'm' }, { 'x-fake-chunked-response': '1' });
+    assert.equal(r.status, 200);
+    assert.equal(r.headers['transfer-encoding'], 'chunked');
+    assert.equal(r.headers['content-length'], undefined);
+    assert.equal(r.json().fake.name, 'self');
+});
+
 test('fake: status mode answers an OpenAI error', async () => {
     const r = await postJson(fake.port, '/v1/chat/completions', { model: 'x' }, { 'x-fake-mode': 'status:503' });
     assert.equal(r.status, 503);

@@ -57,6 +57,14 @@ test('routing: a non-streaming answer keeps upstream headers and comes with Cont
     assert.equal(Number(r.headers['content-length']), Buffer.byteLength(r.body));
 });
 
+test('routing: a chunked upstream answer is re-framed with Content-Length', async () => {
+    const r = await chat(gw.port, 'alpha', { 'x-fake-chunked-response': '1' });
+    assert.equal(r.status, 200, r.body);
+    assert.equal(r.json().fake.name, 'fa');
+    assert.equal(r.headers['transfer-encoding'], undefined, 'hop-by-hop Transfer-Encoding not relayed');
+    assert.equal(Number(r.headers['content-length']), Buffer.byteLength(r.body));
+});
+
 test('routing: an upstream 4xx answer is passed through as it is', async () => {
     const r = await chat(gw.port, 'alpha', { 'x-fake-mode': 'status:422' });
     assert.equal(r.status, 422);

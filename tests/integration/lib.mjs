@@ -154,7 +154,16 @@ export async function startGateway(config, opts = {}) {
     proc.stdout.on('data', add);
     proc.stderr.on('data', add);
     let exited = null;
-    proc.on('exit', (code, signal) => { exited = { code, signal }; });
+    let stopping = false;
+    let ready = false;
+    proc.on('exit', (code, signal) => {
+        exited = { code, signal };
+        // A gateway that dies in the middle of a test would otherwise show
+        // only as ECONNREFUSED in the next request: say why, with its log.
+        if (ready && !stopping) {
+            process.stderr.write(`\n*** gateway on port ${port} died (${JSON.stringify(exited)}); config ${file}; log tail:\n${log.slice(-4000)}\n`);
+        }
+    });
 
     const deadline = Date.now() + (opts.readyTimeoutMs || 10000);
     for (;;) {
@@ -163,7 +172,7 @@ export async function startGateway(config, opts = {}) {
         }
         try {
             const r = await request(port, { method: 'GET', path: '/health', timeoutMs: 500 });
-            if (r.status === 200) break;
+            if (r.status === 200) { ready = true; break; }
         } catch { /* not listening yet */ }
         if (Date.now() > deadline) {
             try { proc.kill('SIGKILL'); } catch { /* gone */ }
@@ -180,14 +189,16 @@ export async function startGateway(config, opts = {}) {
         log: () => log,
         exited: () => exited,
         // SIGTERM, then SIGKILL after graceMs; resolves {code, signal}. The
-        // config file goes too (a gateway that failed to start keeps its
-        // file, named in the error, for diagnosis).
+        // config file goes too, unless the gateway had died on its own (its
+        // file is named in the error, for diagnosis).
         async stop(graceMs = 5000) {
+            const diedOnItsOwn = exited !== null;
+            stopping = true;
             if (!exited) {
                 try { proc.kill('SIGTERM'); } catch { /* gone */ }
                 await waitExit(proc, graceMs);
             }
-            fs.rmSync(file, { force: true });
+            if (!diedOnItsOwn) fs.rmSync(file, { force: true });
             return exited;
         },
     };

@@ -1,0 +1,929 @@
+/* backend_cpu.c: the forward pass on the CPU.
+ *
+ * Weights are used where they lie in the safetensors mapping, in their
+ * stored dtype: decode is memory bound, and converting bf16 to f32 at load
+ * would double the bytes streamed per token. Math is float32 throughout.
+ *
+ * Matrix products take one of two paths per step:
+ *  - few tokens (decode): our own GEMV, which streams each weight row once
+ *    and reuses it from cache for every token of the step;
+ *  - many tokens (prefill): a chunk of weight rows is widened to f32 into a
+ *    per-thread buffer and handed to OpenBLAS sgemm.
+ * Both are split over a small pthread pool by output rows; OpenBLAS itself
+ * runs single-threaded inside each task so the two never fight over cores.
+ *
+ * KV cache: float32, one region per (layer, slot, kv head) holding max_len
+ * positions contiguously, so attention reads each head's keys as one
+ * matrix. It is an anonymous mapping: untouched slots cost no memory. */
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cblas.h>
+#include <immintrin.h>
+
+#include "backend.h"
+#include "model.h"
+
+/* Tokens per internal sub-step: bounds the activation buffers whatever the
+ * scheduler sends (a long prefill is processed in slices, each appending to
+ * the cache before the next reads it). */
+#define STEP_TOKENS 256
+/* From this many tokens in a step, sgemm beats streaming rows through GEMV. */
+#define GEMM_MIN_TOKENS 6
+/* Weight rows widened per sgemm call (the per-thread f32 buffer). */
+#define GEMM_CHUNK_ROWS 64
+/* Query rows per attention task in prefill. */
+#define ATT_QBLOCK 64
+/* How long an idle worker spins before sleeping: a decode step issues a
+ * parallel region every few microseconds, and a futex wake-up each time
+ * would cost more than the work. */
+#define SPIN_NS 200000
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || !errlen)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- thread pool: parallel-for over task indices ---- */
+
+typedef void (*task_fn)(void *ctx, int task, int tid);
+
+typedef struct pool {
+    int             n;          /* threads including the caller */
+    pthread_t      *th;
+    int             started;
+    pthread_mutex_t mu;
+    pthread_cond_t  cv_work, cv_done;
+    atomic_uint     gen;        /* bumped per job; workers wait for a change */
+    atomic_int      next;       /* next task index to claim */
+    atomic_int      done;       /* workers finished with the current job */
+    int             ntasks;
+    task_fn         fn;
+    void           *ctx;
+    atomic_int      stop;
+} pool;
+
+typedef struct worker_arg {
+    pool *p;
+    int   tid;
+} worker_arg;
+
+static void pool_drain(pool *p, int tid)
+{
+    int i;
+    while ((i = atomic_fetch_add(&p->next, 1)) < p->ntasks)
+        p->fn(p->ctx, i, tid);
+}
+
+static void *pool_worker(void *arg)
+{
+    worker_arg *wa = arg;
+    pool *p = wa->p;
+    int tid = wa->tid;
+    free(wa);
+    unsigned seen = 0;
+    for (;;) {
+        unsigned g = atomic_load(&p->gen);
+        if (g == seen) {
+            uint64_t t0 = now_ns();
+            for (int spins = 0; (g = atomic_load(&p->gen)) == seen; spins++) {
+                _mm_pause();
+                if ((spins & 255) == 255 && now_ns() - t0 > SPIN_NS)
+                    break;
+            }
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&p->mu);
+            while ((g = atomic_load(&p->gen)) == seen && !atomic_load(&p->stop))
+                pthread_cond_wait(&p->cv_work, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
+        if (atomic_load(&p->stop))
+            break;
+        seen = g;
+        pool_drain(p, tid);
+        if (atomic_fetch_add(&p->done, 1) + 1 == p->n - 1) {
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->cv_done);
+            pthread_mutex_unlock(&p->mu);
+        }
+    }
+    return NULL;
+}
+
+static void pool_run(pool *p, task_fn fn, void *ctx, int ntasks)
+{
+    if (ntasks <= 0)
+        return;
+    if (p->n == 1 || ntasks == 1) {
+        for (int i = 0; i < ntasks; i++)
+            fn(ctx, i, 0);
+        return;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    p->ntasks = ntasks;
+    atomic_store(&p->next, 0);
+    atomic_store(&p->done, 0);
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->cv_work);
+    pthread_mutex_unlock(&p->mu);
+    pool_drain(p, 0);
+    uint64_t t0 = now_ns();
+    for (int spins = 0; atomic_load(&p->done) < p->n - 1; spins++) {
+        _mm_pause();
+        if ((spins & 255) == 255 && now_ns() - t0 > SPIN_NS)
+            break;
+    }
+    if (atomic_load(&p->done) < p->n - 1) {
+        pthread_mutex_lock(&p->mu);
+        while (atomic_load(&p->done) < p->n - 1)
+            pthread_cond_wait(&p->cv_done, &p->mu);
+        pthread_mutex_unlock(&p->mu);
+    }
+}
+
+static void pool_free(pool *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->mu);
+    atomic_store(&p->stop, 1);
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->cv_work);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->started; i++)
+        pthread_join(p->th[i], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv_work);
+    pthread_cond_destroy(&p->cv_done);
+    free(p->th);
+    free(p);
+}
+
+static int pool_new(int n, pool **out)
+{
+    pool *p = calloc(1, sizeof *p);
+    *out = NULL;
+    if (!p)
+        return -ENOMEM;
+    p->n = n;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv_work, NULL);
+    pthread_cond_init(&p->cv_done, NULL);
+    if (n > 1 && !(p->th = calloc((size_t)n - 1, sizeof *p->th))) {
+        pool_free(p);
+        return -ENOMEM;
+    }
+    for (int i = 1; i < n; i++) {
+        worker_arg *wa = malloc(sizeof *wa);
+        if (wa) {
+            wa->p = p;
+            wa->tid = i;
+        }
+        int rc = wa ? pthread_create(&p->th[i - 1], NULL, pool_worker, wa) : ENOMEM;
+        if (rc) {
+            free(wa);
+            pool_free(p);
+            return -rc;
+        }
+        p->started++;
+    }
+    *out = p;
+    return 0;
+}
+
+/* ---- element conversion ---- */
+
+static inline float bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man) {
+        /* Subnormal: renormalise the mantissa. */
+        int e = -1;
+        do {
+            man <<= 1;
+            e++;
+        } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    } else {
+        u = sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float elem(const mm_weight *w, int64_t i)
+{
+    switch (w->dtype) {
+    case MM_DT_BF16: return bf16_to_f32(((const uint16_t *)w->data)[i]);
+    case MM_DT_F16: return f16_to_f32(((const uint16_t *)w->data)[i]);
+    default: return ((const float *)w->data)[i];
+    }
+}
+
+/* Widen n elements starting at element off of w into dst. */
+static void widen(const mm_weight *w, int64_t off, int64_t n, float *dst)
+{
+    if (w->dtype == MM_DT_F32) {
+        memcpy(dst, (const float *)w->data + off, (size_t)n * sizeof(float));
+        return;
+    }
+    const uint16_t *s = (const uint16_t *)w->data + off;
+    if (w->dtype == MM_DT_BF16) {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t u = (uint32_t)s[i] << 16;
+            memcpy(&dst[i], &u, 4);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = f16_to_f32(s[i]);
+    }
+}
+
+/* ---- GEMV kernels: out[j] = dot(row r+j of W, x) for j < nr (nr <= 4) ---- */
+
+typedef void (*dot_fn)(const void *w, size_t ldw, int nr, const float *x, int k, float *out);
+
+static void dot_scalar_bf16(const void *w, size_t ldw, int nr, const float *x, int k, float *out)
+{
+    for (int j = 0; j < nr; j++) {
+        const uint16_t *r = (const uint16_t *)w + (size_t)j * ldw;
+        float s = 0;
+        for (int i = 0; i < k; i++)
+            s += bf16_to_f32(r[i]) * x[i];
+        out[j] = s;
+    }
+}
+
+static void dot_scalar_f16(const void *w, size_t ldw, int nr, const float *x, int k, float *out)
+{
+    for (int j = 0; j < nr; j++) {
+        const uint16_t *r = (const uint16_t *)w + (size_t)j * ldw;
+        float s = 0;
+        for (int i = 0; i < k; i++)
+            s += f16_to_f32(r[i]) * x[i];
+        out[j] = s;
+    }
+}
+
+static void dot_scalar_f32(const void *w, size_t ldw, int nr, const float *x, int k, float *out)
+{
+    for (int j = 0; j < nr; j++) {
+        const float *r = (const float *)w + (size_t)j * ldw;
+        float s = 0;
+        for (int i = 0; i < k; i++)
+            s += r[i] * x[i];
+        out[j] = s;
+    }
+}
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline __m256 load8_bf16(const uint16_t *p)
+{
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+AVX2 static inline __m256 load8_f16(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+AVX2 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+/* Four rows share each load of x; a partial group (nr < 4) repeats the
+ * last row so the loop has no branches, and only nr results are stored. */
+#define DOT_AVX2(NAME, T, LOAD, CONV)                                                   \
+    AVX2 static void NAME(const void *w, size_t ldw, int nr, const float *x, int k,      \
+                          float *out)                                                   \
+    {                                                                                   \
+        const T *r0 = (const T *)w;                                                     \
+        const T *r1 = r0 + (nr > 1 ? ldw : 0);                                          \
+        const T *r2 = r0 + (nr > 2 ? 2 * ldw : (nr > 1 ? ldw : 0));                     \
+        const T *r3 = r0 + (nr > 3 ? 3 * ldw : (nr > 2 ? 2 * ldw : (nr > 1 ? ldw : 0))); \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                     \
+        int i = 0;                                                                      \
+        for (; i + 8 <= k; i += 8) {                                                    \
+            __m256 xv = _mm256_loadu_ps(x + i);                                         \
+            a0 = _mm256_fmadd_ps(LOAD(r0 + i), xv, a0);                                 \
+            a1 = _mm256_fmadd_ps(LOAD(r1 + i), xv, a1);                                 \
+            a2 = _mm256_fmadd_ps(LOAD(r2 + i), xv, a2);                                 \
+            a3 = _mm256_fmadd_ps(LOAD(r3 + i), xv, a3);                                 \
+        }                                                                               \
+        float s[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};              \
+        for (; i < k; i++) {                                                            \
+            s[0] += CONV(r0[i]) * x[i];                                                 \
+            s[1] += CONV(r1[i]) * x[i];                                                 \
+            s[2] += CONV(r2[i]) * x[i];                                                 \
+            s[3] += CONV(r3[i]) * x[i];                                                 \
+        }                                                                               \
+        for (int j = 0; j < nr; j++)                                                    \
+            out[j] = s[j];                                                              \
+    }
+
+#define CONV_F32(v) (v)
+DOT_AVX2(dot_avx2_bf16, uint16_t, load8_bf16, bf16_to_f32)
+DOT_AVX2(dot_avx2_f16, uint16_t, load8_f16, f16_to_f32)
+DOT_AVX2(dot_avx2_f32, float, load8_f32, CONV_F32)
+
+/* ---- the backend ---- */
+
+typedef struct cpu_backend {
+    mm_backend  base;
+    const mm_model_config *cfg;
+    pool       *pool;
+    int         threads;
+    dot_fn      dot[3];           /* bf16, f16, f32 */
+    float      *kc, *vc;          /* KV cache mappings */
+    size_t      cache_bytes;
+    int        *slot_len;         /* positions cached per slot */
+    float      *rope_cos, *rope_sin;   /* [max_len][head_dim/2] */
+    /* activations for one sub-step of up to STEP_TOKENS tokens */
+    float      *x, *xn, *q, *k, *v, *att, *gate, *up;
+    /* per-thread scratch */
+    float     **wbuf;             /* GEMM_CHUNK_ROWS x max in-features */
+    float     **sbuf;             /* ATT_QBLOCK x max_len attention scores */
+    int         max_in;
+} cpu_backend;
+
+static dot_fn pick_dot(const cpu_backend *b, mm_dtype dt)
+{
+    return b->dot[dt == MM_DT_BF16 ? 0 : dt == MM_DT_F16 ? 1 : 2];
+}
+
+static size_t dtsize(mm_dtype dt) { return dt == MM_DT_F32 ? 4 : 2; }
+
+/* ---- linear layers ---- */
+
+typedef struct lin_mat {
+    const mm_weight *w, *bias;
+    float *y;
+    int    ldy;
+} lin_mat;
+
+typedef struct lin_job {
+    cpu_backend *b;
+    const float *x;
+    int          ldx, n;
+    lin_mat      m[3];
+    int          nm;
+    int          chunk;
+    int          first[4];    /* task index where matrix i starts */
+    int          accumulate;  /* y += W x (+ bias) */
+    int          swiglu;      /* m[0] = gate, m[1] = up: m[0].y = silu(gate) * up */
+} lin_job;
+
+/* y[t][r0..r1) (+)= W[r0..r1) x[t] + bias for every token t. */
+static void lin_rows(cpu_backend *b, int tid, const lin_job *j, const lin_mat *m, int r0, int r1)
+{
+    const mm_weight *w = m->w;
+    int K = (int)w->cols, n = j->n;
+    size_t es = dtsize(w->dtype);
+    const char *base = (const char *)w->data + (size_t)r0 * (size_t)K * es;
+    if (n < GEMM_MIN_TOKENS) {
+        dot_fn dot = pick_dot(b, w->dtype);
+        float o[4];
+        for (int r = r0; r < r1; r += 4) {
+            int nr = r1 - r < 4 ? r1 - r : 4;
+            const char *wr = base + (size_t)(r - r0) * (size_t)K * es;
+            for (int t = 0; t < n; t++) {
+                float *y = m->y + (size_t)t * (size_t)m->ldy + r;
+                dot(wr, (size_t)K, nr, j->x + (size_t)t * (size_t)j->ldx, K, o);
+                for (int q = 0; q < nr; q++)
+                    y[q] = j->accumulate ? y[q] + o[q] : o[q];
+            }
+        }
+    } else {
+        const float *wf = (const float *)base;
+        if (w->dtype != MM_DT_F32) {
+            widen(w, (int64_t)r0 * K, (int64_t)(r1 - r0) * K, b->wbuf[tid]);
+            wf = b->wbuf[tid];
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1 - r0, K, 1.0f, j->x, j->ldx,
+                    wf, K, j->accumulate ? 1.0f : 0.0f, m->y + r0, m->ldy);
+    }
+    if (m->bias && m->bias->data)
+        for (int t = 0; t < n; t++) {
+            float *y = m->y + (size_t)t * (size_t)m->ldy;
+            for (int r = r0; r < r1; r++)
+                y[r] += elem(m->bias, r);
+        }
+}
+
+static void lin_task(void *ctx, int task, int tid)
+{
+    const lin_job *j = ctx;
+    int i = 0;
+    while (i + 1 < j->nm && task >= j->first[i + 1])
+        i++;
+    if (j->swiglu)
+        i = 0;
+    const lin_mat *m = &j->m[i];
+    int r0 = (task - j->first[i]) * j->chunk;
+    int r1 = r0 + j->chunk;
+    if (r1 > m->w->rows)
+        r1 = (int)m->w->rows;
+    lin_rows(j->b, tid, j, m, r0, r1);
+    if (!j->swiglu)
+        return;
+    lin_rows(j->b, tid, j, &j->m[1], r0, r1);
+    for (int t = 0; t < j->n; t++) {
+        float *g = j->m[0].y + (size_t)t * (size_t)j->m[0].ldy;
+        const float *u = j->m[1].y + (size_t)t * (size_t)j->m[1].ldy;
+        for (int r = r0; r < r1; r++)
+            g[r] = g[r] / (1.0f + expf(-g[r])) * u[r];
+    }
+}
+
+/* Rows per task: enough tasks to balance threads, multiples of 4 for the
+ * GEMV kernel, and no more than the sgemm buffer holds. */
+static int pick_chunk(const cpu_backend *b, int rows, int n)
+{
+    int want = rows / (b->threads * 8);
+    if (n >= GEMM_MIN_TOKENS) {
+        want = GEMM_CHUNK_ROWS;
+        if (rows / want < b->threads * 2)
+            want = rows / (b->threads * 2);
+    }
+    want = (want + 3) & ~3;
+    if (want < 16)
+        want = 16;
+    if (want > GEMM_CHUNK_ROWS && n >= GEMM_MIN_TOKENS)
+        want = GEMM_CHUNK_ROWS;
+    return want;
+}
+
+static void lin_run(cpu_backend *b, lin_job *j)
+{
+    int rows = 0;
+    for (int i = 0; i < j->nm; i++)
+        if (j->m[i].w->rows > rows)
+            rows = (int)j->m[i].w->rows;
+    j->b = b;
+    j->chunk = pick_chunk(b, rows, j->n);
+    int total = 0;
+    for (int i = 0; i < j->nm; i++) {
+        j->first[i] = total;
+        if (!j->swiglu || i == 0)
+            total += (int)((j->m[i].w->rows + j->chunk - 1) / j->chunk);
+    }
+    j->first[j->nm] = total;
+    pool_run(b->pool, lin_task, j, total);
+}
+
+/* ---- one sub-step ---- */
+
+typedef struct seg {
+    int slot, pos, t0, n;     /* tokens t0..t0+n-1 of the sub-step, at pos.. */
+    int ntask, task0;         /* attention tasks */
+} seg;
+
+typedef struct step {
+    int32_t tok[STEP_TOKENS];
+    int     tpos[STEP_TOKENS];
+    int     T;
+    seg     segs[STEP_TOKENS];
+    int     nseg;
+    int     out_first;        /* first logits row produced, -1 if none */
+    int     out_tok[STEP_TOKENS];   /* tokens whose logits are wanted, in row order */
+    int     nout;
+} step;
+
+static void rmsnorm(const float *x, const mm_weight *w, int H, double eps, float *y)
+{
+    double ss = 0;
+    for (int i = 0; i < H; i++)
+        ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / H) + (float)eps);
+    for (int i = 0; i < H; i++)
+        y[i] = x[i] * r * elem(w, i);
+}
+
+static float *cache_at(const cpu_backend *b, float *c, int layer, int slot, int head)
+{
+    const mm_model_config *cfg = b->cfg;
+    size_t region = (size_t)b->base.max_len * (size_t)cfg->head_dim;
+    size_t idx = ((size_t)layer * (size_t)b->base.max_seqs + (size_t)slot) *
+                 (size_t)cfg->num_key_value_heads + (size_t)head;
+    return c + idx * region;
+}
+
+/* HF's rotate_half pairing: element i turns with element i + head_dim/2. */
+static void rope(float *v, const float *cs, const float *sn, int half)
+{
+    for (int i = 0; i < half; i++) {
+        float a = v[i], c = v[i + half];
+        v[i] = a * cs[i] - c * sn[i];
+        v[i + half] = c * cs[i] + a * sn[i];
+    }
+}
+
+typedef struct att_job {
+    cpu_backend *b;
+    const step  *s;
+    int          layer;
+} att_job;
+
+static void att_task(void *ctx, int task, int tid)
+{
+    const att_job *aj = ctx;
+    cpu_backend *b = aj->b;
+    const step *s = aj->s;
+    const mm_model_config *c = b->cfg;
+    int nh = c->num_attention_heads, hd = c->head_dim, qd = nh * hd;
+    int si = 0;
+    while (si + 1 < s->nseg && task >= s->segs[si + 1].task0)
+        si++;
+    const seg *g = &s->segs[si];
+    int local = task - g->task0;
+    int h = local % nh, blk = local / nh;
+    int kvh = h / (nh / c->num_key_value_heads);
+    const float *K = cache_at(b, b->kc, aj->layer, g->slot, kvh);
+    const float *V = cache_at(b, b->vc, aj->layer, g->slot, kvh);
+    int i0 = blk * ATT_QBLOCK, i1 = i0 + ATT_QBLOCK < g->n ? i0 + ATT_QBLOCK : g->n;
+    int rows = i1 - i0;
+    int last = g->pos + i1 - 1;             /* position of the block's last query */
+    int jmin = 0;
+    if (c->sliding_window > 0 && g->pos + i0 - c->sliding_window + 1 > 0)
+        jmin = g->pos + i0 - c->sliding_window + 1;
+    int L = last + 1 - jmin;
+    const float *Q = b->q + (size_t)(g->t0 + i0) * (size_t)qd + (size_t)h * hd;
+    float *O = b->att + (size_t)(g->t0 + i0) * (size_t)qd + (size_t)h * hd;
+    float *S = b->sbuf[tid];
+    float scale = 1.0f / sqrtf((float)hd);
+    if (rows == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, L, hd, scale, K + (size_t)jmin * hd, hd, Q, 1,
+                    0.0f, S, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, L, hd, scale, Q, qd,
+                    K + (size_t)jmin * hd, hd, 0.0f, S, L);
+    for (int r = 0; r < rows; r++) {
+        float *sr = S + (size_t)r * L;
+        int p = g->pos + i0 + r;
+        int lo = 0, hi = p - jmin;            /* valid keys, relative to jmin */
+        if (c->sliding_window > 0 && p - c->sliding_window + 1 > jmin)
+            lo = p - c->sliding_window + 1 - jmin;
+        float mx = -INFINITY;
+        for (int j = lo; j <= hi; j++)
+            mx = sr[j] > mx ? sr[j] : mx;
+        float sum = 0;
+        for (int j = 0; j < L; j++) {
+            float e = j >= lo && j <= hi ? expf(sr[j] - mx) : 0.0f;
+            sr[j] = e;
+            sum += e;
+        }
+        float inv = 1.0f / sum;
+        for (int j = lo; j <= hi; j++)
+            sr[j] *= inv;
+    }
+    if (rows == 1)
+        cblas_sgemv(CblasRowMajor, CblasTrans, L, hd, 1.0f, V + (size_t)jmin * hd, hd, S, 1, 0.0f,
+                    O, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, L, 1.0f, S, L,
+                    V + (size_t)jmin * hd, hd, 0.0f, O, qd);
+}
+
+static void run_step(cpu_backend *b, const mm_model *m, step *s, float *logits)
+{
+    const mm_model_config *c = b->cfg;
+    int H = c->hidden_size, IS = c->intermediate_size, hd = c->head_dim, half = hd / 2;
+    int nh = c->num_attention_heads, kvh = c->num_key_value_heads;
+    int qd = nh * hd, kvd = kvh * hd, T = s->T;
+    double eps = c->rms_norm_eps;
+
+    for (int t = 0; t < T; t++)
+        widen(&m->embed, (int64_t)s->tok[t] * H, H, b->x + (size_t)t * H);
+    int ntask = 0;
+    for (int i = 0; i < s->nseg; i++) {
+        seg *g = &s->segs[i];
+        g->task0 = ntask;
+        g->ntask = nh * ((g->n + ATT_QBLOCK - 1) / ATT_QBLOCK);
+        ntask += g->ntask;
+    }
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        const mm_layer *L = &m->layers[l];
+        for (int t = 0; t < T; t++)
+            rmsnorm(b->x + (size_t)t * H, &L->attn_norm, H, eps, b->xn + (size_t)t * H);
+        lin_job qkv = {.x = b->xn, .ldx = H, .n = T, .nm = 3,
+                       .m = {{&L->q, &L->q_bias, b->q, qd},
+                             {&L->k, &L->k_bias, b->k, kvd},
+                             {&L->v, &L->v_bias, b->v, kvd}}};
+        lin_run(b, &qkv);
+        for (int si = 0; si < s->nseg; si++) {
+            const seg *g = &s->segs[si];
+            for (int i = 0; i < g->n; i++) {
+                int t = g->t0 + i, p = g->pos + i;
+                const float *cs = b->rope_cos + (size_t)p * half, *sn = b->rope_sin + (size_t)p * half;
+                for (int h = 0; h < nh; h++)
+                    rope(b->q + (size_t)t * qd + (size_t)h * hd, cs, sn, half);
+                for (int h = 0; h < kvh; h++) {
+                    float *kk = b->k + (size_t)t * kvd + (size_t)h * hd;
+                    rope(kk, cs, sn, half);
+                    memcpy(cache_at(b, b->kc, l, g->slot, h) + (size_t)p * hd, kk,
+                           (size_t)hd * sizeof(float));
+                    memcpy(cache_at(b, b->vc, l, g->slot, h) + (size_t)p * hd,
+                           b->v + (size_t)t * kvd + (size_t)h * hd, (size_t)hd * sizeof(float));
+                }
+            }
+        }
+        att_job aj = {b, s, l};
+        pool_run(b->pool, att_task, &aj, ntask);
+        lin_job o = {.x = b->att, .ldx = qd, .n = T, .nm = 1, .accumulate = 1,
+                     .m = {{&L->o, &L->o_bias, b->x, H}}};
+        lin_run(b, &o);
+        for (int t = 0; t < T; t++)
+            rmsnorm(b->x + (size_t)t * H, &L->mlp_norm, H, eps, b->xn + (size_t)t * H);
+        lin_job gu = {.x = b->xn, .ldx = H, .n = T, .nm = 2, .swiglu = 1,
+                      .m = {{&L->gate, NULL, b->gate, IS}, {&L->up, NULL, b->up, IS}}};
+        lin_run(b, &gu);
+        lin_job dn = {.x = b->gate, .ldx = IS, .n = T, .nm = 1, .accumulate = 1,
+                      .m = {{&L->down, NULL, b->x, H}}};
+        lin_run(b, &dn);
+    }
+    if (!s->nout)
+        return;
+    for (int r = 0; r < s->nout; r++)
+        rmsnorm(b->x + (size_t)s->out_tok[r] * H, &m->norm, H, eps, b->xn + (size_t)r * H);
+    lin_job head = {.x = b->xn, .ldx = H, .n = s->nout, .nm = 1,
+                    .m = {{&m->lm_head, NULL, logits + (size_t)s->out_first * c->vocab_size,
+                           c->vocab_size}}};
+    lin_run(b, &head);
+}
+
+static int cpu_forward(mm_backend *base, const mm_batch_seq *seqs, int nseqs, float *logits,
+                       char *err, size_t errlen)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    const mm_model *m = base->model;
+    const mm_model_config *c = b->cfg;
+    for (int i = 0; i < nseqs; i++) {
+        const mm_batch_seq *q = &seqs[i];
+        if (q->slot < 0 || q->slot >= base->max_seqs) {
+            seterr(err, errlen, "sequence %d: slot %d out of range [0, %d)", i, q->slot,
+                   base->max_seqs);
+            return -EINVAL;
+        }
+        if (q->n_tokens < 0 || q->pos < 0 || q->pos > b->slot_len[q->slot] ||
+            q->n_tokens > base->max_len - q->pos || (q->n_tokens && !q->tokens)) {
+            seterr(err, errlen, "sequence %d: %d tokens at position %d (slot %d holds %d, max %d)",
+                   i, q->n_tokens, q->pos, q->slot, b->slot_len[q->slot], base->max_len);
+            return -EINVAL;
+        }
+        if (q->want == MM_LOGITS_LAST && q->n_tokens == 0) {
+            seterr(err, errlen, "sequence %d: logits wanted for no tokens", i);
+            return -EINVAL;
+        }
+        for (int j = 0; j < i; j++)
+            if (seqs[j].slot == q->slot) {
+                seterr(err, errlen, "sequences %d and %d share slot %d", j, i, q->slot);
+                return -EINVAL;
+            }
+        for (int t = 0; t < q->n_tokens; t++)
+            if (q->tokens[t] < 0 || q->tokens[t] >= c->vocab_size) {
+                seterr(err, errlen, "sequence %d: token %d out of range [0, %d)", i,
+                       (int)q->tokens[t], c->vocab_size);
+                return -EINVAL;
+            }
+    }
+    step *s = malloc(sizeof *s);
+    if (!s) {
+        seterr(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    s->T = s->nseg = s->nout = 0;
+    s->out_first = -1;
+    int row = 0;
+    /* Walk the batch's tokens in order, cutting a sub-step whenever it is
+     * full; a sequence split across two sub-steps finds its first part in
+     * the cache when the second runs. */
+    for (int i = 0; i < nseqs; i++) {
+        const mm_batch_seq *q = &seqs[i];
+        for (int t = 0; t < q->n_tokens; t++) {
+            if (s->T == STEP_TOKENS) {
+                run_step(b, m, s, logits);
+                s->T = s->nseg = s->nout = 0;
+                s->out_first = -1;
+            }
+            if (t == 0 || s->nseg == 0 || s->segs[s->nseg - 1].slot != q->slot)
+                s->segs[s->nseg++] = (seg){q->slot, q->pos + t, s->T, 0, 0, 0};
+            s->segs[s->nseg - 1].n++;
+            int want = q->want == MM_LOGITS_ALL || (q->want == MM_LOGITS_LAST && t == q->n_tokens - 1);
+            if (want) {
+                if (s->out_first < 0)
+                    s->out_first = row;
+                s->out_tok[s->nout++] = s->T;
+                row++;
+            }
+            s->tok[s->T] = q->tokens[t];
+            s->tpos[s->T] = q->pos + t;
+            s->T++;
+        }
+        b->slot_len[q->slot] = q->pos + q->n_tokens;
+    }
+    if (s->T)
+        run_step(b, m, s, logits);
+    free(s);
+    return 0;
+}
+
+static void cpu_truncate(mm_backend *base, int slot, int pos)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    if (slot < 0 || slot >= base->max_seqs || pos < 0)
+        return;
+    if (b->slot_len[slot] > pos)
+        b->slot_len[slot] = pos;
+}
+
+static void cpu_free(mm_backend *base)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    if (!b)
+        return;
+    pool_free(b->pool);
+    if (b->kc)
+        munmap(b->kc, b->cache_bytes);
+    if (b->vc)
+        munmap(b->vc, b->cache_bytes);
+    for (int i = 0; b->wbuf && i < b->threads; i++)
+        free(b->wbuf[i]);
+    for (int i = 0; b->sbuf && i < b->threads; i++)
+        free(b->sbuf[i]);
+    free(b->wbuf);
+    free(b->sbuf);
+    free(b->slot_len);
+    free(b->rope_cos);
+    free(b->rope_sin);
+    free(b->x);
+    free(b->xn);
+    free(b->q);
+    free(b->k);
+    free(b->v);
+    free(b->att);
+    free(b->gate);
+    free(b->up);
+    free(b);
+}
+
+static const mm_backend_ops cpu_ops = {
+    .name = "cpu",
+    .forward = cpu_forward,
+    .truncate = cpu_truncate,
+    .free = cpu_free,
+};
+
+static float *falloc(size_t n) { return malloc((n ? n : 1) * sizeof(float)); }
+
+int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_backend **out,
+                       char *err, size_t errlen)
+{
+    const mm_model_config *c = &m->cfg;
+    int rc = -EINVAL;
+    *out = NULL;
+    if (o->max_seqs < 1 || o->max_seqs > 4096 || o->max_len < 1 || o->max_len > (1 << 24)) {
+        seterr(err, errlen, "max_seqs %d / max_len %d out of range", o->max_seqs, o->max_len);
+        return -EINVAL;
+    }
+    cpu_backend *b = calloc(1, sizeof *b);
+    if (!b) {
+        seterr(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    b->base.ops = &cpu_ops;
+    b->base.model = m;
+    b->base.max_seqs = o->max_seqs;
+    b->base.max_len = o->max_len;
+    b->cfg = c;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    b->threads = o->threads > 0 ? o->threads : ncpu > 0 ? (int)ncpu : 1;
+    if (b->threads > 256)
+        b->threads = 256;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+        b->dot[0] = dot_avx2_bf16;
+        b->dot[1] = dot_avx2_f16;
+        b->dot[2] = dot_avx2_f32;
+    } else {
+        b->dot[0] = dot_scalar_bf16;
+        b->dot[1] = dot_scalar_f16;
+        b->dot[2] = dot_scalar_f32;
+    }
+    /* Our pool provides the parallelism; OpenBLAS threads on top would
+     * oversubscribe the cores. */
+    openblas_set_num_threads(1);
+
+    int H = c->hidden_size, IS = c->intermediate_size, hd = c->head_dim, half = hd / 2;
+    size_t qd = (size_t)c->num_attention_heads * hd, kvd = (size_t)c->num_key_value_heads * hd;
+    b->cache_bytes = (size_t)c->num_hidden_layers * (size_t)o->max_seqs * kvd *
+                     (size_t)o->max_len * sizeof(float);
+    rc = -ENOMEM;
+    b->kc = mmap(NULL, b->cache_bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (b->kc == MAP_FAILED) {
+        b->kc = NULL;
+        seterr(err, errlen, "KV cache: cannot map %zu bytes", b->cache_bytes);
+        goto fail;
+    }
+    b->vc = mmap(NULL, b->cache_bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (b->vc == MAP_FAILED) {
+        b->vc = NULL;
+        seterr(err, errlen, "KV cache: cannot map %zu bytes", b->cache_bytes);
+        goto fail;
+    }
+    b->max_in = H > IS ? H : IS;
+    if ((int)qd > b->max_in)
+        b->max_in = (int)qd;
+    size_t T = STEP_TOKENS;
+    if (!(b->slot_len = calloc((size_t)o->max_seqs, sizeof *b->slot_len)) ||
+        !(b->rope_cos = falloc((size_t)o->max_len * half)) ||
+        !(b->rope_sin = falloc((size_t)o->max_len * half)) ||
+        !(b->x = falloc(T * H)) || !(b->xn = falloc(T * H)) || !(b->q = falloc(T * qd)) ||
+        !(b->k = falloc(T * kvd)) || !(b->v = falloc(T * kvd)) || !(b->att = falloc(T * qd)) ||
+        !(b->gate = falloc(T * IS)) || !(b->up = falloc(T * IS)) ||
+        !(b->wbuf = calloc((size_t)b->threads, sizeof *b->wbuf)) ||
+        !(b->sbuf = calloc((size_t)b->threads, sizeof *b->sbuf))) {
+        seterr(err, errlen, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < b->threads; i++)
+        if (!(b->wbuf[i] = falloc((size_t)GEMM_CHUNK_ROWS * b->max_in)) ||
+            !(b->sbuf[i] = falloc((size_t)ATT_QBLOCK * o->max_len))) {
+            seterr(err, errlen, "out of memory");
+            goto fail;
+        }
+    float *inv = falloc((size_t)half);
+    if (!inv) {
+        seterr(err, errlen, "out of memory");
+        goto fail;
+    }
+    mm_model_rope_inv_freq(c, inv);
+    /* The angle is rounded to float before cos/sin, as transformers does,
+     * so positions far out rotate exactly as in the reference. */
+    for (int p = 0; p < o->max_len; p++)
+        for (int i = 0; i < half; i++) {
+            float a = (float)p * inv[i];
+            b->rope_cos[(size_t)p * half + i] = (float)cos((double)a);
+            b->rope_sin[(size_t)p * half + i] = (float)sin((double)a);
+        }
+    free(inv);
+    if ((rc = pool_new(b->threads, &b->pool)) < 0) {
+        seterr(err, errlen, "thread pool: %s", strerror(-rc));
+        goto fail;
+    }
+    *out = &b->base;
+    return 0;
+fail:
+    cpu_free(&b->base);
+    return rc;
+}
