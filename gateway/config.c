@@ -994,8 +994,8 @@ static int row_backends(walk *w, json_t *v, void *obj)
             return rc;
         nz += b->weight > 0;
     }
-    if (!nz)
-        return fail(w, "at least one backend needs a weight > 0");
+    /* All weights 0 is allowed: a drained model, answered with 503. */
+    (void)nz;
     return 0;
 }
 
@@ -1286,16 +1286,7 @@ static int check_models(walk *w, mm_gateway_cfg *c)
                               m->split[j].model, q);
             path_pop(w, o2);
         }
-        if (!rc && m->nsplit) {
-            size_t nz = 0;
-            for (size_t j = 0; j < m->nsplit; j++)
-                nz += m->split[j].weight > 0;
-            if (!nz) {
-                size_t o2 = path_key(w, "split");
-                rc = fail(w, "at least one entry needs a weight > 0");
-                path_pop(w, o2);
-            }
-        }
+        /* A split whose weights are all 0 is drained: 503, like a pool. */
         for (size_t j = 0; j < m->nfallback && !rc; j++) {
             size_t o2 = path_key(w, "fallback");
             path_index(w, j);

@@ -437,6 +437,8 @@ static void px_after_failure(px_req *r, int status, const char *what, int nothin
     px_fail(r, status, what);
 }
 
+static void px_arm_timer(px_req *r);
+
 static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
 {
     px_req *r = ud;
@@ -462,6 +464,11 @@ static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
             /* A failed answer is held back: it may still be retried
              * elsewhere, or passed through whole at the end. */
             r->hold_error = r->status >= 500 || r->status == 429;
+            /* From now on the idle timeout applies, which may be sooner
+             * than the first-byte deadline the timer is set for. Cannot
+             * fire here: last_ns is now. */
+            evtimer_del(r->timer);
+            px_arm_timer(r);
             if (r->relay && !r->hold_error)
                 px_begin_client(r);
         }
@@ -690,6 +697,8 @@ static void px_arm_timer(px_req *r)
                                            : "no response before the first-byte timeout";
         r->timed_out = 1;
         r->have_last = 0;
+        r->last_status = 504;
+        snprintf(r->last_what, sizeof r->last_what, "%s", what);
         px_attempt_error(r, r->client_began ? MM_ERR_MIDSTREAM : MM_ERR_TIMEOUT);
         px_release_attempt(r, 1, MM_OUTCOME_CONN_FAIL);
         if (r->client_began)

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -92,6 +93,17 @@ typedef struct worker_arg {
     int   tid;
 } worker_arg;
 
+/* Mostly a pause; now and then a yield, so that on a machine with more
+ * runnable threads than cores a spinner hands its core to the thread it is
+ * waiting for instead of burning the time slice. */
+static inline void spin_pause(int spins)
+{
+    if ((spins & 63) == 63)
+        sched_yield();
+    else
+        _mm_pause();
+}
+
 static void pool_drain(pool *p, int tid)
 {
     int i;
@@ -111,7 +123,7 @@ static void *pool_worker(void *arg)
         if (g == seen) {
             uint64_t t0 = now_ns();
             for (int spins = 0; (g = atomic_load(&p->gen)) == seen; spins++) {
-                _mm_pause();
+                spin_pause(spins);
                 if ((spins & 255) == 255 && now_ns() - t0 > SPIN_NS)
                     break;
             }
@@ -156,7 +168,7 @@ static void pool_run(pool *p, task_fn fn, void *ctx, int ntasks)
     pool_drain(p, 0);
     uint64_t t0 = now_ns();
     for (int spins = 0; atomic_load(&p->done) < p->n - 1; spins++) {
-        _mm_pause();
+        spin_pause(spins);
         if ((spins & 255) == 255 && now_ns() - t0 > SPIN_NS)
             break;
     }

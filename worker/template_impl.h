@@ -237,6 +237,7 @@ int    mm_tpl_py_isspace(uint32_t cp);
 uint32_t mm_tpl_py_lower(uint32_t cp);
 uint32_t mm_tpl_py_upper(uint32_t cp);
 int    mm_tpl_py_cased(uint32_t cp);
+int    mm_tpl_py_isalpha(uint32_t cp);
 
 /* ---- evaluation (template_eval.c) ---- */
 int mm_tpl_eval_render(const mm_template *t, const json_t *ctx, mm_buf *out,
@@ -280,6 +281,8 @@ int mm_tpl_global_lookup(const char *name, mm_tpl_val *out);
 int mm_tpl_call_global(mm_tpl_ectx *e, const mm_tpl_func *f, const mm_tpl_args *a,
                        mm_tpl_val *out);
 
+/* dict.items() as a list of [key, value] lists. */
+int mm_tpl_dict_items(mm_tpl_ectx *e, const json_t *d, mm_tpl_val *out);
 /* Python str methods shared by filters and methods. new string in *out */
 int mm_tpl_strip(mm_tpl_ectx *e, const char *s, size_t n, const mm_tpl_val *chars,
                  int left, int right, mm_tpl_val *out);

@@ -344,13 +344,16 @@ run_wrk_cases() {
 perf_gateway() {
     command -v perf >/dev/null 2>&1 || { warn "perf not installed, no profile"; return 0; }
     say "perf profile of the gateway (${BENCH_DURATION}s under wrk)"
-    perf record -q -F 999 -g -p "$GW_PID" -o "$TMP/perf.data" -- sleep "$BENCH_DURATION" \
+    # DWARF unwinding: libevent, libcurl and libc are built without frame
+    # pointers, so -g alone loses every caller below them.
+    perf record -q -F 499 --call-graph dwarf,8192 -p "$GW_PID" -o "$TMP/perf.data" \
+        -- sleep "$BENCH_DURATION" \
         >"$TMP/perf-record.log" 2>&1 &
     perf_pid=$!
     PIDS="$PIDS $perf_pid"
     run_wrk perf "http://127.0.0.1:$GW_PORT" "$BENCH_DURATION" "$TMP/wrk-perf.txt"
     wait "$perf_pid"
-    perf report -i "$TMP/perf.data" --stdio --no-children --percent-limit 0.5 \
+    perf report -i "$TMP/perf.data" --stdio --no-children -G --percent-limit 0.5 \
         >"$BENCH_OUT/perf-gateway-full.txt" 2>/dev/null
     perf report -i "$TMP/perf.data" --stdio --no-children -g none --percent-limit 0.3 \
         --sort dso,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//' | head -40 \

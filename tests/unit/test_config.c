@@ -531,9 +531,6 @@ TEST(error_paths_models)
     EXPECT_ERR("{'models':[{'name':'a','backends':[]}]}", "models[0].backends", "must not be empty");
     EXPECT_ERR("{'models':[{'name':'a','backends':{'url':'http://h:1'}}]}", "models[0].backends",
                "expected an array");
-    EXPECT_ERR("{'models':[{'name':'a','backends':[{'url':'http://h:1','weight':0},"
-               "{'url':'http://h:2','weight':0}]}]}",
-               "models[0].backends", "at least one backend needs a weight > 0");
     EXPECT_ERR("{'models':[]}", "models", "at least one model");
     EXPECT_ERR("{}", "models", "at least one model");
     EXPECT_ERR("[]", "(top level)", "expected an object, got an array");
@@ -615,9 +612,6 @@ TEST(split_checks)
                "models[1].split[0].model", "itself a split");
     EXPECT_ERR("{'models':[" MA "," MB ",{'name':'s','split':[{'model':'a'},{'model':'b'},{'model':'a'}]}]}",
                "models[2].split[2].model", "duplicate variant \"a\"");
-    EXPECT_ERR("{'models':[" MA "," MB ",{'name':'s','split':[{'model':'a','weight':0},"
-               "{'model':'b','weight':0}]}]}",
-               "models[2].split", "at least one entry needs a weight > 0");
     EXPECT_ERR("{'models':[" MA ",{'name':'s','split':[{'model':'a','weight':-1}]}]}",
                "models[1].split[0].weight", ">= 0, got -1");
     EXPECT_ERR("{'models':[" MA ",{'name':'s','split':[{'weight':1}]}]}",
@@ -849,6 +843,21 @@ TEST(free_null)
     ASSERT_TRUE(mm_config_find_model(NULL, "x") == NULL);
 }
 
+/* Every weight 0 is a drained model (answered 503), not a config error. */
+TEST(all_zero_weights_drain)
+{
+    char emsg[512] = "";
+    mm_gateway_cfg *cfg = NULL;
+    int rc = mm_config_load_string(
+        "{\"models\":[{\"name\":\"a\",\"backends\":[{\"url\":\"http://h:1\",\"weight\":0}]},"
+        "{\"name\":\"s\",\"split\":[{\"model\":\"a\",\"weight\":0}]}]}",
+        &cfg, emsg, sizeof emsg);
+    ASSERT_EQ(rc, 0);
+    ASSERT_EQ(cfg->models[0].backends[0].weight, 0);
+    ASSERT_EQ(cfg->models[1].split[0].weight, 0);
+    mm_config_free(cfg);
+}
+
 int main(void)
 {
     RUN(contract_example_loads);
@@ -874,5 +883,6 @@ int main(void)
     RUN(json_syntax_error_line_column);
     RUN(load_file_io);
     RUN(free_null);
+    RUN(all_zero_weights_drain);
     return test_summary();
 }
