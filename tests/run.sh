@@ -37,6 +37,21 @@ if [ "$what" = all ] || [ "$what" = unit ]; then
     done
 fi
 
+if [ "$what" = all ] || [ "$what" = fuzz ]; then
+    # A short libFuzzer run of the request parser on every test run; longer
+    # campaigns: make fuzz FUZZ_SECONDS=600.
+    if command -v clang >/dev/null 2>&1; then
+        echo "== fuzz: http parser (${FUZZ_SECONDS:-15} s)"
+        if make --no-print-directory BUILD="$BUILD" fuzz FUZZ_SECONDS="${FUZZ_SECONDS:-15}" >"$log" 2>&1; then
+            passed=$((passed + 1))
+            grep -E '^Done|#[0-9]+.*DONE' "$log" | tail -1
+        else
+            failed=$((failed + 1))
+            tail -30 "$log"
+        fi
+    fi
+fi
+
 if [ "$what" = all ] || [ "$what" = integration ]; then
     set -- tests/integration/*.test.mjs
     if [ -e "$1" ]; then

@@ -2,7 +2,7 @@
  * machine's memory bandwidth (the decode roofline: every weight byte is read
  * once per step).
  *
- *   cpu_bench --membw
+ *   cpu_bench --membw [MAX_THREADS]
  *   cpu_bench --make DIR [makemodel flags...]     generate a model and exit
  *   cpu_bench DIR [--threads N] [--batch B] [--prompt P] [--gen G]
  *
@@ -10,6 +10,8 @@
  *        worker/{safetensors,model,backend_cpu,makemodel}.c common/log.c \
  *        -o build/cpu_bench -ljansson -lopenblas -lm -pthread */
 #include <errno.h>
+#include <immintrin.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,9 +41,50 @@ static long arg_long(const char *s, long lo, long hi)
     return v;
 }
 
-/* Read bandwidth: sum a buffer far larger than the caches, best of several
- * passes; the copy figure counts bytes read plus bytes written. */
-static void membw(void)
+/* Read bandwidth: threads sum disjoint slices of a buffer far larger than
+ * the caches (AVX2 loads, several accumulators), best of several passes. */
+typedef struct bw_arg {
+    const float *a;
+    size_t n;
+    float sum;
+} bw_arg;
+
+__attribute__((target("avx2"))) static void *bw_read(void *p)
+{
+    bw_arg *b = p;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (size_t i = 0; i + 32 <= b->n; i += 32) {
+        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(b->a + i));
+        s1 = _mm256_add_ps(s1, _mm256_loadu_ps(b->a + i + 8));
+        s2 = _mm256_add_ps(s2, _mm256_loadu_ps(b->a + i + 16));
+        s3 = _mm256_add_ps(s3, _mm256_loadu_ps(b->a + i + 24));
+    }
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    b->sum = t[0] + t[7];
+    return NULL;
+}
+
+static double membw_threads(const float *a, size_t n, int nt)
+{
+    pthread_t th[64];
+    bw_arg arg[64];
+    double best = 0;
+    for (int r = 0; r < 5; r++) {
+        double t0 = now_s();
+        for (int i = 0; i < nt; i++) {
+            arg[i] = (bw_arg){a + n / nt * i, n / nt, 0};
+            pthread_create(&th[i], NULL, bw_read, &arg[i]);
+        }
+        for (int i = 0; i < nt; i++)
+            pthread_join(th[i], NULL);
+        double gbs = (double)(n / nt * nt * sizeof *a) / (now_s() - t0) / 1e9;
+        best = gbs > best ? gbs : best;
+    }
+    return best;
+}
+
+static void membw(int maxt)
 {
     size_t n = (size_t)1 << 28;   /* 1 GiB of floats */
     float *a = malloc(n * sizeof *a), *b = malloc(n * sizeof *b);
@@ -51,27 +94,17 @@ static void membw(void)
     }
     for (size_t i = 0; i < n; i++)
         a[i] = (float)(i & 1023), b[i] = 0;
-    double best_read = 0, best_copy = 0;
-    volatile float sink = 0;
+    double best_copy = 0;
     for (int r = 0; r < 5; r++) {
         double t0 = now_s();
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-        for (size_t i = 0; i < n; i += 8) {
-            s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3];
-            s4 += a[i + 4]; s5 += a[i + 5]; s6 += a[i + 6]; s7 += a[i + 7];
-        }
-        sink = s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7;
-        double t1 = now_s();
         memcpy(b, a, n * sizeof *a);
-        double t2 = now_s();
-        double rd = (double)(n * sizeof *a) / (t1 - t0) / 1e9;
-        double cp = 2.0 * (double)(n * sizeof *a) / (t2 - t1) / 1e9;
-        best_read = rd > best_read ? rd : best_read;
+        double cp = 2.0 * (double)(n * sizeof *a) / (now_s() - t0) / 1e9;
         best_copy = cp > best_copy ? cp : best_copy;
     }
-    (void)sink;
-    printf("memory bandwidth (1 thread): read %.1f GB/s, memcpy %.1f GB/s (read+write)\n",
-           best_read, best_copy);
+    printf("memory bandwidth: memcpy %.1f GB/s (read+write, 1 thread)", best_copy);
+    for (int t = 1; t <= maxt; t *= 2)
+        printf(", read %.1f GB/s (%d thread%s)", membw_threads(a, n, t), t, t > 1 ? "s" : "");
+    printf("\n");
     free(a);
     free(b);
 }
@@ -80,7 +113,7 @@ int main(int argc, char **argv)
 {
     char err[512] = "";
     if (argc >= 2 && strcmp(argv[1], "--membw") == 0) {
-        membw();
+        membw(argc >= 3 ? (int)arg_long(argv[2], 1, 64) : 2);
         return 0;
     }
     if (argc >= 3 && strcmp(argv[1], "--make") == 0) {
@@ -172,11 +205,15 @@ int main(int argc, char **argv)
         }
     }
     td = now_s() - td;
+    /* Bytes streamed per decode step: every weight once; an untied
+     * embedding table is only gathered from, one row per token. */
     double bytes = (double)m->weight_bytes;
+    if (m->lm_head.data != m->embed.data)
+        bytes -= (double)m->embed.rows * (double)m->embed.cols * (m->embed.dtype == MM_DT_F32 ? 4 : 2);
     printf("threads %d batch %d: prompt %d tok in %.3f s = %.1f tok/s; decode %d steps in %.3f s "
-           "= %.2f steps/s, %.1f tok/s (%.1f GB/s of weights streamed)\n",
+           "= %.2f steps/s, %.1f tok/s (%.1f GB/s of weights streamed; %.0f MB a step)\n",
            threads, batch, prompt * batch, tp, prompt * batch / tp, gen, td, gen / td,
-           gen * batch / td, bytes * gen / td / 1e9);
+           gen * batch / td, bytes * gen / td / 1e9, bytes / 1e6);
     b->ops->free(b);
     mm_model_free(m);
     free(toks);

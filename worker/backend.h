@@ -54,9 +54,10 @@ typedef struct mm_backend_opts {
     int tensor_parallel;
 } mm_backend_opts;
 
-/* The CPU backend: float32 math over the model's bf16/f16/f32 weights as
- * they lie in the mapping (no copy), OpenBLAS for multi-token steps, its own
- * thread pool (o->threads, 0 = one per online CPU). */
+/* The CPU backend: float32 math over the model's bf16/f16/f32 weights
+ * (copied once, in their dtype, into huge-page memory it owns), OpenBLAS for
+ * multi-token steps, its own thread pool (o->threads, 0 = one per online
+ * CPU). The model must outlive the backend (it reads the config). */
 int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_backend **out,
                        char *err, size_t errlen);
 #endif

@@ -560,7 +560,7 @@ void mm_model_progress_stderr(void *ud, uint64_t done, uint64_t total)
 static void prefault(mm_model *m, const mm_model_load_opts *o)
 {
     mm_progress_fn fn = o && o->progress ? o->progress : mm_model_progress_stderr;
-    int last = -1;
+    int last = -100;   /* below any percentage, so 0% is reported too */
     void *ud = o && o->progress ? o->progress_ud : &last;
     int quiet = o && o->quiet;
     uint64_t total = 0, done = 0, next = 0;

@@ -95,7 +95,8 @@ typedef struct mm_model_load_opts {
 } mm_model_load_opts;
 
 /* Default progress: a bar on stderr when it is a terminal, otherwise a log
- * line every 10% (and at the end). */
+ * line every 10% (and at the end). ud: NULL, or an int holding the last
+ * percentage reported (start it below -10) to skip repeats. */
 void mm_model_progress_stderr(void *ud, uint64_t done, uint64_t total);
 
 int  mm_model_load(const char *dir, const mm_model_load_opts *o, mm_model **out, char *err,

@@ -89,6 +89,9 @@ int mm_template_compile(const char *src, mm_template **out, char *err, size_t er
     rc = mm_tpl_parse(t, &toks, err, errlen);
     if (rc)
         goto fail;
+    rc = mm_tpl_scope(t, err, errlen);
+    if (rc)
+        goto fail;
     free(toks.v);
     *out = t;
     return 0;

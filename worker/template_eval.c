@@ -79,6 +79,18 @@ fail:
     return oom(e);
 }
 
+/* Entering the scope of `body`: names Jinja starts there as undefined. */
+static int enter_scope(mm_tpl_ectx *e, mm_tpl_frame *f, const mm_tpl_node *body)
+{
+    for (size_t i = 0; body && i < body->nundef; i++) {
+        mm_tpl_val u = mm_tpl_undef(body->undef[i], NULL);
+        int rc = frame_set(e, f, body->undef[i], &u);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
 static int lookup(mm_tpl_ectx *e, mm_tpl_frame *f, const char *name, mm_tpl_val *out)
 {
     for (; f; f = f->parent)
@@ -160,7 +172,8 @@ int mm_tpl_getattr(mm_tpl_ectx *e, const mm_tpl_val *obj, const char *name, mm_t
     case MM_TV_LOOP:
         return loop_attr(e, obj, name, out);
     case MM_TV_FUNC:
-        *out = mm_tpl_undef(name, "function");
+    case MM_TV_ITER:
+        *out = mm_tpl_undef(name, mm_tpl_typename(obj));
         return 0;
     default:
         break;
@@ -199,8 +212,14 @@ int mm_tpl_getitem(mm_tpl_ectx *e, const mm_tpl_val *obj, const mm_tpl_val *key,
         }
         int intkey = key->kind == MM_TV_JSON && (json_is_integer(key->u.j) ||
                                                   json_is_boolean(key->u.j));
+        if (json_is_array(o) && mm_tpl_shape_of(e, o, NULL) >= MM_SHAPE_ITEMS &&
+            mm_tpl_shape_of(e, o, NULL) != MM_SHAPE_RANGE) {
+            /* dict views are not subscriptable: Jinja gives undefined */
+            *out = mm_tpl_undef(NULL, mm_tpl_shape_name(mm_tpl_shape_of(e, o, NULL)));
+            return 0;
+        }
         if ((json_is_array(o) || json_is_string(o)) && intkey) {
-            long long i = (long long)mm_tpl_num(key);
+            long long i = mm_tpl_intval(key);
             size_t len = json_is_array(o) ? json_array_size(o)
                        : mm_tpl_u8_len(json_string_value(o), json_string_length(o));
             if (i < 0)
@@ -247,7 +266,7 @@ static int slice_index(mm_tpl_ectx *e, const mm_tpl_val *v, long long *out, int 
         return mm_tpl_undef_error(e, v);
     if (!(mm_tpl_is_int(v) || mm_tpl_is_bool(v)))
         return mm_tpl_fail(e, -EINVAL, "slice indices must be integers or None");
-    *out = (long long)mm_tpl_num(v);
+    *out = mm_tpl_intval(v);
     *given = 1;
     return 0;
 }
@@ -264,10 +283,19 @@ static int do_slice(mm_tpl_ectx *e, const mm_tpl_val *obj, const mm_tpl_val *vs,
         return rc;
     if (step == 0)
         return mm_tpl_fail(e, -EINVAL, "slice step cannot be zero");
-    int is_list = mm_tpl_is_list(obj);
-    if (!is_list && !mm_tpl_is_str(obj)) {
-        *out = mm_tpl_undef(NULL, mm_tpl_typename(obj));
-        return 0;
+    int is_list = mm_tpl_is_list(obj), shape = MM_SHAPE_LIST;
+    /* Jinja compiles a slice to a plain Python subscript: no undefined here */
+    if (mm_tpl_is_dict(obj))
+        return mm_tpl_fail(e, -EINVAL, "unhashable type: 'slice'");
+    if (!is_list && !mm_tpl_is_str(obj))
+        return mm_tpl_fail(e, -EINVAL, "'%s' object is not subscriptable", mm_tpl_typename(obj));
+    if (is_list) {
+        shape = mm_tpl_shape_of(e, obj->u.j, NULL);
+        if (shape == MM_SHAPE_RANGE)
+            return mm_tpl_fail(e, -ENOTSUP, "slicing a range");
+        if (shape != MM_SHAPE_LIST && shape != MM_SHAPE_TUPLE)
+            return mm_tpl_fail(e, -EINVAL, "'%s' object is not subscriptable",
+                               mm_tpl_shape_name(shape));
     }
     const char *s = is_list ? NULL : json_string_value(obj->u.j);
     size_t sn = is_list ? 0 : json_string_length(obj->u.j);
@@ -308,6 +336,10 @@ static int do_slice(mm_tpl_ectx *e, const mm_tpl_val *obj, const mm_tpl_val *vs,
                 json_decref(r);
                 return oom(e);
             }
+        if (shape == MM_SHAPE_TUPLE && mm_tpl_mark(e, r, MM_SHAPE_TUPLE, NULL)) {
+            json_decref(r);
+            return -ENOMEM;
+        }
         *out = mm_tpl_jv(r);
         return 0;
     }
@@ -434,6 +466,7 @@ static int str_format_percent(mm_tpl_ectx *e, const mm_tpl_val *fmt, const mm_tp
     const char *s = json_string_value(fmt->u.j);
     size_t n = json_string_length(fmt->u.j), used = 0;
     size_t nargs = args_is_tuple ? json_array_size(args->u.j) : 1;
+    /* %-formatting reads a tuple's items; anything else is one argument */
     mm_buf b;
     int rc = 0;
     mm_buf_init(&b, MM_TPL_MAX_OUTPUT);
@@ -465,15 +498,20 @@ static int str_format_percent(mm_tpl_ectx *e, const mm_tpl_val *fmt, const mm_tp
             rc = mm_tpl_repr(e, &a, &b);
         else if (mm_tpl_is_num(&a)) {
             double d = mm_tpl_num(&a);
-            long long v = intlike(&a) ? (long long)mm_tpl_num(&a) : (long long)trunc(d);
-            rc = mm_buf_printf(&b, "%lld", v) ? oom(e) : 0;
+            if (!intlike(&a) && !(d > -9.2e18 && d < 9.2e18))
+                rc = overflow(e);
+            else
+                rc = mm_buf_printf(&b, "%lld", intlike(&a) ? mm_tpl_intval(&a)
+                                                           : (long long)trunc(d)) ? oom(e) : 0;
         } else {
             rc = mm_tpl_fail(e, -EINVAL, "%%d format: a real number is required, not %s",
                              mm_tpl_typename(&a));
         }
         mm_tpl_unref(&a);
     }
-    if (!rc && used < nargs)
+    /* Python: a mapping-like single argument (list, dict) may go unused */
+    if (!rc && used < nargs && (args_is_tuple || !(mm_tpl_is_list(args) || mm_tpl_is_dict(args) ||
+                                                   args->kind == MM_TV_UNDEF)))
         rc = mm_tpl_fail(e, -EINVAL, "not all arguments converted during string formatting");
     if (!rc) {
         *out = mm_tpl_str_n(b.data ? b.data : "", b.len);
@@ -484,7 +522,8 @@ static int str_format_percent(mm_tpl_ectx *e, const mm_tpl_val *fmt, const mm_tp
     return rc;
 }
 
-static int repeat(mm_tpl_ectx *e, const mm_tpl_val *seq, long long times, mm_tpl_val *out)
+static int repeat(mm_tpl_ectx *e, const mm_tpl_val *seq, long long times, int tuple,
+                  mm_tpl_val *out)
 {
     if (times < 0)
         times = 0;
@@ -516,6 +555,10 @@ static int repeat(mm_tpl_ectx *e, const mm_tpl_val *seq, long long times, mm_tpl
             json_decref(r);
             return oom(e);
         }
+    if (tuple && mm_tpl_mark(e, r, MM_SHAPE_TUPLE, NULL)) {
+        json_decref(r);
+        return -ENOMEM;
+    }
     *out = mm_tpl_jv(r);
     return 0;
 }
@@ -544,7 +587,7 @@ static int binop(mm_tpl_ectx *e, int op, const mm_tpl_val *a, const mm_tpl_val *
     }
     if (mm_tpl_is_num(a) && mm_tpl_is_num(b)) {
         if (intlike(a) && intlike(b)) {
-            long long x = (long long)mm_tpl_num(a), y = (long long)mm_tpl_num(b), r;
+            long long x = mm_tpl_intval(a), y = mm_tpl_intval(b), r;
             switch (op) {
             case '+':
                 if (__builtin_add_overflow(x, y, &r))
@@ -575,20 +618,16 @@ static int binop(mm_tpl_ectx *e, int op, const mm_tpl_val *a, const mm_tpl_val *
                 }
                 return num_result_int(e, op == '%' ? m : q, out);
             }
-            default: /* ** */
+            default: /* ** by squaring, refusing to overflow */
                 if (y < 0)
                     return num_result_real(e, pow((double)x, (double)y), out);
                 r = 1;
-                for (long long i = 0; i < y; i++) {
-                    if (__builtin_mul_overflow(r, x, &r))
+                for (long long base = x, k = y; k > 0; k >>= 1) {
+                    if ((k & 1) && __builtin_mul_overflow(r, base, &r))
                         return overflow(e);
-                    if (r == 0 || r == 1)
-                        break;
+                    if (k > 1 && __builtin_mul_overflow(base, base, &base))
+                        return overflow(e);
                 }
-                if (r == -1 || (x == -1))
-                    r = (y % 2) ? -1 : 1;
-                if (x == 0)
-                    r = y == 0 ? 1 : 0;
                 return num_result_int(e, r, out);
             }
         }
@@ -614,20 +653,31 @@ static int binop(mm_tpl_ectx *e, int op, const mm_tpl_val *a, const mm_tpl_val *
     if (op == '+' && mm_tpl_is_str(a) && mm_tpl_is_str(b))
         return concat_str(e, json_string_value(a->u.j), json_string_length(a->u.j),
                           json_string_value(b->u.j), json_string_length(b->u.j), out);
-    if (op == '+' && mm_tpl_is_list(a) && mm_tpl_is_list(b)) {
+    int sa = mm_tpl_is_list(a) ? mm_tpl_shape_of(e, a->u.j, NULL) : -1;
+    int sb = mm_tpl_is_list(b) ? mm_tpl_shape_of(e, b->u.j, NULL) : -1;
+    if ((sa > MM_SHAPE_TUPLE || sb > MM_SHAPE_TUPLE) && (op == '+' || op == '*'))
+        return mm_tpl_fail(e, -EINVAL, "unsupported operand type(s) for %s: '%s' and '%s'",
+                           opname, sa >= 0 ? mm_tpl_shape_name(sa) : mm_tpl_typename(a),
+                           sb >= 0 ? mm_tpl_shape_name(sb) : mm_tpl_typename(b));
+    if (op == '+' && sa >= 0 && sb >= 0) {
+        if (sa != sb)
+            return mm_tpl_fail(e, -EINVAL, "can only concatenate %s (not \"%s\") to %s",
+                               mm_tpl_shape_name(sa), mm_tpl_shape_name(sb),
+                               mm_tpl_shape_name(sa));
         json_t *r = json_array();
-        if (!r || json_array_extend(r, a->u.j) || json_array_extend(r, b->u.j)) {
+        if (!r || json_array_extend(r, a->u.j) || json_array_extend(r, b->u.j) ||
+            (sa == MM_SHAPE_TUPLE && mm_tpl_mark(e, r, MM_SHAPE_TUPLE, NULL))) {
             json_decref(r);
             return oom(e);
         }
         *out = mm_tpl_jv(r);
         return 0;
     }
-    if (op == '*' && (mm_tpl_is_str(a) || mm_tpl_is_list(a)) && intlike(b))
-        return repeat(e, a, (long long)mm_tpl_num(b), out);
-    if (op == '*' && (mm_tpl_is_str(b) || mm_tpl_is_list(b)) && intlike(a))
-        return repeat(e, b, (long long)mm_tpl_num(a), out);
-    if (op == '%' && mm_tpl_is_str(a) && b->kind == MM_TV_JSON)
+    if (op == '*' && (mm_tpl_is_str(a) || sa >= 0) && intlike(b))
+        return repeat(e, a, mm_tpl_intval(b), sa == MM_SHAPE_TUPLE, out);
+    if (op == '*' && (mm_tpl_is_str(b) || sb >= 0) && intlike(a))
+        return repeat(e, b, mm_tpl_intval(a), sb == MM_SHAPE_TUPLE, out);
+    if (op == '%' && mm_tpl_is_str(a) && (b->kind == MM_TV_JSON || b->kind == MM_TV_UNDEF))
         return str_format_percent(e, a, b, b_is_tuple && mm_tpl_is_list(b), out);
     return type_error2(e, opname, a, b);
 }
@@ -638,6 +688,20 @@ static int contains(mm_tpl_ectx *e, const mm_tpl_val *needle, const mm_tpl_val *
     *res = 0;
     if (hay->kind == MM_TV_UNDEF)
         return 0;   /* iterating Undefined yields nothing */
+    if (hay->kind == MM_TV_ITER) {
+        /* consumes the iterator up to the match, as Python does */
+        mm_tpl_iter *it = hay->u.it;
+        if (it->err_fmt)
+            return mm_tpl_fail(e, -EINVAL, it->err_fmt, it->err_arg ? it->err_arg : "");
+        while (it->pos < json_array_size(it->items)) {
+            json_t *v = json_array_get(it->items, it->pos++);
+            if (needle->kind == MM_TV_JSON && mm_tpl_json_eq(needle->u.j, v)) {
+                *res = 1;
+                break;
+            }
+        }
+        return 0;
+    }
     if (hay->kind != MM_TV_JSON)
         return mm_tpl_fail(e, -EINVAL, "argument of type '%s' is not iterable",
                            mm_tpl_typename(hay));
@@ -783,6 +847,8 @@ static int call_macro(evalctx *E, const mm_tpl_func *fn, const mm_tpl_args *a, m
         }
         rc = frame_set(e, &fr, par->name, &v);
     }
+    if (!rc)
+        rc = enter_scope(e, &fr, m->b);
     if (rc)
         goto out;
     mm_buf_init(&buf, e->out_max);
@@ -854,6 +920,8 @@ static int eval_list(evalctx *E, mm_tpl_frame *f, const mm_tpl_node *n, mm_tpl_v
             rc = oom(&E->x);
         }
     }
+    if (!rc && n->kind == MM_E_TUPLE)
+        rc = mm_tpl_mark(&E->x, r, MM_SHAPE_TUPLE, NULL);
     if (rc) {
         json_decref(r);
         return rc;
@@ -987,7 +1055,7 @@ static int eval(evalctx *E, mm_tpl_frame *f, const mm_tpl_node *n, mm_tpl_val *o
             rc = mm_tpl_fail(e, -EINVAL, "bad operand type for unary %c: '%s'",
                              n->kind == MM_E_NEG ? '-' : '+', mm_tpl_typename(&a));
         } else if (intlike(&a)) {
-            long long v = (long long)mm_tpl_num(&a);
+            long long v = mm_tpl_intval(&a);
             if (n->kind == MM_E_NEG && v == INT64_MIN)
                 rc = overflow(e);
             else
@@ -1126,9 +1194,13 @@ static int capture(evalctx *E, mm_tpl_frame *f, const mm_tpl_node *body, mm_tpl_
 {
     mm_tpl_ectx *e = &E->x;
     mm_buf buf, *saved = e->out;
+    mm_tpl_frame cf = {.parent = f};   /* a block body is a scope of its own */
     mm_buf_init(&buf, e->out_max);
     e->out = &buf;
-    int rc = exec_body(E, f, body);
+    int rc = enter_scope(e, &cf, body);
+    if (!rc)
+        rc = exec_body(E, &cf, body);
+    frame_free(&cf);
     e->out = saved;
     if (rc >= 0) {
         rc = 0;
@@ -1200,7 +1272,9 @@ static int exec_for(evalctx *E, mm_tpl_frame *f, const mm_tpl_node *n)
     if (len == 0) {
         if (n->d) {
             mm_tpl_frame ef = {.parent = f};
-            rc = exec_body(E, &ef, n->d);
+            rc = enter_scope(e, &ef, n->d);
+            if (!rc)
+                rc = exec_body(E, &ef, n->d);
             frame_free(&ef);
         }
         goto out;
@@ -1229,6 +1303,8 @@ static int exec_for(evalctx *E, mm_tpl_frame *f, const mm_tpl_node *n)
             rc = assign(E, &it_f, n->a, &xv);
         else
             mm_tpl_unref(&xv);
+        if (!rc)
+            rc = enter_scope(e, &it_f, n->c);
         if (!rc)
             rc = exec_body(E, &it_f, n->c);
         frame_free(&it_f);
@@ -1322,6 +1398,7 @@ static int exec_stmt(evalctx *E, mm_tpl_frame *f, const mm_tpl_node *n)
         break;
     case MM_N_WITH: {
         mm_tpl_frame wf = {.parent = f};
+        rc = enter_scope(e, &wf, n->b);
         for (size_t i = 0; i < n->nkids && !rc; i++) {
             mm_tpl_val x;
             if (!(rc = eval(E, f, n->kids[i]->b, &x)))
@@ -1373,7 +1450,9 @@ int mm_tpl_eval_render(const mm_template *t, const json_t *ctx, mm_buf *out, cha
     E.x.errlen = errlen;
     E.x.root = &root;
     E.x.line = 1;
-    int rc = exec_body(&E, &root, t->root);
+    int rc = enter_scope(&E.x, &root, t->root);
+    if (!rc)
+        rc = exec_body(&E, &root, t->root);
     if (rc > 0)
         rc = 0;   /* the parser keeps break/continue inside loops */
     if (!rc && buf.len) {
@@ -1385,6 +1464,7 @@ int mm_tpl_eval_render(const mm_template *t, const json_t *ctx, mm_buf *out, cha
             snprintf(err, errlen, "out of memory");
     }
     frame_free(&root);
+    mm_tpl_free_shapes(&E.x);
     mm_buf_free(&buf);
     return rc;
 }

@@ -79,6 +79,10 @@ struct mm_tpl_node {
     const char **kwnames;/* per call argument: keyword or NULL */
     int *ops;            /* MM_E_CMP: operator per kid */
     size_t nkids;
+    /* A body that opens a scope: names that start out undefined there (see
+     * template_scope.c), bound on entry so outer values do not show. */
+    const char **undef;
+    size_t nundef;
 };
 /* Field use per kind:
  *   N_BODY kids | N_TEXT text | N_OUTPUT a | N_IF a=cond b=then c=else
@@ -88,7 +92,8 @@ struct mm_tpl_node {
  *   N_FILTERBLOCK a=filter chain b=body | N_WITH kids=N_SET b=body
  *   E_ATTR a.name | E_ITEM a[b] | E_SLICE a[b:c:d] | E_CALL a(kids)
  *   E_FILTER a|name(kids) | E_TEST a is [not] name(kids) | E_BIN a op b
- *   E_CMP a ops[i] kids[i] ... | E_COND b if a else c | E_NSREF name.name2 */
+ *   E_CMP a ops[i] kids[i] ... | E_COND b if a else c | E_NSREF name.name2
+ * An N_IF made from {% elif %} has op = 1. */
 
 struct mm_template {
     mm_tpl_arena arena;
@@ -101,6 +106,9 @@ struct mm_template {
  * -E2BIG (nesting), -ENOMEM. */
 int mm_tpl_parse(mm_template *t, const mm_tpl_tokens *toks, char *err, size_t errlen);
 
+/* Jinja's static scoping, computed after parsing: fills the undef lists. */
+int mm_tpl_scope(mm_template *t, char *err, size_t errlen);
+
 /* Filter and test names this engine implements (compile-time checks). */
 int mm_tpl_has_filter(const char *name);
 int mm_tpl_has_test(const char *name);
@@ -109,9 +117,10 @@ int mm_tpl_known_filter(const char *name);
 int mm_tpl_known_test(const char *name);
 
 /* ---- values ---- */
-enum { MM_TV_UNDEF, MM_TV_JSON, MM_TV_NS, MM_TV_LOOP, MM_TV_FUNC };
+enum { MM_TV_UNDEF, MM_TV_JSON, MM_TV_NS, MM_TV_LOOP, MM_TV_FUNC, MM_TV_ITER };
 
 typedef struct mm_tpl_ns mm_tpl_ns;
+typedef struct mm_tpl_iter mm_tpl_iter;
 typedef struct mm_tpl_loop mm_tpl_loop;
 typedef struct mm_tpl_func mm_tpl_func;
 
@@ -122,6 +131,7 @@ typedef struct mm_tpl_val {
         mm_tpl_ns *ns;
         mm_tpl_loop *loop;
         mm_tpl_func *fn;
+        mm_tpl_iter *it;
     } u;
     /* MM_TV_UNDEF: why it is undefined, for the error when it is used. */
     const char *uname;   /* the missing name (NULL: see uhint) */
@@ -141,6 +151,18 @@ struct mm_tpl_loop {
     json_t *items;       /* the (filtered) sequence */
     size_t index0;
     json_t *changed_last;/* loop.changed() state */
+};
+
+/* A Python iterator (what map, select, items, unique, reverse return):
+ * always true, not printable, and used up by iterating it. */
+struct mm_tpl_iter {
+    int refs;
+    json_t *items;
+    size_t pos;              /* items before pos are consumed */
+    const char *pyname;      /* "generator", "list_reverseiterator", ... */
+    /* Generators fail lazily: a filter given a non-iterable raises only when
+     * its result is iterated.  err_fmt (with err_arg for %s) is that error. */
+    const char *err_fmt, *err_arg;
 };
 
 enum { MM_FN_GLOBAL, MM_FN_METHOD, MM_FN_MACRO };
@@ -166,7 +188,30 @@ typedef struct mm_tpl_ectx {
     int calls;
     unsigned long iters;
     mm_tpl_frame *root;
+    /* Lists that are really other Python sequences (tuples, dict views,
+     * ranges), see mm_tpl_mark.  Each holds a reference to the end of the
+     * render, so a pointer cannot be reused for another list meanwhile. */
+    struct mm_tpl_shape *shapes;
+    size_t nshapes, capshapes;
+    size_t *shape_hash;      /* open addressing: index + 1, 0 empty */
+    size_t shape_hashcap;
 } mm_tpl_ectx;
+
+enum { MM_SHAPE_LIST, MM_SHAPE_TUPLE, MM_SHAPE_ITEMS, MM_SHAPE_KEYS, MM_SHAPE_VALUES,
+       MM_SHAPE_RANGE };
+typedef struct mm_tpl_shape {
+    json_t *l;
+    int kind;
+    long long range[3];
+} mm_tpl_shape;
+/* Record that list l (fresh, not shared) is a tuple, dict view or range:
+ * it prints, concatenates and serializes as Python's would.  0 or -ENOMEM. */
+int mm_tpl_mark(mm_tpl_ectx *e, json_t *l, int kind, const long long *range);
+int mm_tpl_shape_of(const mm_tpl_ectx *e, const json_t *l, const long long **range);
+const char *mm_tpl_shape_name(int kind);
+void mm_tpl_free_shapes(mm_tpl_ectx *e);
+/* Wrap items (reference taken) as an iterator value. */
+int mm_tpl_iter_new(mm_tpl_ectx *e, json_t *items, const char *pyname, mm_tpl_val *out);
 
 /* Record "line N: <msg>" unless an error is already recorded; returns rc. */
 int mm_tpl_fail(mm_tpl_ectx *e, int rc, const char *fmt, ...)
@@ -194,6 +239,7 @@ int mm_tpl_is_bool(const mm_tpl_val *v);
 int mm_tpl_is_int(const mm_tpl_val *v);    /* int, not bool */
 int mm_tpl_is_num(const mm_tpl_val *v);    /* int, float or bool */
 double mm_tpl_num(const mm_tpl_val *v);
+long long mm_tpl_intval(const mm_tpl_val *v);   /* int or bool, exactly */
 const char *mm_tpl_typename(const mm_tpl_val *v);
 int mm_tpl_truthy(const mm_tpl_val *v);
 
@@ -224,7 +270,10 @@ int mm_tpl_cmp(mm_tpl_ectx *e, const mm_tpl_val *a, const mm_tpl_val *b, int *re
 int mm_tpl_json_cmp(mm_tpl_ectx *e, const json_t *a, const json_t *b, int *res);
 /* The JSON for a value going into a list or dict (new reference). */
 int mm_tpl_to_json(mm_tpl_ectx *e, const mm_tpl_val *v, json_t **out);
-/* Materialize what `for` iterates: a new array.  Undefined is empty. */
+/* The rest of an iterator, used up (a new array). */
+int mm_tpl_iter_take(mm_tpl_ectx *e, mm_tpl_iter *it, json_t **out);
+/* Materialize what `for` iterates: an array reference.  Undefined is empty;
+ * an iterator is used up. */
 int mm_tpl_iterate(mm_tpl_ectx *e, const mm_tpl_val *v, json_t **out);
 
 /* ---- UTF-8 and Python string helpers (template_value.c) ---- */
@@ -281,6 +330,10 @@ int mm_tpl_global_lookup(const char *name, mm_tpl_val *out);
 int mm_tpl_call_global(mm_tpl_ectx *e, const mm_tpl_func *f, const mm_tpl_args *a,
                        mm_tpl_val *out);
 
+/* str.splitlines(keepends) */
+int mm_tpl_splitlines(mm_tpl_ectx *e, const char *s, size_t n, int keepends, mm_tpl_val *out);
+/* str.islower() (upper = 0) or str.isupper() */
+int mm_tpl_str_cased(const char *s, size_t n, int upper);
 /* dict.items() as a list of [key, value] lists. */
 int mm_tpl_dict_items(mm_tpl_ectx *e, const json_t *d, mm_tpl_val *out);
 /* Python str methods shared by filters and methods. new string in *out */

@@ -167,7 +167,7 @@ static int need_int(mm_tpl_ectx *e, const char *what, const mm_tpl_val *v, long 
     if (!(mm_tpl_is_int(v) || mm_tpl_is_bool(v)))
         return mm_tpl_fail(e, -EINVAL, "%s: expected an integer, got %s", what,
                            mm_tpl_typename(v));
-    *out = (long long)mm_tpl_num(v);
+    *out = mm_tpl_intval(v);
     return 0;
 }
 
@@ -286,7 +286,7 @@ static int str_join(mm_tpl_ectx *e, const mm_tpl_val *self, const mm_tpl_val *it
 }
 
 /* str.splitlines(keepends=False), Python's line boundaries. */
-static int str_splitlines(mm_tpl_ectx *e, const char *s, size_t n, int keepends, mm_tpl_val *out)
+int mm_tpl_splitlines(mm_tpl_ectx *e, const char *s, size_t n, int keepends, mm_tpl_val *out)
 {
     json_t *l = json_array();
     if (!l)
@@ -466,7 +466,7 @@ static int str_method(mm_tpl_ectx *e, const mm_tpl_func *f, const mm_tpl_args *a
     case M_SPLITLINES:
         if ((rc = mm_tpl_bind(e, what, "keepends", a, s)))
             return rc;
-        return str_splitlines(e, p, n, s[0] && mm_tpl_truthy(s[0]), out);
+        return mm_tpl_splitlines(e, p, n, s[0] && mm_tpl_truthy(s[0]), out);
     case M_STARTSWITH:
     case M_ENDSWITH:
         if ((rc = mm_tpl_bind(e, what, "prefix", a, s)))
@@ -563,6 +563,10 @@ static int dict_items(mm_tpl_ectx *e, const json_t *d, int what, mm_tpl_val *out
             json_decref(l);
             return oom(e);
         }
+        if (what == M_ITEMS && mm_tpl_mark(e, x, MM_SHAPE_TUPLE, NULL)) {
+            json_decref(l);
+            return -ENOMEM;
+        }
     }
     *out = mm_tpl_jv(l);
     return 0;
@@ -571,6 +575,25 @@ static int dict_items(mm_tpl_ectx *e, const json_t *d, int what, mm_tpl_val *out
 int mm_tpl_dict_items(mm_tpl_ectx *e, const json_t *d, mm_tpl_val *out)
 {
     return dict_items(e, d, M_ITEMS, out);
+}
+
+/* d.items() / keys() / values(): views, printed as dict_items([...]) */
+static int dict_view(mm_tpl_ectx *e, const json_t *d, int what, mm_tpl_val *out)
+{
+    int rc = dict_items(e, d, what, out);
+    if (rc)
+        return rc;
+    int shape = what == M_ITEMS ? MM_SHAPE_ITEMS : what == M_KEYS ? MM_SHAPE_KEYS : MM_SHAPE_VALUES;
+    if (mm_tpl_mark(e, out->u.j, shape, NULL)) {
+        mm_tpl_unref(out);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+int mm_tpl_str_cased(const char *s, size_t n, int upper)
+{
+    return str_is(s, n, upper ? M_ISUPPER : M_ISLOWER);
 }
 
 static int other_method(mm_tpl_ectx *e, const mm_tpl_func *f, const mm_tpl_args *a,
@@ -586,7 +609,7 @@ static int other_method(mm_tpl_ectx *e, const mm_tpl_func *f, const mm_tpl_args 
     case M_VALUES:
         if ((rc = mm_tpl_bind(e, what, "", a, s)))
             return rc;
-        return dict_items(e, self->u.j, f->id, out);
+        return dict_view(e, self->u.j, f->id, out);
     case M_GET:
         if ((rc = mm_tpl_bind(e, what, "key,default", a, s)))
             return rc;
@@ -809,6 +832,10 @@ int mm_tpl_call_global(mm_tpl_ectx *e, const mm_tpl_func *f, const mm_tpl_args *
                 json_decref(l);
                 return oom(e);
             }
+        if (mm_tpl_mark(e, l, MM_SHAPE_RANGE, v)) {
+            json_decref(l);
+            return -ENOMEM;
+        }
         *out = mm_tpl_jv(l);
         return 0;
     }

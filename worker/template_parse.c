@@ -938,6 +938,7 @@ static int parse_if(parser *P, int line, mm_tpl_node **out)
             mm_tpl_node *e = node(P, MM_N_IF, l2);
             if (!e)
                 return poom(P);
+            e->op = 1;   /* an elif: scoping treats it as Jinja's If.elif_ */
             if ((rc = parse_tuple(P, 0, 0, NULL, 0, &e->a)) || (rc = expect_block_end(P)) ||
                 (rc = parse_body(P, ends1, "if", line, &e->b)))
                 return rc;

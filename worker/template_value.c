@@ -97,6 +97,7 @@ mm_tpl_val mm_tpl_ref(const mm_tpl_val *v)
     case MM_TV_NS: v->u.ns->refs++; break;
     case MM_TV_LOOP: v->u.loop->refs++; break;
     case MM_TV_FUNC: v->u.fn->refs++; break;
+    case MM_TV_ITER: v->u.it->refs++; break;
     default: break;
     }
     return r;
@@ -133,6 +134,12 @@ void mm_tpl_unref(mm_tpl_val *v)
             free(v->u.fn);
         }
         break;
+    case MM_TV_ITER:
+        if (--v->u.it->refs == 0) {
+            json_decref(v->u.it->items);
+            free(v->u.it);
+        }
+        break;
     default:
         break;
     }
@@ -161,6 +168,129 @@ double mm_tpl_num(const mm_tpl_val *v)
     return json_number_value(v->u.j);
 }
 
+long long mm_tpl_intval(const mm_tpl_val *v)
+{
+    if (json_is_boolean(v->u.j))
+        return json_is_true(v->u.j);
+    return json_integer_value(v->u.j);
+}
+
+/* ---- shapes: lists that are tuples, dict views or ranges in Python ---- */
+static size_t ptr_hash(const void *p)
+{
+    uint64_t x = (uint64_t)(uintptr_t)p;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return (size_t)x;
+}
+
+static int shape_rehash(mm_tpl_ectx *e, size_t cap)
+{
+    size_t *h = calloc(cap, sizeof(*h));
+    if (!h)
+        return -ENOMEM;
+    for (size_t i = 0; i < e->nshapes; i++) {
+        size_t k = ptr_hash(e->shapes[i].l) & (cap - 1);
+        while (h[k])
+            k = (k + 1) & (cap - 1);
+        h[k] = i + 1;
+    }
+    free(e->shape_hash);
+    e->shape_hash = h;
+    e->shape_hashcap = cap;
+    return 0;
+}
+
+static mm_tpl_shape *shape_find(const mm_tpl_ectx *e, const json_t *l)
+{
+    if (!e->shape_hashcap)
+        return NULL;
+    size_t k = ptr_hash(l) & (e->shape_hashcap - 1);
+    while (e->shape_hash[k]) {
+        mm_tpl_shape *s = &e->shapes[e->shape_hash[k] - 1];
+        if (s->l == l)
+            return s;
+        k = (k + 1) & (e->shape_hashcap - 1);
+    }
+    return NULL;
+}
+
+int mm_tpl_mark(mm_tpl_ectx *e, json_t *l, int kind, const long long *range)
+{
+    mm_tpl_shape *s = shape_find(e, l);
+    if (!s) {
+        if (e->nshapes == e->capshapes) {
+            size_t nc = e->capshapes ? e->capshapes * 2 : 16;
+            mm_tpl_shape *v = realloc(e->shapes, nc * sizeof(*v));
+            if (!v)
+                return oom(e);
+            e->shapes = v;
+            e->capshapes = nc;
+        }
+        if ((e->nshapes + 1) * 2 > e->shape_hashcap &&
+            shape_rehash(e, e->shape_hashcap ? e->shape_hashcap * 2 : 64))
+            return oom(e);
+        s = &e->shapes[e->nshapes++];
+        s->l = json_incref(l);
+        size_t k = ptr_hash(l) & (e->shape_hashcap - 1);
+        while (e->shape_hash[k])
+            k = (k + 1) & (e->shape_hashcap - 1);
+        e->shape_hash[k] = e->nshapes;
+    }
+    s->kind = kind;
+    if (range)
+        memcpy(s->range, range, sizeof(s->range));
+    return 0;
+}
+
+int mm_tpl_shape_of(const mm_tpl_ectx *e, const json_t *l, const long long **range)
+{
+    mm_tpl_shape *s = shape_find(e, l);
+    if (range)
+        *range = s ? s->range : NULL;
+    return s ? s->kind : MM_SHAPE_LIST;
+}
+
+const char *mm_tpl_shape_name(int kind)
+{
+    switch (kind) {
+    case MM_SHAPE_TUPLE: return "tuple";
+    case MM_SHAPE_ITEMS: return "dict_items";
+    case MM_SHAPE_KEYS: return "dict_keys";
+    case MM_SHAPE_VALUES: return "dict_values";
+    case MM_SHAPE_RANGE: return "range";
+    default: return "list";
+    }
+}
+
+void mm_tpl_free_shapes(mm_tpl_ectx *e)
+{
+    for (size_t i = 0; i < e->nshapes; i++)
+        json_decref(e->shapes[i].l);
+    free(e->shapes);
+    free(e->shape_hash);
+    e->shapes = NULL;
+    e->shape_hash = NULL;
+    e->nshapes = e->capshapes = e->shape_hashcap = 0;
+}
+
+int mm_tpl_iter_new(mm_tpl_ectx *e, json_t *items, const char *pyname, mm_tpl_val *out)
+{
+    mm_tpl_iter *it = calloc(1, sizeof(*it));
+    if (!it) {
+        json_decref(items);
+        return oom(e);
+    }
+    it->refs = 1;
+    it->items = items;
+    it->pyname = pyname;
+    memset(out, 0, sizeof(*out));
+    out->kind = MM_TV_ITER;
+    out->u.it = it;
+    return 0;
+}
+
 static const char *json_typename(const json_t *j)
 {
     switch (json_typeof(j)) {
@@ -182,6 +312,7 @@ const char *mm_tpl_typename(const mm_tpl_val *v)
     case MM_TV_NS: return "Namespace";
     case MM_TV_LOOP: return "LoopContext";
     case MM_TV_FUNC: return v->u.fn->fkind == MM_FN_MACRO ? "Macro" : "function";
+    case MM_TV_ITER: return v->u.it->pyname;
     default: return "Undefined";
     }
 }
@@ -501,7 +632,22 @@ static int json_pyrepr_container(mm_tpl_ectx *e, const json_t *j, mm_buf *b, int
     if (json_is_array(j)) {
         size_t i;
         json_t *v;
-        if ((rc = put(e, b, "[", 1)))
+        const long long *r;
+        int shape = mm_tpl_shape_of(e, j, &r), tup = shape == MM_SHAPE_TUPLE;
+        if (shape == MM_SHAPE_RANGE) {
+            char tmp[96];
+            if (r[2] == 1)
+                snprintf(tmp, sizeof(tmp), "range(%lld, %lld)", r[0], r[1]);
+            else
+                snprintf(tmp, sizeof(tmp), "range(%lld, %lld, %lld)", r[0], r[1], r[2]);
+            return put(e, b, tmp, strlen(tmp));
+        }
+        if (shape >= MM_SHAPE_ITEMS) {
+            const char *nm = mm_tpl_shape_name(shape);
+            if ((rc = put(e, b, nm, strlen(nm))) || (rc = put(e, b, "(", 1)))
+                return rc;
+        }
+        if ((rc = put(e, b, tup ? "(" : "[", 1)))
             return rc;
         json_array_foreach(j, i, v) {
             if (i && (rc = put(e, b, ", ", 2)))
@@ -509,7 +655,11 @@ static int json_pyrepr_container(mm_tpl_ectx *e, const json_t *j, mm_buf *b, int
             if ((rc = json_pystr(e, v, b, 1, depth + 1)))
                 return rc;
         }
-        return put(e, b, "]", 1);
+        if (tup && json_array_size(j) == 1 && (rc = put(e, b, ",", 1)))
+            return rc;
+        if ((rc = put(e, b, tup ? ")" : "]", 1)))
+            return rc;
+        return shape >= MM_SHAPE_ITEMS ? put(e, b, ")", 1) : 0;
     }
     const char *k;
     json_t *v;
@@ -581,6 +731,9 @@ static int val_pystr(mm_tpl_ectx *e, const mm_tpl_val *v, mm_buf *b, int repr)
         }
         /* Python would print an object address */
         return mm_tpl_fail(e, -ENOTSUP, "printing the function '%s'", v->u.fn->name);
+    case MM_TV_ITER:
+        return mm_tpl_fail(e, -ENOTSUP, "printing a %s (Python prints its address; "
+                           "the template probably lacks |list)", v->u.it->pyname);
     default:
         return 0;
     }
@@ -694,6 +847,10 @@ static int dump_json(mm_tpl_ectx *e, const json_t *j, const mm_tpl_jsonopt *o, i
     case JSON_NULL: return put(e, b, "null", 4);
     case JSON_ARRAY: {
         size_t n = json_array_size(j);
+        int shape = mm_tpl_shape_of(e, j, NULL);
+        if (shape >= MM_SHAPE_ITEMS)
+            return mm_tpl_fail(e, -EINVAL, "Object of type %s is not JSON serializable",
+                               mm_tpl_shape_name(shape));
         if (n == 0)
             return put(e, b, "[]", 2);
         if ((rc = put(e, b, "[", 1)))
@@ -883,6 +1040,23 @@ int mm_tpl_to_json(mm_tpl_ectx *e, const mm_tpl_val *v, json_t **out)
     return mm_tpl_fail(e, -ENOTSUP, "a %s inside a list or dict", mm_tpl_typename(v));
 }
 
+int mm_tpl_iter_take(mm_tpl_ectx *e, mm_tpl_iter *it, json_t **out)
+{
+    if (it->err_fmt)
+        return mm_tpl_fail(e, -EINVAL, it->err_fmt, it->err_arg ? it->err_arg : "");
+    json_t *a = json_array();
+    if (!a)
+        return oom(e);
+    for (size_t i = it->pos; i < json_array_size(it->items); i++)
+        if (json_array_append(a, json_array_get(it->items, i))) {
+            json_decref(a);
+            return oom(e);
+        }
+    it->pos = json_array_size(it->items);
+    *out = a;
+    return 0;
+}
+
 int mm_tpl_iterate(mm_tpl_ectx *e, const mm_tpl_val *v, json_t **out)
 {
     if (v->kind == MM_TV_UNDEF) {
@@ -893,6 +1067,8 @@ int mm_tpl_iterate(mm_tpl_ectx *e, const mm_tpl_val *v, json_t **out)
         *out = json_incref(v->u.j);
         return 0;
     }
+    if (v->kind == MM_TV_ITER)
+        return mm_tpl_iter_take(e, v->u.it, out);
     if (v->kind == MM_TV_JSON && json_is_object(v->u.j)) {
         json_t *a = json_array();
         const char *k;

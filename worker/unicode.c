@@ -115,6 +115,50 @@ unsigned mm_unicode_ccc(uint32_t cp)
     return v == MM_UCD_QC_UNSAFE ? 0 : v;
 }
 
+/* Unicode version that assigned cp; only meaningful for code points with a
+ * table entry (mark, decomposable or composite). */
+static unsigned age_of(uint32_t cp)
+{
+    size_t lo = 0, hi = mm_ucd_age_count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (mm_ucd_age_lo[mid] <= cp)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo ? mm_ucd_age_ver[lo - 1] : 0;
+}
+
+/* Whether cp is unassigned for tables of `version` (0: never). */
+static int too_new(uint32_t cp, unsigned version)
+{
+    return version && age_of(cp) > version;
+}
+
+static unsigned ccc_at(uint32_t cp, unsigned version)
+{
+    unsigned c = mm_unicode_ccc(cp);
+    return c && too_new(cp, version) ? 0 : c;
+}
+
+int mm_unicode_class_additions(const char *gc, unsigned since, mm_buf *out)
+{
+    size_t gl = strlen(gc);
+    if (gl < 1 || gl > 2)
+        return 0;
+    for (size_t i = 0; i < mm_ucd_new_count; i++) {
+        const mm_ucd_new_range *r = &mm_ucd_new[i];
+        if (r->age <= since || memcmp(r->gc, gc, gl) != 0)
+            continue;
+        int rc = r->lo == r->hi ? mm_buf_printf(out, "\\x{%X}", (unsigned)r->lo)
+                                : mm_buf_printf(out, "\\x{%X}-\\x{%X}", (unsigned)r->lo, (unsigned)r->hi);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
 /* A growable array of code points for one segment. */
 typedef struct cpvec {
     uint32_t *v;
@@ -150,7 +194,7 @@ static int decomp_find(uint32_t cp)
 }
 
 /* Append the full canonical decomposition of cp. */
-static int decompose(cpvec *a, uint32_t cp)
+static int decompose(cpvec *a, uint32_t cp, unsigned version)
 {
     int rc = cpvec_reserve(a, 4);
     if (rc)
@@ -165,7 +209,7 @@ static int decompose(cpvec *a, uint32_t cp)
     }
     /* Below U+00C0 nothing decomposes; skip the search for ASCII-heavy text. */
     int i = cp < 0xC0 ? -1 : decomp_find(cp);
-    if (i < 0) {
+    if (i < 0 || too_new(cp, version)) {
         a->v[a->n++] = cp;
         return 0;
     }
@@ -176,13 +220,13 @@ static int decompose(cpvec *a, uint32_t cp)
     return 0;
 }
 
-static void sort_insertion(uint32_t *v, size_t n)
+static void sort_insertion(uint32_t *v, size_t n, unsigned ver)
 {
     for (size_t i = 1; i < n; i++) {
         uint32_t x = v[i];
-        unsigned cx = mm_unicode_ccc(x);
+        unsigned cx = ccc_at(x, ver);
         size_t j = i;
-        while (j > 0 && mm_unicode_ccc(v[j - 1]) > cx) {
+        while (j > 0 && ccc_at(v[j - 1], ver) > cx) {
             v[j] = v[j - 1];
             j--;
         }
@@ -191,7 +235,7 @@ static void sort_insertion(uint32_t *v, size_t n)
 }
 
 /* Stable bottom-up merge sort by combining class; tmp holds n entries. */
-static void sort_merge(uint32_t *v, uint32_t *tmp, size_t n)
+static void sort_merge(uint32_t *v, uint32_t *tmp, size_t n, unsigned ver)
 {
     for (size_t w = 1; w < n; w *= 2) {
         for (size_t lo = 0; lo < n; lo += 2 * w) {
@@ -199,7 +243,7 @@ static void sort_merge(uint32_t *v, uint32_t *tmp, size_t n)
             size_t hi = lo + 2 * w < n ? lo + 2 * w : n;
             size_t i = lo, j = mid, k = lo;
             while (i < mid && j < hi)
-                tmp[k++] = mm_unicode_ccc(v[j]) < mm_unicode_ccc(v[i]) ? v[j++] : v[i++];
+                tmp[k++] = ccc_at(v[j], ver) < ccc_at(v[i], ver) ? v[j++] : v[i++];
             while (i < mid)
                 tmp[k++] = v[i++];
             while (j < hi)
@@ -210,17 +254,17 @@ static void sort_merge(uint32_t *v, uint32_t *tmp, size_t n)
 }
 
 /* Canonical ordering: stable sort of every run of non-starters. */
-static int reorder(cpvec *a)
+static int reorder(cpvec *a, unsigned ver)
 {
     uint32_t *tmp = NULL;
     size_t i = 0;
     while (i < a->n) {
-        if (mm_unicode_ccc(a->v[i]) == 0) {
+        if (ccc_at(a->v[i], ver) == 0) {
             i++;
             continue;
         }
         size_t j = i;
-        while (j < a->n && mm_unicode_ccc(a->v[j]) != 0)
+        while (j < a->n && ccc_at(a->v[j], ver) != 0)
             j++;
         size_t len = j - i;
         if (len > INSERTION_MAX) {
@@ -229,9 +273,9 @@ static int reorder(cpvec *a)
                 if (!tmp)
                     return -ENOMEM;
             }
-            sort_merge(a->v + i, tmp, len);
+            sort_merge(a->v + i, tmp, len, ver);
         } else if (len > 1) {
-            sort_insertion(a->v + i, len);
+            sort_insertion(a->v + i, len, ver);
         }
         i = j;
     }
@@ -240,7 +284,7 @@ static int reorder(cpvec *a)
 }
 
 /* The primary composite of (a, b), or 0 when there is none. */
-static uint32_t compose_pair(uint32_t a, uint32_t b)
+static uint32_t compose_pair(uint32_t a, uint32_t b, unsigned ver)
 {
     if (a >= L_BASE && a < L_BASE + L_COUNT && b >= V_BASE && b < V_BASE + V_COUNT)
         return S_BASE + ((a - L_BASE) * V_COUNT + (b - V_BASE)) * T_COUNT;
@@ -256,7 +300,9 @@ static uint32_t compose_pair(uint32_t a, uint32_t b)
         else
             hi = mid;
     }
-    return lo < mm_ucd_comp_count && mm_ucd_comp_key[lo] == key ? mm_ucd_comp_val[lo] : 0;
+    if (lo == mm_ucd_comp_count || mm_ucd_comp_key[lo] != key || too_new(mm_ucd_comp_val[lo], ver))
+        return 0;
+    return mm_ucd_comp_val[lo];
 }
 
 /* Canonical composition in place. last_cc is the class of the last kept
@@ -264,16 +310,16 @@ static uint32_t compose_pair(uint32_t a, uint32_t b)
  * non-starter composes with nothing. A pair composes when nothing between
  * them is blocking: either they are adjacent (last_cc == 0) or every mark in
  * between has a lower class. */
-static void compose(cpvec *a)
+static void compose(cpvec *a, unsigned ver)
 {
     if (a->n == 0)
         return;
     size_t starter = 0, w = 1;
-    unsigned last_cc = mm_unicode_ccc(a->v[0]) ? 256 : 0;
+    unsigned last_cc = ccc_at(a->v[0], ver) ? 256 : 0;
     for (size_t r = 1; r < a->n; r++) {
         uint32_t ch = a->v[r];
-        unsigned cc = mm_unicode_ccc(ch);
-        uint32_t comp = last_cc == 256 ? 0 : compose_pair(a->v[starter], ch);
+        unsigned cc = ccc_at(ch, ver);
+        uint32_t comp = last_cc == 256 ? 0 : compose_pair(a->v[starter], ch, ver);
         if (comp && (last_cc < cc || last_cc == 0)) {
             a->v[starter] = comp;
             continue;
@@ -286,7 +332,7 @@ static void compose(cpvec *a)
     a->n = w;
 }
 
-static int normalize_segment(const char *s, size_t n, cpvec *a, mm_buf *out)
+static int normalize_segment(const char *s, size_t n, unsigned ver, cpvec *a, mm_buf *out)
 {
     a->n = 0;
     size_t i = 0;
@@ -296,13 +342,13 @@ static int normalize_segment(const char *s, size_t n, cpvec *a, mm_buf *out)
         size_t l = mm_utf8_decode(s + i, n - i, &cp);
         if (!l)
             return -EILSEQ;
-        if ((rc = decompose(a, cp)))
+        if ((rc = decompose(a, cp, ver)))
             return rc;
         i += l;
     }
-    if ((rc = reorder(a)))
+    if ((rc = reorder(a, ver)))
         return rc;
-    compose(a);
+    compose(a, ver);
     for (size_t k = 0; k < a->n; k++) {
         char enc[4];
         size_t l = mm_utf8_encode(a->v[k], enc);
@@ -313,6 +359,14 @@ static int normalize_segment(const char *s, size_t n, cpvec *a, mm_buf *out)
 }
 
 int mm_unicode_nfc(const char *s, size_t n, mm_buf *out)
+{
+    return mm_unicode_nfc_version(s, n, 0, out);
+}
+
+/* A code point safe in the full tables is safe at any older version too
+ * (there it is either the same or unassigned), so the fast path needs no
+ * version check; the slow path applies the version. */
+int mm_unicode_nfc_version(const char *s, size_t n, unsigned version, mm_buf *out)
 {
     size_t orig = out->len;
     cpvec a = {0};
@@ -333,7 +387,7 @@ int mm_unicode_nfc(const char *s, size_t n, mm_buf *out)
         }
         if (v == 0) {
             if (complex) {
-                if ((rc = normalize_segment(s + seg, i - seg, &a, out)))
+                if ((rc = normalize_segment(s + seg, i - seg, version, &a, out)))
                     goto out;
                 seg = i;
                 complex = 0;
@@ -350,7 +404,7 @@ int mm_unicode_nfc(const char *s, size_t n, mm_buf *out)
         i += l;
     }
     if (complex)
-        rc = normalize_segment(s + seg, n - seg, &a, out);
+        rc = normalize_segment(s + seg, n - seg, version, &a, out);
     else
         rc = mm_buf_append(out, s + seg, n - seg);
 out:

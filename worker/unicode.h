@@ -23,9 +23,22 @@ int    mm_utf8_valid(const char *s, size_t n);
  * otherwise, with out unchanged in length). Returns 0, -EILSEQ, or the
  * mm_buf error (-E2BIG, -ENOMEM). */
 int mm_unicode_nfc(const char *s, size_t n, mm_buf *out);
+/* NFC as an implementation with Unicode `version` tables computes it
+ * (major * 100 + minor; 0 = these tables): code points assigned later are
+ * unassigned there, so starters without decomposition or composition. For
+ * text whose code points all predate `version` the result is plain NFC. */
+int mm_unicode_nfc_version(const char *s, size_t n, unsigned version, mm_buf *out);
 
 /* Canonical combining class of cp (0 for starters). */
 unsigned mm_unicode_ccc(uint32_t cp);
+
+/* Append, in PCRE2 class syntax ("\x{A}-\x{B}..."), the code points of
+ * general category gc (one letter: the whole major class, e.g. "L"; two
+ * letters: exactly that category) assigned by a Unicode version newer than
+ * `since` (major * 100 + minor). A regex engine with tables of version
+ * `since` sees them as unassigned; adding them to its \p{gc} brings it up to
+ * the version of these tables. Returns 0 or the mm_buf error. */
+int mm_unicode_class_additions(const char *gc, unsigned since, mm_buf *out);
 
 /* Internal: the generated tables (unicode_data.c). qc value per code point:
  * 0 = NFC-safe starter, 1..254 = canonical combining class, 255 = a starter
@@ -41,4 +54,20 @@ extern const uint32_t mm_ucd_decomp_pool[];
 extern const size_t   mm_ucd_comp_count;
 extern const uint64_t mm_ucd_comp_key[];    /* first << 21 | second, sorted */
 extern const uint32_t mm_ucd_comp_val[];
+/* Version (major * 100 + minor) that assigned each code point NFC looks up:
+ * ranges starting at mm_ucd_age_lo[i], sorted. */
+extern const size_t   mm_ucd_age_count;
+extern const uint32_t mm_ucd_age_lo[];
+extern const uint16_t mm_ucd_age_ver[];
+
+/* Code points assigned since Unicode 13.0: [lo, hi], general category (two
+ * letters), and the version that assigned them as major * 100 + minor. */
+typedef struct mm_ucd_new_range {
+    uint32_t lo, hi;
+    char     gc[3];
+    unsigned age;
+} mm_ucd_new_range;
+extern const unsigned         mm_ucd_version; /* of these tables, major * 100 + minor */
+extern const size_t           mm_ucd_new_count;
+extern const mm_ucd_new_range mm_ucd_new[];
 #endif

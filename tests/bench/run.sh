@@ -503,6 +503,14 @@ report() {
                 pr=$(ratio "$(col_median "$TMP/results.tsv" modelmux 5)" "$(col_median "$TMP/results.tsv" nginx 5)")
                 p5=$(ratio "$(col_median "$TMP/results.tsv" modelmux 4)" "$(col_median "$TMP/results.tsv" nginx 4)")
                 echo "modelmux / nginx: req/s **$rr** (goal >= 1.0: $(goal "$rr" ">=" 1.0)), p99 **$pr** (goal <= 1.0: $(goal "$pr" "<=" 1.0)), p50 $p5."
+                # Ratios within each round are immune to drift between rounds.
+                awk -F'\t' '$1 == "nginx" { n[$2] = $3; n99[$2] = $5 } $1 == "modelmux" { m[$2] = $3; m99[$2] = $5 }
+                    END {
+                        for (r = 1; r in n && r in m; r++) {
+                            a = a sep sprintf("%.2f", m[r] / n[r]); b = b sep sprintf("%.2f", m99[r] / n99[r]); sep = ", "
+                        }
+                        if (a != "") printf "Same ratios per round: req/s %s; p99 %s.\n", a, b
+                    }' "$TMP/results.tsv"
                 echo
             fi
             echo "Per run (req/s, p50 us, p99 us, errors):"

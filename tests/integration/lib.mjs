@@ -53,6 +53,29 @@ function waitExit(proc, graceMs) {
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// Polls fn (sync or async) every intervalMs until it returns a truthy value,
+// which is returned; past timeoutMs it throws, naming `what` and the last
+// value (or error) seen. The first call is immediate.
+export async function waitFor(fn, timeoutMs = 5000, opts = {}) {
+    const intervalMs = opts.intervalMs || 10;
+    const what = opts.what || String(fn);
+    const deadline = Date.now() + timeoutMs;
+    let last;
+    for (;;) {
+        try {
+            last = await fn();
+            if (last) return last;
+        } catch (e) {
+            last = e;
+        }
+        if (Date.now() >= deadline) {
+            const shown = last instanceof Error ? last.message : JSON.stringify(last);
+            throw new Error(`waitFor: ${what} not true within ${timeoutMs} ms (last: ${shown})`);
+        }
+        await sleep(Math.min(intervalMs, Math.max(1, deadline - Date.now())));
+    }
+}
+
 export function nowNs() { return process.hrtime.bigint(); }
 
 // A port that was free a moment ago (there is a small race with other
@@ -104,9 +127,30 @@ export async function startFake(opts = {}) {
         async reset() {
             await request(port, { method: 'POST', path: '/_fake/reset' });
         },
+        // Runtime fault settings (see tests/fakes/upstream.mjs): setMode({mode,
+        // count, pattern, retry_after, first_delay_ms}), setHealth({status,
+        // count, then, delay_ms}). Each replaces the previous setting.
+        async setMode(o = {}) {
+            const r = await request(port, { method: 'POST', path: '/_fake/mode', body: o });
+            if (r.status !== 200) throw new Error(`fake ${name} mode: ${r.status} ${r.body}`);
+        },
+        async setHealth(o = {}) {
+            const r = await request(port, { method: 'POST', path: '/_fake/health', body: o });
+            if (r.status !== 200) throw new Error(`fake ${name} health: ${r.status} ${r.body}`);
+        },
         async kill() {
             try { proc.kill('SIGTERM'); } catch { /* gone */ }
             await waitExit(proc, 2000);
+        },
+        // kill -9: the kernel closes its sockets, nothing is flushed.
+        async kill9() {
+            try { proc.kill('SIGKILL'); } catch { /* gone */ }
+            await waitExit(proc, 2000);
+        },
+        // A fresh process on the same port (after kill/kill9), same name and
+        // CLI mode; resolves its handle.
+        restart() {
+            return startFake({ ...opts, name, port });
         },
         stderr: () => err,
     };
@@ -137,12 +181,17 @@ export function runGatewaySync(config, extraArgs = [], opts = {}) {
 
 // Starts the gateway on config (an object; "listen" is filled in with a free
 // port when absent) and waits until GET /health answers 200.
+// opts.admin: fill in "admin_listen" with a free loopback port when the config
+// has none. With an admin listener, the handle has adminPort and admin()
+// (GET /admin/backends, parsed), and startup also waits for that listener.
 export async function startGateway(config, opts = {}) {
     const bin = gatewayBin();
     if (!fs.existsSync(bin)) throw new Error(`gateway binary not found: ${bin} (set MM_BUILD)`);
     const cfg = { ...config };
     if (!cfg.listen) cfg.listen = `127.0.0.1:${await getFreePort()}`;
+    if (opts.admin && !cfg.admin_listen) cfg.admin_listen = `127.0.0.1:${await getFreePort()}`;
     const port = Number(cfg.listen.split(':').pop());
+    const adminPort = cfg.admin_listen ? Number(String(cfg.admin_listen).split(':').pop()) : null;
     const file = writeConfig(cfg);
     const proc = track(spawn(bin, ['-c', file, ...(opts.args || [])], {
         env: { ...process.env, ...(opts.env || {}) },
@@ -165,6 +214,13 @@ export async function startGateway(config, opts = {}) {
         }
     });
 
+    const adminBackends = async () => {
+        if (adminPort === null) throw new Error('this gateway has no admin listener');
+        const r = await request(adminPort, { method: 'GET', path: '/admin/backends', timeoutMs: 3000 });
+        if (r.status !== 200) throw new Error(`/admin/backends: ${r.status} ${r.body}`);
+        return r.json();
+    };
+
     const deadline = Date.now() + (opts.readyTimeoutMs || 10000);
     for (;;) {
         if (exited) {
@@ -172,7 +228,9 @@ export async function startGateway(config, opts = {}) {
         }
         try {
             const r = await request(port, { method: 'GET', path: '/health', timeoutMs: 500 });
-            if (r.status === 200) { ready = true; break; }
+            const a = adminPort === null ? r
+                : await request(adminPort, { method: 'GET', path: '/health', timeoutMs: 500 });
+            if (r.status === 200 && a.status === 200) { ready = true; break; }
         } catch { /* not listening yet */ }
         if (Date.now() > deadline) {
             try { proc.kill('SIGKILL'); } catch { /* gone */ }
@@ -183,6 +241,19 @@ export async function startGateway(config, opts = {}) {
     return {
         port,
         url: `http://127.0.0.1:${port}`,
+        adminPort,
+        // GET /admin/backends, parsed: {models: [{model, default_pool, queued,
+        // backends: [{url, health, breaker, up, inflight, retry_in_ms, ...}]}]}
+        admin: adminBackends,
+        // One backend's entry in /admin/backends (by model name and url).
+        async backend(modelName, url) {
+            const j = await adminBackends();
+            const m = j.models.find((x) => x.model === modelName);
+            if (!m) throw new Error(`/admin/backends has no model ${modelName}: ${JSON.stringify(j)}`);
+            const b = m.backends.find((x) => x.url === url);
+            if (!b) throw new Error(`/admin/backends has no backend ${url} in ${modelName}: ${JSON.stringify(m)}`);
+            return b;
+        },
         proc,
         configFile: file,
         config: cfg,
@@ -260,6 +331,55 @@ export function request(port, opts = {}) {
 
 export function postJson(port, pathName, obj, headers = {}, extra = {}) {
     return request(port, { method: 'POST', path: pathName, body: JSON.stringify(obj), headers: { 'content-type': 'application/json', ...headers }, ...extra });
+}
+
+// A streaming POST (body: an object, sent as JSON) read event by event.
+// Resolves {status, headers, events (each without its blank line), arrivals
+// (hrtime ns per event), ended (the chunked body ended cleanly), error,
+// timedOut, ms (wall time to the end)} when the response ends or fails, or
+// after timeoutMs (the request is then destroyed). onEvent(text, out, req) is
+// called for every event.
+export function streamRequest(port, body, headers = {}, opts = {}) {
+    const timeoutMs = opts.timeoutMs || 10000;
+    const t0 = Date.now();
+    return new Promise((resolve) => {
+        const out = { status: null, headers: null, events: [], arrivals: [], ended: false, error: null, timedOut: false, ms: 0 };
+        let settled = false;
+        const done = () => {
+            if (settled) return;
+            settled = true;
+            clearTimeout(timer);
+            out.ms = Date.now() - t0;
+            resolve(out);
+        };
+        const timer = setTimeout(() => { out.timedOut = true; req.destroy(); done(); }, timeoutMs);
+        const req = http.request({
+            host: '127.0.0.1', port, method: 'POST', path: opts.path || '/v1/chat/completions', agent: false,
+            headers: { 'content-type': 'application/json', ...headers },
+        }, (res) => {
+            out.status = res.statusCode;
+            out.headers = res.headers;
+            let buf = '';
+            res.setEncoding('utf8');
+            res.on('data', (d) => {
+                const t = nowNs();
+                buf += d;
+                let i;
+                while ((i = buf.indexOf('\n\n')) >= 0) {
+                    const ev = buf.slice(0, i);
+                    buf = buf.slice(i + 2);
+                    out.events.push(ev);
+                    out.arrivals.push(t);
+                    if (opts.onEvent) opts.onEvent(ev, out, req);
+                }
+            });
+            res.on('end', () => { out.ended = true; if (buf.length) out.events.push(buf); done(); });
+            res.on('error', (e) => { out.error = out.error || e; done(); });
+            res.on('close', done);
+        });
+        req.on('error', (e) => { out.error = out.error || e; done(); });
+        req.end(JSON.stringify(body));
+    });
 }
 
 export function chat(port, model, headers = {}, extra = {}) {

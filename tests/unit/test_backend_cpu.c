@@ -358,6 +358,34 @@ TEST(f16_and_f32_weights_match_reference)
     }
 }
 
+/* Each kernel family (capped with MM_CPU_ISA) on each weight dtype, with
+ * widths that leave tails after the vector loops (K = 40, 72). */
+TEST(every_isa_and_dtype_matches_reference)
+{
+    static const char *const isas[] = {"avx512", "avx2", "scalar"};
+    static const mm_dtype dts[] = {MM_DT_BF16, MM_DT_F16, MM_DT_F32};
+    for (int d = 0; d < 3; d++) {
+        mm_makemodel_opts o;
+        test_opts(&o, "llama");
+        o.dtype = dts[d];
+        o.hidden = 40, o.heads = 5, o.kv_heads = 5, o.intermediate = 72, o.vocab = 300;
+        char name[32];
+        snprintf(name, sizeof name, "isa%d", d);
+        mm_model *m = gen_model(name, &o);
+        ASSERT_TRUE(m);
+        for (int i = 0; i < 3; i++) {
+            setenv("MM_CPU_ISA", isas[i], 1);
+            double d1 = prefill_vs_ref(m, 1, 2, NULL), d4 = prefill_vs_ref(m, 4, 1, NULL);
+            if (!(d1 < 1e-4 && d4 < 1e-4))
+                printf("  %s, dtype %d: diff %.2g / %.2g\n", isas[i], (int)dts[d], d1, d4);
+            ASSERT_LT(d1, 1e-4);
+            ASSERT_LT(d4, 1e-4);
+        }
+        unsetenv("MM_CPU_ISA");
+        mm_model_free(m);
+    }
+}
+
 TEST(sliding_window_matches_reference)
 {
     mm_makemodel_opts o;
@@ -748,6 +776,7 @@ int main(void)
     RUN(llama3_rope_untied_matches_reference);
     RUN(mistral_head_dim_matches_reference);
     RUN(f16_and_f32_weights_match_reference);
+    RUN(every_isa_and_dtype_matches_reference);
     RUN(sliding_window_matches_reference);
     RUN(decode_one_token_at_a_time_equals_prefill);
     RUN(batched_sequences_equal_separate_runs);
