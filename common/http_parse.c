@@ -678,3 +678,15 @@ fail:
     *used = i;
     return rc;
 }
+
+void mm_http_request_rebase(mm_http_request *req, const char *old_base, const char *new_base)
+{
+#define MM_REBASE(ptr) ((ptr) ? new_base + ((ptr) - old_base) : NULL)
+    req->method = MM_REBASE(req->method);
+    req->target = MM_REBASE(req->target);
+    for (size_t i = 0; i < req->nheaders; i++) {
+        req->headers[i].name = MM_REBASE(req->headers[i].name);
+        req->headers[i].value = MM_REBASE(req->headers[i].value);
+    }
+#undef MM_REBASE
+}

@@ -66,6 +66,10 @@ typedef struct mm_http_request {
 int mm_http_parse_request_head(const char *buf, size_t len, size_t max_head,
                                mm_http_request *req, char *err, size_t errlen);
 
+/* The head was copied from old_base to new_base: move every pointer of req
+ * along, so it refers to the copy. */
+void mm_http_request_rebase(mm_http_request *req, const char *old_base, const char *new_base);
+
 /* Case-insensitive lookup of a header; NULL when absent. With several fields
  * of the same name the first is returned. */
 const mm_http_header *mm_http_find_header(const mm_http_request *req, const char *name);

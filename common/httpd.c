@@ -1,11 +1,17 @@
-/* httpd.c: HTTP/1.1 server connections on libevent bufferevents.
+/* httpd.c: HTTP/1.1 server connections on raw sockets and libevent events.
  *
- * Per connection: read bytes, find a complete head, parse it strictly, read
- * the body by its framing (Content-Length or chunked, each capped), then hand
- * the exchange to the handler. While a response runs, further input (a
- * pipelined request) stays in the bufferevent's input, bounded by
- * max_pipelined_bytes, and reading goes on so that a client disconnect is
- * seen at once (the gateway must abort the upstream transfer then). */
+ * Per connection: read bytes into one capped buffer, find a complete head,
+ * parse it strictly, read the body by its framing (Content-Length or
+ * chunked, each capped), then hand the exchange to the handler. While a
+ * response runs, further input (a pipelined request) waits in the buffer,
+ * bounded by max_pipelined_bytes, and reading goes on so that a client
+ * disconnect is seen at once (the gateway must abort the upstream then).
+ *
+ * Why not bufferevents: a bufferevent arms and disarms its write event for
+ * every response (two epoll_ctl calls) and asks FIONREAD before each read.
+ * Here responses are written straight away with one writev; the write event
+ * is armed only when the kernel did not take everything. That halves the
+ * system calls per proxied request. */
 #include "httpd.h"
 
 #include <arpa/inet.h>
@@ -19,9 +25,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/listener.h>
 
@@ -31,23 +37,34 @@
 #define HTTPD_MAX_LISTENERS 8
 /* Output above this is "high": on_drain fires when it falls below LOW. */
 #define HTTPD_OUT_LOW (64 * 1024)
+#define HTTPD_READ_CHUNK (16 * 1024)
 
 enum conn_state { ST_HEAD, ST_BODY_CL, ST_BODY_CHUNKED, ST_ACTIVE, ST_CLOSING };
 
 struct mm_http_conn {
-    mm_httpd           *httpd;
-    struct bufferevent *bev;
-    enum conn_state     state;
-    mm_http_exchange   *ex;
-    mm_chunked          chunk;
-    uint64_t            body_need;     /* Content-Length bytes still to read */
-    size_t              scan_from;     /* input bytes already known to hold no '\n' */
-    int                 close_after;   /* close once the current response ends */
-    int                 close_delimited; /* HTTP/1.0 streamed body */
-    int                 in_process;    /* re-entrancy guard for process() */
-    int                 dead;          /* free when process() unwinds */
-    char                peer[64];
-    mm_http_conn       *prev, *next;
+    mm_httpd        *httpd;
+    evutil_socket_t  fd;
+    struct event    *rev;           /* persistent read event */
+    struct event    *wev;           /* armed only while output is pending */
+    struct event    *timer;         /* idle / slow-client timeout, lazily re-armed */
+    struct evbuffer *out;
+    mm_buf           in;            /* bytes read, from in_off on not consumed */
+    size_t           in_off;
+    enum conn_state  state;
+    mm_http_exchange *ex;
+    mm_chunked       chunk;
+    uint64_t         body_need;     /* Content-Length bytes still to read */
+    size_t           scan_from;     /* unconsumed input already known to hold no '\n' */
+    uint64_t         last_ns;       /* last read or write progress */
+    int              reading;       /* rev is added */
+    int              close_after;   /* close once the current response ends */
+    int              close_delimited; /* HTTP/1.0 streamed body */
+    int              in_process;    /* re-entrancy guard for process() */
+    int              dead;          /* free when process() unwinds */
+    int              out_high;      /* pending output went above LOW */
+    int              broken;        /* a write failed; closed from the timer */
+    char             peer[64];
+    mm_http_conn    *prev, *next;
 };
 
 struct mm_httpd {
@@ -103,22 +120,125 @@ const char *mm_http_status_text(int status)
     }
 }
 
-static void conn_read_cb(struct bufferevent *bev, void *ctx);
-static void conn_write_cb(struct bufferevent *bev, void *ctx);
-static void conn_event_cb(struct bufferevent *bev, short what, void *ctx);
 static void conn_process(mm_http_conn *c);
+static void conn_free(mm_http_conn *c);
 
-static void set_timeouts(mm_http_conn *c, int reading)
+static void conn_read_enable(mm_http_conn *c, int on)
 {
-    int ms = c->httpd->lim.idle_timeout_ms;
-    if (ms <= 0) {
-        bufferevent_set_timeouts(c->bev, NULL, NULL);
+    if (on && !c->reading)
+        event_add(c->rev, NULL);
+    else if (!on && c->reading)
+        event_del(c->rev);
+    c->reading = on;
+}
+
+/* Unconsumed input. */
+static const char *in_data(const mm_http_conn *c) { return c->in.data + c->in_off; }
+static size_t in_len(const mm_http_conn *c) { return c->in.len - c->in_off; }
+
+static void in_consume(mm_http_conn *c, size_t n)
+{
+    c->in_off += n;
+    if (c->in_off == c->in.len) {
+        c->in.len = 0;
+        c->in_off = 0;
+    }
+}
+
+/* Write queued output now; arm the write event only for what the kernel did
+ * not take. Returns -1 when the connection failed: freed at once when
+ * can_free, else (we are inside the handler, which must not see its
+ * exchange vanish under it) closed from the timer callback right after. */
+static int conn_flush_ex(mm_http_conn *c, int can_free)
+{
+    if (c->broken)
+        return -1;
+    while (evbuffer_get_length(c->out) > 0) {
+        int n = evbuffer_write(c->out, c->fd);
+        if (n > 0) {
+            c->last_ns = mm_now_ns();
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+            if (!event_pending(c->wev, EV_WRITE, NULL))
+                event_add(c->wev, NULL);
+            return 0;
+        }
+        /* the peer is gone */
+        if (can_free) {
+            conn_free(c);
+        } else {
+            c->broken = 1;
+            conn_read_enable(c, 0);
+            event_active(c->timer, EV_TIMEOUT, 0);
+        }
+        return -1;
+    }
+    if (event_pending(c->wev, EV_WRITE, NULL))
+        event_del(c->wev);
+    if (!can_free)
+        return 0;
+    if (c->state == ST_CLOSING) {
+        conn_free(c);
+        return -1;
+    }
+    if (c->out_high && c->ex && c->ex->on_drain) {
+        c->out_high = 0;
+        c->ex->on_drain(c->ex, c->ex->udata);
+    }
+    return 0;
+}
+
+static int conn_flush(mm_http_conn *c)
+{
+    return conn_flush_ex(c, 1);
+}
+
+static void conn_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+    mm_http_conn *c = arg;
+    (void)fd;
+    (void)what;
+    if (conn_flush(c) < 0)
+        return;
+    if (c->out_high && c->ex && c->ex->on_drain && evbuffer_get_length(c->out) <= HTTPD_OUT_LOW) {
+        c->out_high = 0;
+        c->ex->on_drain(c->ex, c->ex->udata);
+    }
+}
+
+static void conn_arm_timer(mm_http_conn *c);
+
+static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    mm_http_conn *c = arg;
+    (void)fd;
+    (void)what;
+    if (c->broken) {
+        conn_free(c);
         return;
     }
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-    /* While a response runs the client legitimately sends nothing, so only
-     * writes are bounded then (a client that stops reading). */
-    bufferevent_set_timeouts(c->bev, reading ? &tv : NULL, &tv);
+    int ms = c->httpd->lim.idle_timeout_ms;
+    /* While a response runs the client legitimately sends nothing: only a
+     * client that stops reading our output is timed out then. */
+    int bounded = c->state != ST_ACTIVE || evbuffer_get_length(c->out) > 0;
+    if (bounded && mm_now_ns() - c->last_ns >= (uint64_t)ms * 1000000ull) {
+        mm_debug("httpd: %s timed out", c->peer);
+        conn_free(c);
+        return;
+    }
+    conn_arm_timer(c);
+}
+
+static void conn_arm_timer(mm_http_conn *c)
+{
+    int ms = c->httpd->lim.idle_timeout_ms;
+    if (ms <= 0)
+        return;
+    uint64_t now = mm_now_ns(), due = c->last_ns + (uint64_t)ms * 1000000ull;
+    uint64_t left = due > now ? due - now : (uint64_t)ms * 1000000ull;
+    struct timeval tv = {(time_t)(left / 1000000000ull), (suseconds_t)(left % 1000000000ull / 1000)};
+    evtimer_add(c->timer, &tv);
 }
 
 static void exchange_free(mm_http_exchange *ex)
@@ -134,7 +254,7 @@ static void conn_free(mm_http_conn *c)
 {
     if (c->in_process) {
         c->dead = 1;
-        bufferevent_disable(c->bev, EV_READ | EV_WRITE);
+        conn_read_enable(c, 0);
         return;
     }
     mm_httpd *h = c->httpd;
@@ -152,7 +272,12 @@ static void conn_free(mm_http_conn *c)
         h->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    bufferevent_free(c->bev);
+    event_free(c->rev);
+    event_free(c->wev);
+    event_free(c->timer);
+    evbuffer_free(c->out);
+    mm_buf_free(&c->in);
+    evutil_closesocket(c->fd);
     free(c);
 }
 
@@ -166,16 +291,17 @@ static void conn_exchange_done(mm_http_conn *c)
     exchange_free(ex);
     if (c->close_after) {
         c->state = ST_CLOSING;
-        bufferevent_disable(c->bev, EV_READ);
-        if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
-            conn_free(c);
+        conn_read_enable(c, 0);
+        conn_flush(c);
         return;
     }
     c->state = ST_HEAD;
     c->scan_from = 0;
-    set_timeouts(c, 1);
-    bufferevent_enable(c->bev, EV_READ);
-    if (!c->in_process)
+    c->last_ns = mm_now_ns();
+    if (conn_flush(c) < 0)
+        return;
+    conn_read_enable(c, 1);
+    if (!c->in_process && in_len(c) > 0)
         conn_process(c);
 }
 
@@ -198,7 +324,7 @@ static void conn_fail(mm_http_conn *c, int status, const char *msg)
     }
     c->close_after = 1;
     c->state = ST_ACTIVE;
-    bufferevent_disable(c->bev, EV_READ);
+    conn_read_enable(c, 0);
     mm_http_respond_error(c->ex, status, NULL, NULL, "%s", msg);
 }
 
@@ -206,7 +332,6 @@ static void conn_dispatch(mm_http_conn *c)
 {
     mm_http_exchange *ex = c->ex;
     c->state = ST_ACTIVE;
-    set_timeouts(c, 0);
     ex->start_ns = ex->start_ns ? ex->start_ns : mm_now_ns();
     c->httpd->handler(ex, c->httpd->arg);
 }
@@ -214,30 +339,24 @@ static void conn_dispatch(mm_http_conn *c)
 /* Try to parse a head from the input. Returns 1 when an exchange was set up
  * (state moved on), 0 when more bytes are needed, -1 when the connection
  * failed. */
-static int conn_parse_head(mm_http_conn *c, struct evbuffer *in)
+static int conn_parse_head(mm_http_conn *c)
 {
     mm_httpd *h = c->httpd;
-    size_t len = evbuffer_get_length(in);
+    size_t len = in_len(c);
     size_t max = h->lim.max_header_bytes;
     size_t n = len < max ? len : max;
+    const char *p = in_data(c);
     /* Only re-run the parser when a new line end arrived: a head trickling in
      * byte by byte must not cost quadratic time. */
-    if (len < max && c->scan_from < n) {
-        struct evbuffer_ptr pos;
-        evbuffer_ptr_set(in, &pos, c->scan_from, EVBUFFER_PTR_SET);
-        struct evbuffer_ptr lf = evbuffer_search(in, "\n", 1, &pos);
-        if (lf.pos < 0) {
+    if (len < max) {
+        if (c->scan_from >= n || !memchr(p + c->scan_from, '\n', n - c->scan_from)) {
             c->scan_from = n;
             return 0;
         }
-    } else if (len < max) {
-        return 0;
     }
     c->scan_from = n;
-    const char *p = (const char *)evbuffer_pullup(in, (ssize_t)n);
     mm_http_exchange *ex = calloc(1, sizeof *ex);
-    if (!ex || !p) {
-        free(ex);
+    if (!ex) {
         conn_free(c);
         return -1;
     }
@@ -265,19 +384,15 @@ static int conn_parse_head(mm_http_conn *c, struct evbuffer *in)
         return -1;
     }
     /* Keep our own copy of the head: the parser's pointers must outlive the
-     * input buffer, which moves as more bytes arrive. */
+     * input buffer, which moves as more bytes arrive. Rebase them. */
     size_t head_len = (size_t)rc;
     if (mm_buf_append(&ex->head, p, head_len) != 0) {
         conn_fail(c, 500, "out of memory");
         return -1;
     }
-    evbuffer_drain(in, head_len);
+    mm_http_request_rebase(&ex->req, p, ex->head.data);
+    in_consume(c, head_len);
     c->scan_from = 0;
-    rc = mm_http_parse_request_head(ex->head.data, head_len, max, &ex->req, err, sizeof err);
-    if (rc <= 0) { /* cannot happen: same bytes parsed before */
-        conn_fail(c, 400, "malformed request");
-        return -1;
-    }
     snprintf(ex->peer, sizeof ex->peer, "%s", c->peer);
     ex->start_ns = mm_now_ns();
     ex->head_only_method = ex->req.method_len == 4 && memcmp(ex->req.method, "HEAD", 4) == 0;
@@ -296,45 +411,48 @@ static int conn_parse_head(mm_http_conn *c, struct evbuffer *in)
         conn_dispatch(c);
         return 1;
     }
-    if (ex->req.expect_continue && evbuffer_get_length(in) == 0)
-        bufferevent_write(c->bev, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    if (ex->req.expect_continue && in_len(c) == 0) {
+        evbuffer_add(c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+        if (conn_flush(c) < 0)
+            return -1;
+    }
     return 1;
 }
 
 static void conn_process(mm_http_conn *c)
 {
-    struct evbuffer *in = bufferevent_get_input(c->bev);
     c->in_process = 1;
     for (;;) {
         if (c->dead)
             break;
-        size_t len = evbuffer_get_length(in);
+        size_t len = in_len(c);
         if (c->state == ST_HEAD) {
-            if (len == 0 || conn_parse_head(c, in) <= 0)
+            if (len == 0 || conn_parse_head(c) <= 0)
                 break;
         } else if (c->state == ST_BODY_CL) {
             if (len == 0)
                 break;
             size_t take = len < c->body_need ? len : (size_t)c->body_need;
-            const char *p = (const char *)evbuffer_pullup(in, (ssize_t)take);
-            if (!p || mm_buf_append(&c->ex->body, p, take) != 0) {
+            if (mm_buf_append(&c->ex->body, in_data(c), take) != 0) {
                 conn_fail(c, 413, "request body too large");
                 break;
             }
-            evbuffer_drain(in, take);
+            in_consume(c, take);
             c->body_need -= take;
             if (c->body_need == 0)
                 conn_dispatch(c);
         } else if (c->state == ST_BODY_CHUNKED) {
             if (len == 0)
                 break;
-            const char *p = (const char *)evbuffer_pullup(in, -1);
             size_t used = 0;
             char err[160] = "";
-            int rc = mm_chunked_feed(&c->chunk, p, len, &used, &c->ex->body, err, sizeof err);
-            evbuffer_drain(in, used);
+            int rc = mm_chunked_feed(&c->chunk, in_data(c), len, &used, &c->ex->body, err, sizeof err);
+            in_consume(c, used);
             if (rc == -E2BIG) {
                 conn_fail(c, 413, "request body too large");
+                break;
+            } else if (rc == -ENOMEM) {
+                conn_fail(c, 500, "out of memory");
                 break;
             } else if (rc < 0) {
                 char msg[256];
@@ -349,7 +467,7 @@ static void conn_process(mm_http_conn *c)
         } else {
             /* ST_ACTIVE / ST_CLOSING: a pipelined request waits its turn. */
             if (c->state == ST_ACTIVE && len > c->httpd->lim.max_pipelined_bytes)
-                bufferevent_disable(c->bev, EV_READ);
+                conn_read_enable(c, 0);
             break;
         }
     }
@@ -358,33 +476,50 @@ static void conn_process(mm_http_conn *c)
         conn_free(c);
 }
 
-static void conn_read_cb(struct bufferevent *bev, void *ctx)
+static void conn_read_cb(evutil_socket_t fd, short what, void *arg)
 {
-    (void)bev;
-    conn_process(ctx);
-}
-
-static void conn_write_cb(struct bufferevent *bev, void *ctx)
-{
-    mm_http_conn *c = ctx;
-    size_t pending = evbuffer_get_length(bufferevent_get_output(bev));
-    if (c->state == ST_CLOSING) {
-        if (pending == 0)
-            conn_free(c);
+    mm_http_conn *c = arg;
+    (void)what;
+    /* Room for the next read; compact consumed bytes first. */
+    if (c->in_off > 0 && (c->in_off == c->in.len || c->in_off >= c->in.len / 2)) {
+        memmove(c->in.data, c->in.data + c->in_off, c->in.len - c->in_off);
+        c->in.len -= c->in_off;
+        c->in_off = 0;
+    }
+    size_t room = c->in.max - c->in.len;
+    if (room == 0) {
+        /* A head or pipelined burst over the cap while busy: stop reading
+         * until the current response ends. */
+        conn_read_enable(c, 0);
+        if (c->state == ST_HEAD)
+            conn_fail(c, 431, "request header section too large");
         return;
     }
-    if (c->ex && c->ex->on_drain && pending <= HTTPD_OUT_LOW)
-        c->ex->on_drain(c->ex, c->ex->udata);
-}
-
-static void conn_event_cb(struct bufferevent *bev, short what, void *ctx)
-{
-    mm_http_conn *c = ctx;
-    (void)bev;
-    if (what & BEV_EVENT_TIMEOUT)
-        mm_debug("httpd: %s timed out", c->peer);
-    /* EOF, error or timeout: the client is gone (or too slow); any running
-     * exchange is aborted through its on_abort in conn_free. */
+    if (room > HTTPD_READ_CHUNK)
+        room = HTTPD_READ_CHUNK;
+    if (c->in.cap < c->in.len + room + 1) {
+        /* mm_buf grows by doubling; reserve through an empty append. */
+        size_t want = c->in.len + room;
+        char *nd = realloc(c->in.data, want + 1);
+        if (!nd) {
+            conn_free(c);
+            return;
+        }
+        c->in.data = nd;
+        c->in.cap = want + 1;
+    }
+    ssize_t n = recv(fd, c->in.data + c->in.len, room, 0);
+    if (n > 0) {
+        c->in.len += (size_t)n;
+        c->in.data[c->in.len] = '\0';
+        c->last_ns = mm_now_ns();
+        conn_process(c);
+        return;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    /* EOF or error: the client is gone; a running exchange is aborted
+     * through its on_abort in conn_free. */
     conn_free(c);
 }
 
@@ -401,9 +536,21 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    evutil_make_socket_nonblocking(fd);
     c->httpd = h;
-    c->bev = bufferevent_socket_new(h->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    if (!c->bev) {
+    c->fd = fd;
+    c->rev = event_new(h->base, fd, EV_READ | EV_PERSIST, conn_read_cb, c);
+    c->wev = event_new(h->base, fd, EV_WRITE | EV_PERSIST, conn_write_cb, c);
+    c->timer = evtimer_new(h->base, conn_timer_cb, c);
+    c->out = evbuffer_new();
+    /* The input cap: a full head plus pipelined bytes; bodies move on to the
+     * exchange's own capped buffer as they arrive. */
+    mm_buf_init(&c->in, h->lim.max_header_bytes + h->lim.max_pipelined_bytes + HTTPD_READ_CHUNK);
+    if (!c->rev || !c->wev || !c->timer || !c->out) {
+        if (c->rev) event_free(c->rev);
+        if (c->wev) event_free(c->wev);
+        if (c->timer) event_free(c->timer);
+        if (c->out) evbuffer_free(c->out);
         evutil_closesocket(fd);
         free(c);
         return;
@@ -424,10 +571,9 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     if (h->conns)
         h->conns->prev = c;
     h->conns = c;
-    bufferevent_setcb(c->bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
-    bufferevent_setwatermark(c->bev, EV_WRITE, HTTPD_OUT_LOW, 0);
-    set_timeouts(c, 1);
-    bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+    c->last_ns = mm_now_ns();
+    conn_read_enable(c, 1);
+    conn_arm_timer(c);
 }
 
 int mm_httpd_new(struct event_base *base, const mm_httpd_limits *lim, mm_httpd_handler handler,
@@ -528,7 +674,7 @@ int mm_http_begin(mm_http_exchange *ex, int status, const char *headers, int64_t
             c->close_after = 1;
         }
     }
-    struct evbuffer *out = bufferevent_get_output(c->bev);
+    struct evbuffer *out = c->out;
     char line[512];
     int n = snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\n", status, mm_http_status_text(status));
     evbuffer_add(out, line, (size_t)n);
@@ -556,7 +702,8 @@ int mm_http_write(mm_http_exchange *ex, const void *p, size_t n)
         return -EINVAL;
     if (n == 0 || ex->no_body)
         return 0;
-    struct evbuffer *out = bufferevent_get_output(ex->conn->bev);
+    mm_http_conn *c = ex->conn;
+    struct evbuffer *out = c->out;
     if (ex->chunked_out) {
         char sz[24];
         int k = snprintf(sz, sizeof sz, "%zx\r\n", n);
@@ -566,12 +713,17 @@ int mm_http_write(mm_http_exchange *ex, const void *p, size_t n)
     } else {
         evbuffer_add(out, p, n);
     }
+    /* Stream it now: a token must not wait for the next loop turn. */
+    if (conn_flush_ex(c, 0) < 0)
+        return -EPIPE;
+    if (evbuffer_get_length(out) > HTTPD_OUT_LOW)
+        c->out_high = 1;
     return 0;
 }
 
 size_t mm_http_pending(const mm_http_exchange *ex)
 {
-    return evbuffer_get_length(bufferevent_get_output(ex->conn->bev));
+    return evbuffer_get_length(ex->conn->out);
 }
 
 void mm_http_set_close(mm_http_exchange *ex)
@@ -583,7 +735,7 @@ void mm_http_end(mm_http_exchange *ex)
 {
     mm_http_conn *c = ex->conn;
     if (ex->chunked_out && !ex->no_body)
-        bufferevent_write(c->bev, "0\r\n\r\n", 5);
+        evbuffer_add(c->out, "0\r\n\r\n", 5);
     conn_exchange_done(c);
 }
 

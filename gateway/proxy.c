@@ -397,14 +397,21 @@ static int px_method_idempotent(const mm_http_request *q)
  * already released). Retry on another backend, else fall back, else fail.
  * nothing_sent: the upstream cannot have acted on the request (connect
  * failed), which makes even a non-idempotent passthrough safe to retry. */
-static void px_after_failure(px_req *r, int status, const char *what, int nothing_sent)
+static void px_after_failure(px_req *r, int status, const char *what, int nothing_sent,
+                             int conn_level)
 {
     const mm_model_cfg *mc = r->pool->cfg;
     /* Model requests are safe to retry until the first byte: nothing was
      * generated for the client. Passthrough follows HTTP idempotence. */
     int safe = r->route || nothing_sent || px_method_idempotent(&r->ex->req);
     int retry = safe && r->attempts <= mc->retries;
-    if (retry && !r->retrying) {
+    if (retry && r->deadline_ns && mm_now_ns() >= r->deadline_ns)
+        retry = 0;
+    /* The budget protects overloaded backends (5xx, 429, timeouts) from a
+     * retry storm. A connection that was refused or reset is a dead server,
+     * not a busy one: its requests are retried whatever the budget, or a
+     * crash would fail every request it had in flight. */
+    if (retry && !r->retrying && !conn_level) {
         long inflight = px_inflight, budget = inflight / 5;
         if (budget < 3)
             budget = 3;
@@ -483,13 +490,20 @@ static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
         v++;
     size_t vlen = (size_t)(p + l - v);
     if (ieq(p, nlen, "retry-after")) {
-        char tmp[16];
+        char tmp[64];
         if (vlen > 0 && vlen < sizeof tmp) {
             memcpy(tmp, v, vlen);
             tmp[vlen] = '\0';
             char *end;
             long secs = strtol(tmp, &end, 10);
-            if (*end == '\0' && secs >= 0)
+            if (*end != '\0' || end == tmp) {
+                /* RFC 9110 also allows an HTTP-date. */
+                time_t when = curl_getdate(tmp, NULL);
+                secs = when > 0 ? (long)(when - time(NULL)) : -1;
+                if (when > 0 && secs <= 0)
+                    secs = 0;
+            }
+            if (secs >= 0)
                 r->retry_after_ms = (int)(secs > 3600 ? 3600000 : secs * 1000);
         }
     }
@@ -690,6 +704,10 @@ static void px_arm_timer(px_req *r)
         deadline = r->last_ns + (uint64_t)to->idle_ms * 1000000ull;
     else if (r->headers_done && to->idle_ms > 0)
         deadline = now + (uint64_t)to->idle_ms * 1000000ull; /* slow client, not upstream */
+    /* The request's total deadline bounds every attempt until its answer
+     * has begun (after that, total_ms is curl's CURLOPT_TIMEOUT_MS). */
+    if (r->deadline_ns && !r->client_began && (!deadline || r->deadline_ns < deadline))
+        deadline = r->deadline_ns;
     if (!deadline)
         return;
     if (now >= deadline) {
@@ -704,7 +722,7 @@ static void px_arm_timer(px_req *r)
         if (r->client_began)
             px_fail(r, 504, what);
         else
-            px_after_failure(r, 504, what, 0);
+            px_after_failure(r, 504, what, 0, 0);
         return;
     }
     uint64_t left = deadline - now;
@@ -736,9 +754,11 @@ static void px_no_backend(px_req *r, const mm_pick_info *info)
             r->waiter.wake = event_new(r->t->base, -1, 0, px_on_wake, r);
         if (r->waiter.wake && mm_pool_enqueue(r->pool, &r->waiter) == 0) {
             r->phase = PX_QUEUED;
-            int ms = mc->queue_timeout_ms > 0 ? mc->queue_timeout_ms : 30000;
-            struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-            evtimer_add(r->timer, &tv);
+            int ms = mc->queue_timeout_ms;
+            if (ms > 0) { /* 0: wait as long as the client does */
+                struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+                evtimer_add(r->timer, &tv);
+            }
             return;
         }
     }
@@ -984,8 +1004,17 @@ static void px_start_attempt(px_req *r)
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     if (b->cfg->timeouts.connect_ms > 0)
         curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)b->cfg->timeouts.connect_ms);
-    if (b->cfg->timeouts.total_ms > 0)
+    if (r->deadline_ns) {
+        uint64_t now = mm_now_ns();
+        long left = r->deadline_ns > now ? (long)((r->deadline_ns - now) / 1000000ull) : 1;
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, left > 0 ? left : 1L);
+    } else if (b->cfg->timeouts.total_ms > 0) {
         curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)b->cfg->timeouts.total_ms);
+    }
+    /* Do not reuse a connection idle longer than this: servers close idle
+     * keep-alive connections (uvicorn after 5 s) and a request sent into a
+     * closing connection has to be resent. */
+    curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, 4L);
     char method[32];
     size_t ml = q->method_len < sizeof method - 1 ? q->method_len : sizeof method - 1;
     memcpy(method, q->method, ml);
@@ -1055,7 +1084,7 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
         if (r->client_began)
             px_fail(r, 502, r->last_what);
         else
-            px_after_failure(r, r->status, r->last_what, 0);
+            px_after_failure(r, r->status, r->last_what, 0, 0);
         return;
     }
     int status = rc == CURLE_OPERATION_TIMEDOUT ? 504 : 502;
@@ -1072,7 +1101,8 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
     if (r->client_began)
         px_fail(r, status, r->last_what);
     else
-        px_after_failure(r, status, r->last_what, rc == CURLE_COULDNT_CONNECT);
+        px_after_failure(r, status, r->last_what, rc == CURLE_COULDNT_CONNECT,
+                         rc != CURLE_OPERATION_TIMEDOUT);
 }
 
 /* ---- classification ---- */

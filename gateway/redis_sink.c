@@ -353,12 +353,16 @@ static void note(mm_redis_sink *s, int kind, const char *msg)
     int was = s->logged;
     s->logged = kind;
     if (kind == K_OK) {
-        if (was == K_NONE)
+        if (was == K_FIELDS)
+            mm_info("redis: every counter accepted again");
+        else if (s->st.redis_flushes <= 1)
             mm_info("redis: flushing metrics to %s:%d db %d", s->host, s->port, s->db);
-        else
+        else if (s->failed_streak)
             mm_info("redis: flushing metrics to %s:%d db %d again (%" PRIu64
                     " failed batches meanwhile; their counts went with this one)",
                     s->host, s->port, s->db, s->failed_streak);
+        else
+            mm_info("redis: flushing metrics to %s:%d db %d again", s->host, s->port, s->db);
         return;
     }
     mm_warn("redis %s:%d: %s%s%s; metrics stay in memory and are retried", s->host, s->port,

@@ -11,11 +11,15 @@
  * nothing is forgotten: the next one carries the same deltas, or more.
  *
  * Redis being down, slow or restarting never blocks the loop: the host name
- * is resolved with evdns, every wait has a deadline, and reconnects back off
- * exponentially (100 ms .. 10 s, +-20% jitter). One log line per change of
+ * is resolved on a short-lived thread, every wait (lookup, connect, AUTH,
+ * batch) has a deadline of max(5 s, 5 x flush_ms) capped at 60 s, after
+ * which the connection is dropped, and reconnects back off exponentially
+ * (100 ms doubling to 10 s, +-20% jitter). One log line per change of
  * state, never one per batch. Memory is bounded by the metrics table's
  * series cap: the sink keeps two copies of it (acknowledged and in flight)
- * and at most one batch of at most MM_REDIS_BATCH_FIELDS counters. */
+ * and at most one batch of at most MM_REDIS_BATCH_FIELDS counters; nothing
+ * is ever dropped by the sink (the only dropped updates are the metrics
+ * table's, mm_metrics_dropped). */
 #ifndef MM_REDIS_SINK_H
 #define MM_REDIS_SINK_H
 #include <stddef.h>
@@ -53,7 +57,8 @@ void mm_redis_weights_free(mm_redis_weights *w);
 typedef struct mm_redis_sink mm_redis_sink;
 
 /* Start the sink on `base` (the loop must be the only thread that touches
- * the sink afterwards). With no Redis configured (cfg->url NULL) it starts
+ * the sink afterwards; the base must have been created after
+ * evthread_use_pthreads(), as the resolver thread wakes it). With no Redis configured (cfg->url NULL) it starts
  * nothing, returns 0 with *out NULL and marks the metrics "not configured".
  * gateway_id names this gateway in Redis (e.g. "host:port"); weights may be
  * NULL. Everything passed in is copied. The first connection attempt is

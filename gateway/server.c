@@ -54,7 +54,15 @@ static int thread_init(srv_thread *st, int index, const mm_gateway_cfg *cfg, mm_
 {
     st->px.metrics = metrics;
     st->px.access_fd = access_fd;
-    st->base = event_base_new();
+    /* The changelist folds an event_del + event_add on one fd within a loop
+     * turn into one epoll_ctl (or none): libcurl re-registers its sockets
+     * often. */
+    struct event_config *ec = event_config_new();
+    if (ec) {
+        event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+        st->base = event_base_new_with_config(ec);
+        event_config_free(ec);
+    }
     if (!st->base) {
         snprintf(err, errlen, "event_base_new failed");
         return -ENOMEM;

@@ -391,7 +391,7 @@ static int render_json(mm_stats_report *r, const mm_stats_window *w, mm_buf *out
         goto out;
     }
     vars = NULL;
-    text = json_dumps(doc, JSON_PRESERVE_ORDER | JSON_INDENT(2) | JSON_REAL_PRECISION(6));
+    text = json_dumps(doc, JSON_PRESERVE_ORDER | JSON_INDENT(2) | JSON_REAL_PRECISION(10));
     if (!text)
         goto out;
     rc = mm_buf_append_str(out, text);

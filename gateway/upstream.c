@@ -13,6 +13,7 @@
 typedef struct sock_ctx {
     struct event *ev;
     curl_socket_t fd;
+    short kind;
 } sock_ctx;
 
 struct mm_upstream {
@@ -85,13 +86,22 @@ static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *
         if (!sc)
             return -1;
         sc->fd = fd;
+        sc->ev = event_new(u->base, fd, kind, on_socket_event, u);
+        if (!sc->ev) {
+            free(sc);
+            return -1;
+        }
+        sc->kind = kind;
         curl_multi_assign(u->multi, fd, sc);
+    } else if (sc->kind != kind) {
+        /* Re-arm in place: no allocation, and with the changelist the
+         * del + add become one epoll_ctl. */
+        event_del(sc->ev);
+        event_assign(sc->ev, u->base, fd, kind, on_socket_event, u);
+        sc->kind = kind;
     } else {
-        event_free(sc->ev);
+        return 0;
     }
-    sc->ev = event_new(u->base, fd, kind, on_socket_event, u);
-    if (!sc->ev)
-        return -1;
     event_add(sc->ev, NULL);
     return 0;
 }

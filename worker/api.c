@@ -31,6 +31,9 @@
 /* A rendered chat prompt may not exceed this (the body cap bounds the
  * messages; tools and templates add a little). */
 #define MAX_RENDERED (MM_API_MAX_BODY + (1u << 20))
+/* One choice's text in a response: echoed prompt plus generated text (each
+ * already bounded by the body cap and the outbox cap). */
+#define MAX_CHOICE_TEXT (256u << 20)
 
 struct mm_api {
     struct event_base *base;
@@ -600,8 +603,9 @@ static int render_chat(mm_api *a, json_t *b, mm_buf *out, api_err *e)
         }
         json_object_update(extra, kw);
     }
-    const char *bos = a->rt.specials ? json_string_value(json_object_get(a->rt.specials, "bos_token")) : NULL;
-    const char *eos = a->rt.specials ? json_string_value(json_object_get(a->rt.specials, "eos_token")) : NULL;
+    const json_t *sp = a->rt.specials;
+    const char *bos = sp ? json_string_value(json_object_get(sp, "bos_token")) : NULL;
+    const char *eos = sp ? json_string_value(json_object_get(sp, "eos_token")) : NULL;
     char err[512] = "";
     int r = mm_chat_render(a->rt.tpl, copy, add_gen, bos, eos, extra, out, err, sizeof err);
     if (r == -ENOMEM) {
@@ -909,7 +913,7 @@ static void respond_final(api_req *r)
         } else {
             api_prompt *p = &r->prompts[c->prompt];
             mm_buf text;
-            mm_buf_init(&text, (size_t)-1);
+            mm_buf_init(&text, MAX_CHOICE_TEXT);
             if (r->echo)
                 mm_buf_append(&text, p->text, p->text_len);
             mm_buf_append(&text, c->got.text.data ? c->got.text.data : "", c->got.text.len);
@@ -1007,7 +1011,7 @@ static void stream_emit(api_req *r, api_choice *c, int fin)
                        r->sp.logprobs >= 0 && o->ntoks ? chat_lps(r, c) : json_null());
     } else {
         mm_buf t;
-        mm_buf_init(&t, (size_t)-1);
+        mm_buf_init(&t, MAX_CHOICE_TEXT);
         if (first && r->echo)
             mm_buf_append(&t, r->prompts[c->prompt].text, r->prompts[c->prompt].text_len);
         mm_buf_append(&t, text, o->text.len);
@@ -1101,6 +1105,28 @@ void mm_api_notify(void *api)
 
 /* ---- generation endpoints ---- */
 
+/* Features a client may rely on that this worker does not implement: a
+ * refusal is better than an answer that silently ignores them. */
+static int unsupported(json_t *b, api_err *e)
+{
+    json_t *rf = field(b, "response_format");
+    if (rf) {
+        json_t *t = json_object_get(rf, "type");
+        if (!json_is_object(rf) || !json_is_string(t) || strcmp(json_string_value(t), "text"))
+            return fail(e, 400, "response_format", "'response_format' other than {\"type\": "
+                        "\"text\"} (structured output) is not supported");
+    }
+    json_t *tc = field(b, "tool_choice");
+    if (tc && !(json_is_string(tc) && (strcmp(json_string_value(tc), "none") == 0 ||
+                                       strcmp(json_string_value(tc), "auto") == 0)))
+        return fail(e, 400, "tool_choice", "'tool_choice' other than \"none\" or \"auto\" is "
+                    "not supported (tool calls are not parsed)");
+    if (field(b, "guided_json") || field(b, "guided_regex") || field(b, "guided_choice") ||
+        field(b, "guided_grammar") || field(b, "structured_outputs"))
+        return fail(e, 400, NULL, "guided decoding is not supported");
+    return 0;
+}
+
 static void handle_generate(mm_api *a, mm_http_exchange *ex, int chat)
 {
     api_err e = {0};
@@ -1117,6 +1143,8 @@ static void handle_generate(mm_api *a, mm_http_exchange *ex, int chat)
     mm_buf_init(&r->scratch, 1 << 16);
     if (!(r->body = parse_body(ex, &e)) || !(r->model = check_model(a, r->body, &e)) ||
         parse_sampling(a, r->body, chat, &r->sp, &g, &e))
+        goto fail;
+    if (unsupported(r->body, &e))
         goto fail;
     r->stream = g.stream;
     r->include_usage = g.include_usage;
@@ -1149,9 +1177,6 @@ static void handle_generate(mm_api *a, mm_http_exchange *ex, int chat)
             opt_bool(r->body, "add_special_tokens", &add_special, &e) ||
             load_prompts(a, r, r->body, add_special, &e))
             goto fail;
-        if (r->sp.max_tokens == 0 && !r->echo) {
-            /* Nothing to compute: still a valid request. */
-        }
     }
     if (check_length(a, r, g.max_tokens_given, &e))
         goto fail;
@@ -1192,6 +1217,10 @@ static void handle_generate(mm_api *a, mm_http_exchange *ex, int chat)
             mm_seq_set_udata(c->seq, r);
         }
     }
+    /* The sequences hold copies; g (on this stack) goes away. */
+    r->sp.samp.bias_ids = NULL;
+    r->sp.samp.bias_val = NULL;
+    r->sp.samp.n_bias = 0;
     for (int i = 0; i < r->n_ch; i++) {
         if (mm_engine_submit(a->rt.engine, r->ch[i].seq) < 0) {
             fail(&e, 503, NULL, "the server is shutting down");

@@ -4,13 +4,17 @@
  * backend owns): decode is memory bound, and converting bf16 to f32 at load
  * would double the bytes streamed per token. Math is float32 throughout.
  *
- * Matrix products take one of two paths per step:
- *  - few tokens (decode): our own GEMV, which streams each weight row once
- *    and reuses it from cache for every token of the step;
- *  - many tokens (prefill): a chunk of weight rows is widened to f32 into a
- *    per-thread buffer and handed to OpenBLAS sgemm.
- * Both are split over a small pthread pool by output rows; OpenBLAS itself
- * runs single-threaded inside each task so the two never fight over cores.
+ * Weight products take one of two paths:
+ *  - our kernels (AVX-512 or AVX2, scalar fallback): each group of four
+ *    weight rows is loaded once and used for every token of the step (up to
+ *    four at a time in registers for bf16 on AVX-512);
+ *  - widen + OpenBLAS sgemm, for f16/f32 weights from GEMM_MIN_TOKENS
+ *    tokens on (and bf16 where AVX-512 is missing).
+ * Attention uses OpenBLAS (sgemm for prefill blocks, sgemv or a grouped
+ * sgemm for decode). Work is split over a small pthread pool by output rows
+ * or heads; OpenBLAS runs single-threaded inside each task so the two never
+ * fight over cores. MM_CPU_ISA=avx2|scalar caps the kernels (tests run
+ * every path on one machine).
  *
  * KV cache: float32, one region per (layer, slot, kv head) holding max_len
  * positions contiguously, so attention reads each head's keys as one
@@ -740,7 +744,6 @@ typedef struct seg {
 
 typedef struct step {
     int32_t tok[STEP_TOKENS];
-    int     tpos[STEP_TOKENS];
     int     T;
     seg     segs[STEP_TOKENS];
     int     nseg;
@@ -784,6 +787,14 @@ typedef struct att_job {
     int          layer;
 } att_job;
 
+/* A segment of one token (a decode) attends with all query heads of a KV
+ * head at once: their rows are adjacent in q, so one product reads the
+ * keys and values once for the whole group instead of once per head. */
+static int att_grouped(const mm_model_config *c, const seg *g)
+{
+    return g->n == 1 && c->num_attention_heads / c->num_key_value_heads <= ATT_QBLOCK;
+}
+
 static void att_task(void *ctx, int task, int tid)
 {
     const att_job *aj = ctx;
@@ -791,21 +802,26 @@ static void att_task(void *ctx, int task, int tid)
     const step *s = aj->s;
     const mm_model_config *c = b->cfg;
     int nh = c->num_attention_heads, hd = c->head_dim, qd = nh * hd;
+    int group = nh / c->num_key_value_heads, sw = c->sliding_window;
     int si = 0;
     while (si + 1 < s->nseg && task >= s->segs[si + 1].task0)
         si++;
     const seg *g = &s->segs[si];
-    int local = task - g->task0;
-    int h = local % nh, blk = local / nh;
-    int kvh = h / (nh / c->num_key_value_heads);
+    int local = task - g->task0, grouped = att_grouped(c, g);
+    /* rows: query rows of this task; row r sits at position pos_r and
+     * lives in q (and att) at Q + r * ldq. */
+    int h, kvh, i0, rows, ldq, step_pos;
+    if (grouped) {
+        kvh = local, h = kvh * group, i0 = 0, rows = group, ldq = hd, step_pos = 0;
+    } else {
+        h = local % nh, kvh = h / group, i0 = (local / nh) * ATT_QBLOCK;
+        rows = g->n - i0 < ATT_QBLOCK ? g->n - i0 : ATT_QBLOCK;
+        ldq = qd, step_pos = 1;
+    }
     const float *K = cache_at(b, b->kc, aj->layer, g->slot, kvh);
     const float *V = cache_at(b, b->vc, aj->layer, g->slot, kvh);
-    int i0 = blk * ATT_QBLOCK, i1 = i0 + ATT_QBLOCK < g->n ? i0 + ATT_QBLOCK : g->n;
-    int rows = i1 - i0;
-    int last = g->pos + i1 - 1;             /* position of the block's last query */
-    int jmin = 0;
-    if (c->sliding_window > 0 && g->pos + i0 - c->sliding_window + 1 > 0)
-        jmin = g->pos + i0 - c->sliding_window + 1;
+    int first = g->pos + i0, last = first + (rows - 1) * step_pos;
+    int jmin = sw > 0 && first - sw + 1 > 0 ? first - sw + 1 : 0;
     int L = last + 1 - jmin;
     const float *Q = b->q + (size_t)(g->t0 + i0) * (size_t)qd + (size_t)h * hd;
     float *O = b->att + (size_t)(g->t0 + i0) * (size_t)qd + (size_t)h * hd;
@@ -815,14 +831,14 @@ static void att_task(void *ctx, int task, int tid)
         cblas_sgemv(CblasRowMajor, CblasNoTrans, L, hd, scale, K + (size_t)jmin * hd, hd, Q, 1,
                     0.0f, S, 1);
     else
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, L, hd, scale, Q, qd,
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, L, hd, scale, Q, ldq,
                     K + (size_t)jmin * hd, hd, 0.0f, S, L);
     for (int r = 0; r < rows; r++) {
         float *sr = S + (size_t)r * L;
-        int p = g->pos + i0 + r;
+        int p = first + r * step_pos;
         int lo = 0, hi = p - jmin;            /* valid keys, relative to jmin */
-        if (c->sliding_window > 0 && p - c->sliding_window + 1 > jmin)
-            lo = p - c->sliding_window + 1 - jmin;
+        if (sw > 0 && p - sw + 1 > jmin)
+            lo = p - sw + 1 - jmin;
         float mx = -INFINITY;
         for (int j = lo; j <= hi; j++)
             mx = sr[j] > mx ? sr[j] : mx;
@@ -841,7 +857,7 @@ static void att_task(void *ctx, int task, int tid)
                     O, 1);
     else
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, L, 1.0f, S, L,
-                    V + (size_t)jmin * hd, hd, 0.0f, O, qd);
+                    V + (size_t)jmin * hd, hd, 0.0f, O, ldq);
 }
 
 static void run_step(cpu_backend *b, const cpu_weights *m, step *s, float *logits)
@@ -858,7 +874,7 @@ static void run_step(cpu_backend *b, const cpu_weights *m, step *s, float *logit
     for (int i = 0; i < s->nseg; i++) {
         seg *g = &s->segs[i];
         g->task0 = ntask;
-        g->ntask = nh * ((g->n + ATT_QBLOCK - 1) / ATT_QBLOCK);
+        g->ntask = att_grouped(c, g) ? kvh : nh * ((g->n + ATT_QBLOCK - 1) / ATT_QBLOCK);
         ntask += g->ntask;
     }
     for (int l = 0; l < c->num_hidden_layers; l++) {
@@ -976,7 +992,6 @@ static int cpu_forward(mm_backend *base, const mm_batch_seq *seqs, int nseqs, fl
                 row++;
             }
             s->tok[s->T] = q->tokens[t];
-            s->tpos[s->T] = q->pos + t;
             s->T++;
         }
         b->slot_len[q->slot] = q->pos + q->n_tokens;

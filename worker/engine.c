@@ -53,6 +53,10 @@ struct mm_seq {
     /* e->lock */
     int             dirty;
     mm_seq         *next_dirty;
+    /* the draining thread's own link: once a drain detached the list, the
+     * engine may mark the sequence dirty again (rewriting next_dirty) while
+     * the drain still walks it */
+    mm_seq         *next_drain;
 
     /* engine thread */
     enum seq_state state;
@@ -331,22 +335,18 @@ static void mark_dirty(mm_engine *e, mm_seq *s)
 
 void mm_engine_drain(mm_engine *e, void (*fn)(mm_seq *s, void *arg), void *arg)
 {
-    pthread_mutex_lock(&e->lock);
-    mm_seq *list = e->dirty_head;
-    e->dirty_head = NULL;
-    for (mm_seq *s = list; s; s = s->next_dirty)
-        s->dirty = 0;
-    pthread_mutex_unlock(&e->lock);
     /* The list was built newest first; answer in arrival order. */
     mm_seq *rev = NULL;
-    while (list) {
-        mm_seq *n = list->next_dirty;
-        list->next_dirty = rev;
-        rev = list;
-        list = n;
+    pthread_mutex_lock(&e->lock);
+    for (mm_seq *s = e->dirty_head; s; s = s->next_dirty) {
+        s->dirty = 0;
+        s->next_drain = rev;
+        rev = s;
     }
+    e->dirty_head = NULL;
+    pthread_mutex_unlock(&e->lock);
     while (rev) {
-        mm_seq *n = rev->next_dirty;
+        mm_seq *n = rev->next_drain;
         if (fn)
             fn(rev, arg);
         mm_seq_release(rev);

@@ -170,10 +170,19 @@ static int parse_args(int argc, char **argv, worker_opts *w)
             return make_model(argc, argv, i + 1);
         }
         /* Every other flag takes a value. */
+        static const char *const valued[] = {
+            "--model", "--served-model-name", "--host", "--port", "--device", "--dtype",
+            "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
+            "--tensor-parallel-size", "-tp", "--gpu-memory-utilization", "--seed", "--threads"};
+        size_t k = 0;
+        while (k < sizeof valued / sizeof valued[0] && strcmp(a, valued[k]))
+            k++;
+        if (k == sizeof valued / sizeof valued[0])
+            return bad_flag(a[0] == '-' ? "unknown flag '%s'%s" : "unexpected argument '%s'%s",
+                            a, "");
         if (!v) {
-            if (i + 1 >= argc || (strncmp(a, "-", 1) != 0))
-                return bad_flag(strncmp(a, "-", 1) ? "unexpected argument '%s'%s"
-                                                   : "%s needs a value%s", a, "");
+            if (i + 1 >= argc)
+                return bad_flag("%s needs a value%s", a, "");
             v = argv[++i];
         }
         if (strcmp(a, "--model") == 0) {
@@ -234,12 +243,10 @@ static int parse_args(int argc, char **argv, worker_opts *w)
             if (parse_ll(v, 0, INT64_MAX, &x))
                 return bad_flag("--seed: expected a non-negative integer, got '%s'%s", v, "");
             w->seed = x;
-        } else if (strcmp(a, "--threads") == 0) {
+        } else {  /* --threads: the last of the valued flags */
             if (parse_ll(v, 0, 1024, &x))
                 return bad_flag("--threads: expected 0..1024, got '%s'%s", v, "");
             w->threads = (int)x;
-        } else {
-            return bad_flag("unknown flag '%s'%s", a, "");
         }
     }
     if (!w->model)
@@ -378,7 +385,8 @@ static void *load_main(void *arg)
         nanosleep(&ts, NULL);
     }
     mm_info("loading %s", w->model);
-    mm_model_load_opts lo = {0};
+    int last_pct = -100;
+    mm_model_load_opts lo = {.progress = mm_model_progress_stderr, .progress_ud = &last_pct};
     if ((L->rc = mm_model_load(w->model, &lo, &L->model, L->err, sizeof L->err)) < 0)
         goto out;
     snprintf(path, sizeof path, "%s/tokenizer.json", w->model);

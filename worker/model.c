@@ -543,8 +543,9 @@ void mm_model_progress_stderr(void *ud, uint64_t done, uint64_t total)
                 done >= total ? "\n" : "");
         fflush(stderr);
     } else {
-        /* A log file gets a line per tenth, not a line per update. */
-        if (last && *last / 10 == pct / 10 && done < total)
+        /* A log file gets a line per tenth, not a line per update; a small
+         * model loads too fast for any but the last to say something. */
+        if (done < total && ((last && *last / 10 == pct / 10) || total < (256u << 20)))
             return;
         if (last && *last == 100)
             return;

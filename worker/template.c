@@ -145,6 +145,11 @@ int mm_chat_render(const mm_template *tpl, const json_t *messages,
         snprintf(err, errlen, "template variables must be a JSON object");
         return -EINVAL;
     }
+    if (json_array_size(messages) == 0) {
+        /* transformers refuses these too */
+        snprintf(err, errlen, "cannot apply a chat template to an empty conversation");
+        return -EINVAL;
+    }
     json_t *ctx = json_object();
     if (!ctx)
         goto oom;
@@ -228,29 +233,6 @@ int mm_chat_special_tokens(const json_t *cfg, json_t **out, char *err, size_t er
             continue;
         if (json_object_set_new(m, names[i], json_string(s)))
             goto oom;
-    }
-    json_t *add = json_object_get(cfg, "additional_special_tokens");
-    if (json_is_array(add) && json_array_size(add) > 0) {
-        json_t *l = json_array();
-        if (!l || json_object_set_new(m, "additional_special_tokens", l))
-            goto oom;
-        size_t i;
-        json_t *v;
-        json_array_foreach(add, i, v) {
-            const char *s;
-            if (token_text(v, &s)) {
-                snprintf(err, errlen, "tokenizer config: additional_special_tokens[%zu] "
-                         "is neither a string nor a token object", i);
-                rc = -EINVAL;
-                goto fail;
-            }
-            if (json_array_append_new(l, json_string(s)))
-                goto oom;
-        }
-    } else if (add && !json_is_array(add) && !json_is_null(add)) {
-        snprintf(err, errlen, "tokenizer config: additional_special_tokens is not a list");
-        rc = -EINVAL;
-        goto fail;
     }
     *out = m;
     return 0;

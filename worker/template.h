@@ -52,7 +52,8 @@ int  mm_template_render(const mm_template *tpl, const json_t *ctx, mm_buf *out,
 void mm_template_free(mm_template *tpl);
 
 /* Render a chat the way transformers' apply_chat_template(tokenize=False)
- * does: variables messages, tools=None, documents=None, add_generation_prompt,
+ * does (an empty `messages` is refused as there, -EINVAL): variables
+ * messages, tools=None, documents=None, add_generation_prompt,
  * bos_token and eos_token (each omitted when NULL, as transformers omits an
  * unset special token), then every key of `extra` (the tokenizer's other
  * special tokens, "tools", "documents", chat_template_kwargs such as
@@ -63,11 +64,12 @@ int  mm_chat_render(const mm_template *tpl, const json_t *messages,
                     const char *eos_token, const json_t *extra, mm_buf *out,
                     char *err, size_t errlen);
 
-/* transformers' special_tokens_map from a parsed tokenizer_config.json:
- * bos/eos/unk/sep/pad/cls/mask_token as strings (plain or AddedToken
- * objects) and additional_special_tokens, leaving out unset or empty ones.
- * *out is a new object.  0, -EINVAL (err says which key is malformed),
- * -ENOMEM. */
+/* transformers' special_tokens_map from a parsed tokenizer_config.json, the
+ * special tokens apply_chat_template passes to the template: bos/eos/unk/
+ * sep/pad/cls/mask_token as strings (plain or AddedToken objects), leaving
+ * out unset or empty ones.  As in transformers 5 (what the goldens come
+ * from), additional_special_tokens are not among them.  *out is a new
+ * object.  0, -EINVAL (err says which key is malformed), -ENOMEM. */
 int  mm_chat_special_tokens(const json_t *tokenizer_config, json_t **out,
                             char *err, size_t errlen);
 

@@ -18,11 +18,15 @@
 
 enum { CTL_NONE = 0, CTL_BREAK = 1, CTL_CONTINUE = 2 };
 
+#define FRAME_INLINE 4   /* most scopes bind a loop variable and `loop` */
+
 struct mm_tpl_frame {
     mm_tpl_frame *parent;
     size_t n, cap;
     const char **names;
     mm_tpl_val *vals;
+    const char *inl_names[FRAME_INLINE];
+    mm_tpl_val inl_vals[FRAME_INLINE];
 };
 
 typedef struct evalctx {
@@ -40,8 +44,10 @@ static void frame_free(mm_tpl_frame *f)
 {
     for (size_t i = 0; i < f->n; i++)
         mm_tpl_unref(&f->vals[i]);
-    free(f->names);
-    free(f->vals);
+    if (f->names != f->inl_names)
+        free(f->names);
+    if (f->vals != f->inl_vals)
+        free(f->vals);
     f->n = f->cap = 0;
     f->names = NULL;
     f->vals = NULL;
@@ -57,15 +63,27 @@ static int frame_set(mm_tpl_ectx *e, mm_tpl_frame *f, const char *name, mm_tpl_v
             v->kind = MM_TV_UNDEF;
             return 0;
         }
+    if (f->cap == 0) {
+        f->names = f->inl_names;
+        f->vals = f->inl_vals;
+        f->cap = FRAME_INLINE;
+    }
     if (f->n == f->cap) {
-        size_t nc = f->cap ? f->cap * 2 : 8;
-        const char **nn = realloc(f->names, nc * sizeof(*nn));
-        if (!nn)
+        size_t nc = f->cap * 2;
+        const char **nn = malloc(nc * sizeof(*nn));
+        mm_tpl_val *nv = malloc(nc * sizeof(*nv));
+        if (!nn || !nv) {
+            free(nn);
+            free(nv);
             goto fail;
+        }
+        memcpy(nn, f->names, f->n * sizeof(*nn));
+        memcpy(nv, f->vals, f->n * sizeof(*nv));
+        if (f->names != f->inl_names)
+            free(f->names);
+        if (f->vals != f->inl_vals)
+            free(f->vals);
         f->names = nn;
-        mm_tpl_val *nv = realloc(f->vals, nc * sizeof(*nv));
-        if (!nv)
-            goto fail;
         f->vals = nv;
         f->cap = nc;
     }
@@ -410,14 +428,7 @@ static int num_result_int(mm_tpl_ectx *e, long long v, mm_tpl_val *out)
 
 static int num_result_real(mm_tpl_ectx *e, double v, mm_tpl_val *out)
 {
-    *out = mm_tpl_jv(json_real(v));
-    if (MM_TPL_OOM(*out)) {
-        /* jansson refuses inf and nan */
-        if (!isfinite(v))
-            return mm_tpl_fail(e, -ENOTSUP, "a non-finite float result");
-        return oom(e);
-    }
-    return 0;
+    return mm_tpl_real(e, v, out);
 }
 
 /* CPython's float floor division and modulo. */

@@ -224,7 +224,7 @@ static int f_abs(mm_tpl_ectx *e, const mm_tpl_val *in, const mm_tpl_args *a, mm_
             return mm_tpl_fail(e, -ENOTSUP, "integer arithmetic beyond 64 bits");
         *out = mm_tpl_int(v < 0 ? -v : v);
     } else {
-        *out = mm_tpl_jv(json_real(fabs(mm_tpl_num(in))));
+        return mm_tpl_real(e, fabs(mm_tpl_num(in)), out);
     }
     return MM_TPL_OOM(*out) ? oom(e) : 0;
 }
@@ -518,16 +518,13 @@ static int f_float(mm_tpl_ectx *e, const mm_tpl_val *in, const mm_tpl_args *a, m
     if (mm_tpl_is_num(in))
         d = mm_tpl_num(in);
     else if (!mm_tpl_is_str(in) || parse_pyfloat(SV(in), SN(in), &d)) {
-        if (s[0])
+        if (s[0]) {
             *out = mm_tpl_ref(s[0]);
-        else
-            *out = mm_tpl_jv(json_real(0.0));
-        return MM_TPL_OOM(*out) ? oom(e) : 0;
+            return 0;
+        }
+        return mm_tpl_real(e, 0.0, out);
     }
-    if (!isfinite(d))
-        return mm_tpl_fail(e, -ENOTSUP, "a non-finite float");
-    *out = mm_tpl_jv(json_real(d));
-    return MM_TPL_OOM(*out) ? oom(e) : 0;
+    return mm_tpl_real(e, d, out);
 }
 
 static int f_int(mm_tpl_ectx *e, const mm_tpl_val *in, const mm_tpl_args *a, mm_tpl_val *out)
@@ -1000,8 +997,7 @@ static int f_round(mm_tpl_ectx *e, const mm_tpl_val *in, const mm_tpl_args *a, m
         double p = pow(10.0, (double)prec);
         r = (method[0] == 'c' ? ceil(x * p) : floor(x * p)) / p;
     }
-    *out = mm_tpl_jv(json_real(r));
-    return MM_TPL_OOM(*out) ? oom(e) : 0;
+    return mm_tpl_real(e, r, out);
 }
 
 static int f_string(mm_tpl_ectx *e, const mm_tpl_val *in, const mm_tpl_args *a,
@@ -1016,6 +1012,12 @@ static int f_sort(mm_tpl_ectx *e, const mm_tpl_val *in, const mm_tpl_args *a, mm
 {
     BIND("sort", "reverse,case_sensitive,attribute");
     keyed k;
+    /* sorted(reverse=...) wants an int */
+    if (s[0] && s[0]->kind == MM_TV_UNDEF)
+        return mm_tpl_undef_error(e, s[0]);
+    if (s[0] && !mm_tpl_is_num(s[0]))
+        return mm_tpl_fail(e, -EINVAL, "'%s' object cannot be interpreted as an integer",
+                           mm_tpl_typename(s[0]));
     size_t *order = NULL, *tmp = NULL;
     int rc = keyed_make(e, in, s[2], !truthy_arg(s[1]), &k);
     if (!rc) {
@@ -1086,7 +1088,9 @@ static int f_sum(mm_tpl_ectx *e, const mm_tpl_val *in, const mm_tpl_args *a, mm_
     keyed_free(&k);
     if (rc)
         return rc;
-    *out = is_float ? mm_tpl_jv(json_real(fsum)) : mm_tpl_int(isum);
+    if (is_float)
+        return mm_tpl_real(e, fsum, out);
+    *out = mm_tpl_int(isum);
     return MM_TPL_OOM(*out) ? oom(e) : 0;
 }
 
@@ -1234,8 +1238,10 @@ int mm_tpl_filter(mm_tpl_ectx *e, const char *name, const mm_tpl_val *in, const 
                   mm_tpl_val *out)
 {
     filter_fn fn = find_filter(name);
+    if (!fn && mm_tpl_known_filter(name))
+        return mm_tpl_fail(e, -ENOTSUP, "filter '%s'", name);
     if (!fn)
-        return mm_tpl_fail(e, -EINVAL, "no filter named '%s'", name);
+        return mm_tpl_fail(e, -EINVAL, "No filter named '%s' found.", name);
     return fn(e, in, a, out);
 }
 
@@ -1425,5 +1431,5 @@ int mm_tpl_test(mm_tpl_ectx *e, const char *name, const mm_tpl_val *in, const mm
                (name[0] == 'f' ? mm_tpl_has_filter(SV(in)) : mm_tpl_has_test(SV(in)));
         return 0;
     }
-    return mm_tpl_fail(e, -EINVAL, "no test named '%s'", name);
+    return mm_tpl_fail(e, -EINVAL, "No test named '%s' found.", name);
 }

@@ -228,6 +228,8 @@ mm_tpl_val mm_tpl_str_n(const char *s, size_t n);
 mm_tpl_val mm_tpl_int(long long i);
 mm_tpl_val mm_tpl_bool(int b);
 mm_tpl_val mm_tpl_none(void);
+/* A float result: 0, -ENOTSUP for inf/nan (JSON cannot hold them), -ENOMEM. */
+int mm_tpl_real(mm_tpl_ectx *e, double d, mm_tpl_val *out);
 #define MM_TPL_OOM(v) ((v).kind == MM_TV_UNDEF)
 
 /* Python type tests on values. */
@@ -287,6 +289,7 @@ uint32_t mm_tpl_py_lower(uint32_t cp);
 uint32_t mm_tpl_py_upper(uint32_t cp);
 int    mm_tpl_py_cased(uint32_t cp);
 int    mm_tpl_py_isalpha(uint32_t cp);
+int    mm_tpl_py_isalnum(uint32_t cp);
 
 /* ---- evaluation (template_eval.c) ---- */
 int mm_tpl_eval_render(const mm_template *t, const json_t *ctx, mm_buf *out,

@@ -211,6 +211,19 @@ static int isdig(int c) { return c >= '0' && c <= '9'; }
 static int isnamestart(int c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
 static int isnamechar(int c) { return isnamestart(c) || isdig(c); }
 
+/* Bytes of a non-ASCII letter (or, after the start, letter or digit) at i:
+ * Jinja's names are Python identifiers.  0 if there is none. */
+static size_t name_cp(const char *s, size_t n, size_t i, int start)
+{
+    uint32_t cp;
+    if (i >= n || (unsigned char)s[i] < 0x80)
+        return 0;
+    size_t k = mm_tpl_u8_dec(s, n, i, &cp);
+    if (mm_tpl_py_isalpha(cp) || (!start && mm_tpl_py_isalnum(cp)))
+        return k;
+    return 0;
+}
+
 /* Digits with single underscores between them: (\d+_)*\d+.  0 if none. */
 static size_t match_digits(const char *s, size_t n, size_t i)
 {
@@ -371,8 +384,11 @@ static int lex_tag(lexer *L, int block, int open_line)
             errno = 0;
             char *endp;
             long long v = strtoll(num, &endp, base);
-            if (errno || *endp)
-                return lex_fail(L, L->line, "integer literal %s is too large", num);
+            if (errno || *endp) {
+                snprintf(L->err, L->errlen, "template uses an unsupported construct (line %d): "
+                         "integer literal %s beyond 64 bits", L->line, num);
+                return -ENOTSUP;
+            }
             mm_tpl_token *t = push(L, MM_TK_INT, L->line);
             if (!t)
                 return oom(L);
@@ -380,10 +396,14 @@ static int lex_tag(lexer *L, int block, int open_line)
             L->pos += m;
             continue;
         }
-        if (isnamestart(c)) {
+        if (isnamestart(c) || name_cp(s, n, i, 1)) {
             size_t q = i;
-            while (q < n && isnamechar(s[q]))
-                q++;
+            for (;;) {
+                size_t k = q < n && isnamechar(s[q]) ? 1 : name_cp(s, n, q, 0);
+                if (!k)
+                    break;
+                q += k;
+            }
             mm_tpl_token *t = push(L, MM_TK_NAME, L->line);
             if (!t)
                 return oom(L);

@@ -5,6 +5,7 @@
  * Unsupported statements and unknown filters or tests are compile errors, so
  * a template that would render wrongly is refused up front. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -260,11 +261,8 @@ static int parse_filter(parser *P, mm_tpl_node *input, mm_tpl_node **out)
         return unexpected(P, "a filter name");
     const char *name = CUR(P)->s;
     P->pos++;
-    if (!mm_tpl_has_filter(name)) {
-        if (mm_tpl_known_filter(name))
-            return pfail_rc(P, -ENOTSUP, line, "filter '%s'", name);
-        return pfail(P, line, "no filter named '%s'", name);
-    }
+    /* unknown names are checked after parsing (check_names): Jinja lets
+     * them through inside {% if %} until they run */
     mm_tpl_node *n = node(P, MM_E_FILTER, line);
     if (!n)
         return poom(P);
@@ -291,11 +289,6 @@ static int parse_test(parser *P, mm_tpl_node *input, mm_tpl_node **out)
         return unexpected(P, "a test name");
     const char *name = CUR(P)->s;
     P->pos++;
-    if (!mm_tpl_has_test(name)) {
-        if (mm_tpl_known_test(name))
-            return pfail_rc(P, -ENOTSUP, line, "test '%s'", name);
-        return pfail(P, line, "no test named '%s'", name);
-    }
     mm_tpl_node *n = node(P, MM_E_TEST, line);
     if (!n)
         return poom(P);
@@ -528,6 +521,8 @@ static int parse_primary(parser *P, mm_tpl_node **out)
         return add_const(P, json_integer(c->i), line, out);
     case MM_TK_FLOAT:
         P->pos++;
+        if (!isfinite(c->d))   /* Python's inf: JSON cannot hold it */
+            return pfail_rc(P, -ENOTSUP, line, "a float literal beyond the double range");
         return add_const(P, json_real(c->d), line, out);
     case MM_TK_OP:
         if (c->op == '(') {
@@ -1258,8 +1253,60 @@ out:
     return rc;
 }
 
+/* Filter and test names must exist, except where Jinja's code generator is
+ * in a "soft" frame (an if statement or an inline if, but not a loop,
+ * macro or block inside one): there an unknown name fails only if it runs. */
+static int check_names(parser *P, const mm_tpl_node *n, int soft)
+{
+    int rc = 0;
+    if (!n)
+        return 0;
+    switch (n->kind) {
+    case MM_N_IF:
+    case MM_E_COND:
+        soft = 1;
+        break;
+    case MM_N_FOR:
+        if ((rc = check_names(P, n->a, soft)) || (rc = check_names(P, n->b, soft)))
+            return rc;
+        if ((rc = check_names(P, n->c, 0)) || (rc = check_names(P, n->d, 0)))
+            return rc;
+        return check_names(P, n->e, 0);
+    case MM_N_MACRO:
+    case MM_N_SETBLOCK:
+    case MM_N_FILTERBLOCK:
+        soft = 0;
+        break;
+    case MM_N_WITH:
+        for (size_t i = 0; i < n->nkids && !rc; i++)
+            rc = check_names(P, n->kids[i], soft);
+        return rc ? rc : check_names(P, n->b, 0);
+    case MM_E_FILTER:
+    case MM_E_TEST:
+        if (!soft) {
+            int filt = n->kind == MM_E_FILTER;
+            if (filt ? !mm_tpl_has_filter(n->name) : !mm_tpl_has_test(n->name)) {
+                if (filt ? mm_tpl_known_filter(n->name) : mm_tpl_known_test(n->name))
+                    return pfail_rc(P, -ENOTSUP, n->line, "%s '%s'", filt ? "filter" : "test",
+                                    n->name);
+                return pfail(P, n->line, "no %s named '%s'", filt ? "filter" : "test", n->name);
+            }
+        }
+        break;
+    default:
+        break;
+    }
+    const mm_tpl_node *sub[] = {n->a, n->b, n->c, n->d, n->e};
+    for (size_t i = 0; i < 5 && !rc; i++)
+        rc = check_names(P, sub[i], soft);
+    for (size_t i = 0; i < n->nkids && !rc; i++)
+        rc = check_names(P, n->kids[i], soft);
+    return rc;
+}
+
 int mm_tpl_parse(mm_template *t, const mm_tpl_tokens *toks, char *err, size_t errlen)
 {
     parser P = {.t = t, .tk = toks->v, .ntk = toks->n, .err = err, .errlen = errlen};
-    return parse_body(&P, NULL, NULL, 0, &t->root);
+    int rc = parse_body(&P, NULL, NULL, 0, &t->root);
+    return rc ? rc : check_names(&P, t->root, 0);
 }

@@ -89,6 +89,14 @@ mm_tpl_val mm_tpl_int(long long i) { return mm_tpl_jv(json_integer(i)); }
 mm_tpl_val mm_tpl_bool(int b) { return mm_tpl_jv(json_boolean(b)); }
 mm_tpl_val mm_tpl_none(void) { return mm_tpl_jv(json_null()); }
 
+int mm_tpl_real(mm_tpl_ectx *e, double d, mm_tpl_val *out)
+{
+    if (!isfinite(d))
+        return mm_tpl_fail(e, -ENOTSUP, "a float that is inf or nan");
+    *out = mm_tpl_jv(json_real(d));
+    return MM_TPL_OOM(*out) ? oom(e) : 0;
+}
+
 mm_tpl_val mm_tpl_ref(const mm_tpl_val *v)
 {
     mm_tpl_val r = *v;
@@ -496,6 +504,14 @@ int mm_tpl_py_isalpha(uint32_t c)
         return ((c | 32) >= 'a' && (c | 32) <= 'z');
     pthread_once(&loc_once, loc_init);
     return utf8_loc ? iswalpha_l((wint_t)c, utf8_loc) != 0 : 0;
+}
+
+int mm_tpl_py_isalnum(uint32_t c)
+{
+    if (c < 0x80)
+        return ((c | 32) >= 'a' && (c | 32) <= 'z') || (c >= '0' && c <= '9');
+    pthread_once(&loc_once, loc_init);
+    return utf8_loc ? iswalnum_l((wint_t)c, utf8_loc) != 0 : 0;
 }
 
 int mm_tpl_py_cased(uint32_t c)

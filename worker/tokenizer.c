@@ -444,6 +444,7 @@ struct mm_tokenizer {
     keymap    added_map;    /* added tokens, by content */
     mergemap  merges;
     pairset   pairs;        /* plain mode: adjacent characters inside tokens */
+    int32_t  *char_id;      /* plain mode: id of each BMP character's token, or -1 */
     mm_tok_added *added;
     size_t    nadded;
     trie      trie_raw, trie_norm;
@@ -509,25 +510,60 @@ static int byte_unmap(const int16_t inv[324], const char *s, size_t n, char *out
 
 /* ---- regex ----------------------------------------------------------------- */
 
-/* tokenizers runs these patterns on Oniguruma, where \s is Unicode
- * White_Space; PCRE2's \s (even with UCP) omits U+0085. Spell it out. A few
+/* tokenizers runs these patterns on Oniguruma, where \s is exactly Unicode
+ * White_Space (measured: 25 code points); PCRE2 10.42's \s with UCP also
+ * takes U+180E, White_Space only before Unicode 6.3. Spell it out. A few
  * escapes that mean different things in the two engines are refused. */
 #define WS_CLASS "\\t-\\r\\x{85}\\p{Z}"
 
 /* PCRE2's Unicode version as major * 100 + minor ("14.0.0" -> 1400). */
 static unsigned pcre2_unicode_version(void)
 {
-    char v[32] = "";
-    unsigned major = 0, minor = 0;
-    if (pcre2_config(PCRE2_CONFIG_UNICODE_VERSION, v) > 0 && sscanf(v, "%u.%u", &major, &minor) == 2)
-        return major * 100 + minor;
-    return 0;
+    char v[32] = "", *dot, *end;
+    if (pcre2_config(PCRE2_CONFIG_UNICODE_VERSION, v) <= 0)
+        return 0;
+    unsigned long major = strtoul(v, &dot, 10);
+    if (dot == v || *dot != '.')
+        return 0;
+    unsigned long minor = strtoul(dot + 1, &end, 10);
+    if (end == dot + 1 || major > 99 || minor > 99)
+        return 0;
+    return (unsigned)(major * 100 + minor);
 }
 
 /* \p{X} where X is a general category: PCRE2's property tables may be older
  * than our UCD (Debian 12's PCRE2 has Unicode 14), and tokenizers' engine
  * knows newer letters, digits and symbols. Add the code points assigned since
  * PCRE2's version to the class. *i is at the 'p'/'P'. */
+static int emit_property(const char *name, int neg, int in_class, unsigned uver, const char *orig,
+                         size_t origlen, mm_buf *out, char *err, size_t errlen)
+{
+    size_t nl = strlen(name);
+    mm_buf add;
+    mm_buf_init(&add, 1 << 20);
+    int rc = 0;
+    if (nl >= 1 && nl <= 2 && strchr("LMNPSZ", name[0]) && uver < mm_ucd_version)
+        rc = mm_unicode_class_additions(name, uver, &add);
+    if (!rc && add.len == 0 && orig) {
+        /* Nothing newer: copy the escape as written. */
+        rc = mm_buf_append(out, orig, origlen);
+    } else if (!rc && in_class && neg) {
+        rc = fail(err, errlen, -ENOTSUP,
+                  "regex: a negated \\p{%s} inside a class is not supported", name);
+    } else if (!rc) {
+        if (!in_class)
+            rc = mm_buf_append_str(out, neg ? "[^" : "[");
+        if (!rc)
+            rc = mm_buf_printf(out, "\\p{%s}", name);
+        if (!rc)
+            rc = mm_buf_append(out, add.data, add.len);
+        if (!rc && !in_class)
+            rc = mm_buf_append_str(out, "]");
+    }
+    mm_buf_free(&add);
+    return rc;
+}
+
 static int regex_property(const char *p, size_t n, size_t *i, int in_class, unsigned uver,
                           mm_buf *out, char *err, size_t errlen)
 {
@@ -560,30 +596,10 @@ static int regex_property(const char *p, size_t n, size_t *i, int in_class, unsi
     } else {
         return fail(err, errlen, -EINVAL, "regex: truncated \\p");
     }
-    mm_buf add;
-    mm_buf_init(&add, 1 << 20);
-    int rc = 0;
-    if (nl >= 1 && nl <= 2 && strchr("LMNPSZ", name[0]) && uver < mm_ucd_version)
-        rc = mm_unicode_class_additions(name, uver, &add);
-    if (!rc && add.len == 0) {
-        /* Nothing newer: copy the escape as written. */
-        rc = mm_buf_append(out, p + at - 1, end - at + 2);
-    } else if (!rc && in_class && neg) {
-        rc = fail(err, errlen, -ENOTSUP,
-                  "regex: a negated \\p{%s} inside a class is not supported", name);
-    } else if (!rc) {
-        if (!in_class)
-            rc = mm_buf_append_str(out, neg ? "[^" : "[");
-        if (!rc)
-            rc = mm_buf_printf(out, "\\p{%s}", name);
-        if (!rc)
-            rc = mm_buf_append(out, add.data, add.len);
-        if (!rc && !in_class)
-            rc = mm_buf_append_str(out, "]");
-    }
-    mm_buf_free(&add);
+    if (nl == 0)
+        name[0] = '\0';
     *i = end;
-    return rc;
+    return emit_property(name, neg, in_class, uver, p + at - 1, end - at + 2, out, err, errlen);
 }
 
 static int regex_translate(const char *p, size_t n, mm_buf *out, char *err, size_t errlen)
@@ -607,6 +623,18 @@ static int regex_translate(const char *p, size_t n, mm_buf *out, char *err, size
             case 'P':
                 rc = regex_property(p, n, &i, in_class, uver, out, err, errlen);
                 break;
+            case 'd': /* Unicode decimal digits in both; \p{Nd} gets newer ones */
+            case 'D':
+                rc = emit_property("Nd", e == 'D', in_class, uver, p + i - 1, 2, out, err, errlen);
+                break;
+            case 'h': /* Oniguruma: a hex digit (PCRE2: horizontal space) */
+                rc = mm_buf_append_str(out, in_class ? "0-9a-fA-F" : "[0-9a-fA-F]");
+                break;
+            case 'H':
+                if (in_class)
+                    return fail(err, errlen, -ENOTSUP, "regex: \\H inside a class is not supported");
+                rc = mm_buf_append_str(out, "[^0-9a-fA-F]");
+                break;
             case 'v': /* Oniguruma: vertical tab; PCRE2: any vertical space */
                 rc = mm_buf_append_str(out, "\\x{0B}");
                 break;
@@ -621,7 +649,8 @@ static int regex_translate(const char *p, size_t n, mm_buf *out, char *err, size
                 i += 4;
                 break;
             }
-            case 'w': case 'W': case 'b': case 'B': case 'h': case 'H':
+            /* \w in Oniguruma also takes marks and more; \b, \B follow it. */
+            case 'w': case 'W': case 'b': case 'B':
             case 'X': case 'R': case 'N': case 'O': case 'y': case 'Y':
                 return fail(err, errlen, -ENOTSUP,
                             "regex: \\%c differs between Oniguruma and PCRE2 and is not supported", e);
@@ -1149,6 +1178,8 @@ static int load_pretok(loader *L, json_t *p)
 
 static int push_ids(int32_t **v, size_t *n, const int32_t *src, size_t k, int front)
 {
+    if (k == 0)
+        return 0;
     int32_t *p = realloc(*v, (*n + k + 1) * sizeof *p);
     if (!p)
         return -ENOMEM;
@@ -1376,6 +1407,16 @@ static int finish_tables(loader *L)
             return rc;
     }
     if (!t->byte_level) {
+        /* Words are split into characters and looked up one by one; a
+         * direct table spares the hashing for the BMP. */
+        t->char_id = malloc(0x10000 * sizeof *t->char_id);
+        if (!t->char_id)
+            return -ENOMEM;
+        for (uint32_t cp = 0; cp < 0x10000; cp++) {
+            char u[4];
+            size_t ul = mm_utf8_encode(cp, u);
+            t->char_id[cp] = ul ? keymap_get(&t->vocab, u, ul) : -1;
+        }
         for (size_t i = 0; i <= t->vocab.mask && !rc; i++) {
             const kslot *e = &t->vocab.s[i];
             if (e->id < 0)
@@ -1437,6 +1478,8 @@ int mm_tokenizer_load(const char *path, mm_tokenizer **out, char *err, size_t er
     json_t *root = NULL;
     loader L = {.err = err, .errlen = errlen};
     *out = NULL;
+    if (err && errlen)
+        err[0] = '\0';
 
     FILE *f = fopen(path, "rb");
     if (!f) {
@@ -1509,8 +1552,12 @@ int mm_tokenizer_load(const char *path, mm_tokenizer **out, char *err, size_t er
     return 0;
 
 fail_t:
-    if (rc == -ENOMEM && err && errlen && !err[0])
-        fail(err, errlen, rc, "out of memory");
+    if (err && errlen) {
+        /* Name the file in front of whatever the component said. */
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", err[0] ? err : strerror(-rc));
+        fail(err, errlen, rc, "%s: %s", path, msg);
+    }
     json_decref(root);
     mm_tokenizer_free(t);
     return rc;
@@ -1533,6 +1580,7 @@ void mm_tokenizer_free(mm_tokenizer *t)
     free(t->added_map.s);
     free(t->merges.s);
     free(t->pairs.s);
+    free(t->char_id);
     for (size_t i = 0; i < t->nadded; i++)
         free((char *)t->added[i].content);
     free(t->added);
@@ -1719,6 +1767,12 @@ static int sym_add(enc *e, size_t *n, int32_t id)
     return 0;
 }
 
+/* Plain mode: the id of the one-character token w[0..l) holding cp, or -1. */
+static int32_t char_token(const mm_tokenizer *t, const char *w, size_t l, uint32_t cp)
+{
+    return cp < 0x10000 ? t->char_id[cp] : keymap_get(&t->vocab, w, l);
+}
+
 /* Initial symbols of a word, the way tokenizers builds them: each unit (a
  * byte in byte-level mode, a character otherwise) is its vocab id, else its
  * <0xNN> tokens with byte_fallback, else unk (fused when fuse_unk). A pending
@@ -1747,7 +1801,7 @@ static int word_symbols(enc *e, const char *w, size_t n, size_t *nsym)
             l = mm_utf8_decode(w + i, n - i, &cp);
             if (!l)
                 return -EILSEQ;
-            id = keymap_get(&t->vocab, w + i, l);
+            id = char_token(t, w + i, l, cp);
             if (id < 0 && t->byte_fallback) {
                 for (nfb = 0; nfb < l && t->byte_tok[(unsigned char)w[i + nfb]] >= 0; nfb++)
                     fb[nfb] = t->byte_tok[(unsigned char)w[i + nfb]];
@@ -1908,7 +1962,7 @@ static int bpe_word(enc *e, const char *w, size_t n)
         size_t l = mm_utf8_decode(w + i, n - i, &cp);
         if (!l)
             return -EILSEQ;
-        int known = keymap_get(&t->vocab, w + i, l) >= 0;
+        int known = char_token(t, w + i, l, cp) >= 0;
         if (i > start && known && prev_known && !pairset_has(&t->pairs, prev, cp)) {
             if ((rc = bpe_chunk(e, w + start, i - start)))
                 return rc;

@@ -7,7 +7,7 @@
 #   direct    wrk straight to a static nginx upstream (the ceiling)
 #   nginx     wrk through nginx proxy_pass + upstream keepalive (the yardstick)
 #   modelmux  wrk through the gateway, routing on the body's "model"
-#   sse       per-chunk SSE latency, direct vs through the gateway
+#   sse       per-chunk SSE latency: direct, through nginx, through the gateway
 #             (tests/bench/sse_latency.c, ping-pong, one clock)
 # wrk cases run interleaved, BENCH_RUNS rounds of BENCH_DURATION seconds
 # after a BENCH_WARMUP-second warm-up each; the table shows medians.
@@ -484,7 +484,9 @@ report() {
             "SSE: $SSE_RUNS runs of $SSE_EVENTS events)."
         echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, Linux $(uname -r);" \
             "$("$NGINX" -v 2>&1 | sed 's|.*/||;s|^|nginx |')," \
-            "$("$WRK" --version 2>&1 | head -1 | awk '{print "wrk", $2}')."
+            "$("$WRK" --version 2>&1 | head -1 | awk '{print "wrk", $2}')." \
+            "Load average (1 min) at start $LOAD_START, at end $(cut -d' ' -f1 /proc/loadavg)" \
+            "(above ~0.5 other processes shared the cores: expect noise)."
         echo
         if [ -f "$TMP/results.tsv" ]; then
             echo "| case | req/s | p50 (ms) | p99 (ms) | errors |"
@@ -577,7 +579,8 @@ SSE_PORT=$PORT
 mkdir -p "$BENCH_OUT" || exit 1
 rm -f "$BENCH_OUT"/wrk-*.txt
 printf '%s\n' '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}' | tr -d '\n' >"$TMP/body.json"
-say "cases: $SELECTED; temp dir $TMP"
+LOAD_START=$(cut -d' ' -f1 /proc/loadavg)
+say "cases: $SELECTED; temp dir $TMP; load average $LOAD_START"
 
 run_wrk_cases
 for c in $SELECTED; do

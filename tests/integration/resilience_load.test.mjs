@@ -49,16 +49,12 @@ test('load: 200 concurrent requests, one of three backends killed: every request
         const s = await Promise.all([A, B, C].map((f) => f.stats()));
         return s.reduce((x, y) => x + y.requests, 0) >= N;
     }, 10000, { what: `all ${N} requests at the backends`, intervalMs: 20 });
-    const sB = await B.stats();
-    const bAtKill = sB.inflight;
-    const bStreamsAtKill = sB.recent.length;   // (informative only)
-    void bStreamsAtKill;
+    const bAtKill = (await B.stats()).inflight;
     await B.kill9();
     const results = await Promise.all(jobs);
 
     const failures = [];
     let cut = 0;
-    let retriedOk = 0;
     for (const x of results) {
         if (!x.stream) {
             if (x.error || x.r.status !== 200) {
@@ -72,10 +68,7 @@ test('load: 200 concurrent requests, one of three backends killed: every request
         const o = x.o;
         const done = o.events.length > 0 && o.events[o.events.length - 1] === 'data: [DONE]';
         const chunks = o.events.filter((e) => e.includes('chat.completion.chunk')).length;
-        if (o.status === 200 && done && chunks === 6) {
-            if (o.headers['x-modelmux-backend'] !== B.url) retriedOk++;
-            continue;
-        }
+        if (o.status === 200 && done && chunks === 6) continue;
         // Not complete: allowed only for a stream that had started on B,
         // and then it must end with one error event, never a hang.
         const last = o.events[o.events.length - 1] || '';
@@ -88,11 +81,11 @@ test('load: 200 concurrent requests, one of three backends killed: every request
             `timedOut ${o.timedOut} last ${JSON.stringify(last.slice(0, 200))} error ${o.error?.message}`);
     }
     assert.ok(bAtKill > 10, `B had requests in flight when it was killed (${bAtKill})`);
-    assert.deepEqual(failures, [], `${failures.length} of ${N} requests failed (B had ${bAtKill} in flight, ${cut} streams cut mid-way)`);
+    assert.equal(failures.length, 0, `${failures.length} of ${N} requests failed (B had ${bAtKill} in flight, ` +
+        `${cut} streams cut mid-way); the first ones:\n${failures.slice(0, 5).join('\n')}`);
     assert.ok(cut <= bAtKill);
     // The gateway keeps serving, without B.
     const r = await chat(gw.port, 'm');
     assert.equal(r.status, 200);
     assert.notEqual(r.headers['x-modelmux-backend'], B.url);
-    void retriedOk;
 });

@@ -376,10 +376,13 @@ TEST(every_isa_and_dtype_matches_reference)
         for (int i = 0; i < 3; i++) {
             setenv("MM_CPU_ISA", isas[i], 1);
             double d1 = prefill_vs_ref(m, 1, 2, NULL), d4 = prefill_vs_ref(m, 4, 1, NULL);
-            if (!(d1 < 1e-4 && d4 < 1e-4))
-                printf("  %s, dtype %d: diff %.2g / %.2g\n", isas[i], (int)dts[d], d1, d4);
+            double d12 = prefill_vs_ref(m, 12, 2, NULL);
+            if (!(d1 < 1e-4 && d4 < 1e-4 && d12 < 1e-4))
+                printf("  %s, dtype %d: diff %.2g / %.2g / %.2g\n", isas[i], (int)dts[d], d1, d4,
+                       d12);
             ASSERT_LT(d1, 1e-4);
             ASSERT_LT(d4, 1e-4);
+            ASSERT_LT(d12, 1e-4);
         }
         unsetenv("MM_CPU_ISA");
         mm_model_free(m);

@@ -135,13 +135,23 @@ static void tseq_free(tseq *t)
     memset(t, 0, sizeof *t);
 }
 
+/* A slow consumer: the engine publishes (and re-marks sequences) while a
+ * drain is still walking the list it detached. */
+static void on_take_slow(mm_seq *s, void *arg)
+{
+    on_take(s, arg);
+    usleep(200);
+}
+
 /* Drain until every sequence finished; -1 after timeout_ms. */
+static void (*take_fn)(mm_seq *s, void *arg) = on_take;
+
 static int wait_all(rig *r, tseq *ts, int n, int timeout_ms)
 {
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
     for (;;) {
-        mm_engine_drain(r->e, on_take, NULL);
+        mm_engine_drain(r->e, take_fn, NULL);
         int left = 0;
         for (int i = 0; i < n; i++)
             left += !ts[i].done;
@@ -501,6 +511,28 @@ TEST(context_limit_ends_with_length)
     rig_free(&r);
 }
 
+TEST(drain_while_the_engine_publishes)
+{
+    rig r;
+    ASSERT_EQ(rig_new(&r, 8, 512, 512), 0);
+    tseq t[8];
+    mm_seq_params p = greedy(300);
+    for (int i = 0; i < 8; i++) {
+        ASSERT_EQ(tseq_new(&r, &t[i], prompts[i % NPROMPTS], &p), 0);
+        ASSERT_EQ(mm_engine_submit(r.e, t[i].s), 0);
+    }
+    take_fn = on_take_slow;
+    int rc = wait_all(&r, t, 8, 60000);
+    take_fn = on_take;
+    ASSERT_EQ(rc, 0);
+    for (int i = 0; i < 8; i++) {
+        ASSERT_EQ(t[i].got.ntoks, 300);
+        ASSERT_EQ(t[i].got.finish, MM_FINISH_LENGTH);
+        tseq_free(&t[i]);
+    }
+    rig_free(&r);
+}
+
 int main(void)
 {
     snprintf(root, sizeof root, "/tmp/mm_test_engine_XXXXXX");
@@ -526,6 +558,7 @@ int main(void)
     RUN(streamed_text_equals_decode);
     RUN(prompt_logprobs_agree_with_generation);
     RUN(context_limit_ends_with_length);
+    RUN(drain_while_the_engine_publishes);
     rm_tree(root);
     return test_summary();
 }

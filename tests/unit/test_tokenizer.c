@@ -7,6 +7,7 @@
  * MM_TOKENIZER_GOLDENS points at another goldens file (same shape). */
 #include <errno.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +77,25 @@ TEST(nfc_examples)
     ASSERT_EQ(mm_unicode_ccc(0x0301), 230);
     ASSERT_EQ(mm_unicode_ccc(0x0323), 220);
     ASSERT_EQ(mm_unicode_ccc('a'), 0);
+}
+
+/* NFC with older tables: U+1DF7 (ccc 228, Unicode 10.0) is unassigned, so
+ * a starter, at 9.0 and blocks the reordering it gets at 15.0. */
+TEST(nfc_versions)
+{
+    const char in[] = "a\xE1\xB7\xB7\xCC\x96"; /* a U+1DF7 U+0316 */
+    mm_buf b;
+    mm_buf_init(&b, 1 << 10);
+    ASSERT_EQ(mm_unicode_nfc_version(in, sizeof in - 1, 0, &b), 0);
+    ASSERT_STR_EQ(mm_buf_cstr(&b), "a\xCC\x96\xE1\xB7\xB7");
+    mm_buf_reset(&b);
+    ASSERT_EQ(mm_unicode_nfc_version(in, sizeof in - 1, 900, &b), 0);
+    ASSERT_STR_EQ(mm_buf_cstr(&b), in);
+    /* Old characters normalize the same at any version. */
+    mm_buf_reset(&b);
+    ASSERT_EQ(mm_unicode_nfc_version("e\xCC\x81\xCC\xA3", 5, 900, &b), 0);
+    ASSERT_STR_EQ(mm_buf_cstr(&b), "\xE1\xBA\xB9\xCC\x81");
+    mm_buf_free(&b);
 }
 
 /* Hostile input: thousands of marks in alternating classes must sort stably
@@ -335,6 +355,46 @@ TEST(bpe_options)
     ASSERT_EQ(mm_tokenizer_encode(t, "a\xFF", 2, 0, &ids, e2, sizeof e2), -EILSEQ);
     ASSERT_CONTAINS(e2, "UTF-8");
     mm_tok_ids_free(&ids);
+    mm_buf_free(&out);
+    mm_tokenizer_free(t);
+}
+
+static char *split_tok(const char *pattern)
+{
+    static char buf[2048];
+    snprintf(buf, sizeof buf,
+             "{\"added_tokens\":[],\"normalizer\":null,\"post_processor\":null,\"decoder\":null,"
+             "\"pre_tokenizer\":{\"type\":\"Split\",\"pattern\":{\"Regex\":\"%s\"},\"behavior\":\"Isolated\","
+             "\"invert\":false},\"model\":{\"type\":\"BPE\",\"unk_token\":\"<unk>\",\"vocab\":{\"<unk>\":0,"
+             "\"a\":1,\"b\":2,\"c\":3,\"ab\":4,\"\\u180e\":5,\"ab\\u180e\":6},\"merges\":[\"a b\",\"ab \\u180e\"]}}",
+             pattern);
+    return buf;
+}
+
+/* The pre-tokenizer regexes are Oniguruma's; PCRE2 spells some escapes
+ * differently. Each case splits differently (so gives other ids) if the
+ * escape keeps PCRE2's meaning. */
+TEST(regex_dialect)
+{
+    mm_tokenizer *t = NULL;
+    char err[256];
+    /* \s is White_Space: a space splits, U+180E (in PCRE2's \s) does not. */
+    ASSERT_EQ(load_body(split_tok("\\\\s"), &t, err, sizeof err), 0);
+    ASSERT_TRUE(encode_eq(t, "ab c", 0, (const int32_t[]){4, 0, 3}, 3));
+    ASSERT_TRUE(encode_eq(t, "ab\xE1\xA0\x8E" "c", 0, (const int32_t[]){6, 3}, 2));
+    mm_tokenizer_free(t);
+    /* \h is a hex digit (PCRE2: horizontal space): every letter splits. */
+    ASSERT_EQ(load_body(split_tok("\\\\h"), &t, err, sizeof err), 0);
+    ASSERT_TRUE(encode_eq(t, "abc", 0, (const int32_t[]){1, 2, 3}, 3));
+    mm_tokenizer_free(t);
+    /* \S is the complement: U+180E stays inside the run. */
+    ASSERT_EQ(load_body(split_tok("\\\\S+"), &t, err, sizeof err), 0);
+    ASSERT_TRUE(encode_eq(t, "ab\xE1\xA0\x8E" "c", 0, (const int32_t[]){6, 3}, 2));
+    /* No decoder: tokens are joined with spaces, as tokenizers does. */
+    mm_buf out;
+    mm_buf_init(&out, 256);
+    ASSERT_EQ(mm_tokenizer_decode(t, (const int32_t[]){4, 3}, 2, 0, &out), 0);
+    ASSERT_STR_EQ(mm_buf_cstr(&out), "ab c");
     mm_buf_free(&out);
     mm_tokenizer_free(t);
 }
@@ -631,7 +691,7 @@ TEST(stream_matches_decode)
                 }
                 ASSERT_EQ(mm_tok_stream_flush(&s, &acc), 0);
                 mm_tok_stream_free(&s);
-                if (acc.len != full.len || memcmp(acc.data, full.data, full.len) != 0) {
+                if (acc.len != full.len || (full.len && memcmp(acc.data, full.data, full.len) != 0)) {
                     printf("  %s/%s: stream \"%.100s\" != decode \"%.100s\"\n", tok_names[k],
                            json_string_value(json_object_get(c, "name")), mm_buf_cstr(&acc), mm_buf_cstr(&full));
                     ASSERT_TRUE(0);
@@ -671,7 +731,8 @@ TEST(stream_holds_partial_chars)
                 ASSERT_EQ(mm_tok_stream_push(&s, ids.v[q], &acc), 0);
                 /* Output so far is always whole characters and a prefix of the full text. */
                 ASSERT_TRUE(mm_utf8_valid(acc.data, acc.len));
-                ASSERT_TRUE(acc.len <= full.len && memcmp(acc.data, full.data, acc.len) == 0);
+                ASSERT_TRUE(acc.len <= full.len &&
+                            (acc.len == 0 || memcmp(acc.data, full.data, acc.len) == 0));
                 cut_seen += acc.len == before;
             }
             ASSERT_EQ(mm_tok_stream_flush(&s, &acc), 0);
@@ -714,6 +775,80 @@ TEST(stream_invalid_bytes)
     mm_buf_free(&out);
 }
 
+/* Threads share one tokenizer (its word cache is locked): each thread's ids
+ * must equal a single-threaded encode of the same texts. */
+typedef struct thr_arg {
+    mm_tokenizer *t;
+    int           ok;
+} thr_arg;
+
+static void *thr_encode(void *p)
+{
+    thr_arg *a = p;
+    mm_tok_ids x, y;
+    char err[128];
+    mm_tok_ids_init(&x, 1 << 22);
+    mm_tok_ids_init(&y, 1 << 22);
+    a->ok = 1;
+    for (int round = 0; round < 20 && a->ok; round++) {
+        size_t i;
+        json_t *c;
+        json_array_foreach(cases, i, c) {
+            json_t *text = json_object_get(c, "text");
+            x.n = 0;
+            if (mm_tokenizer_encode(a->t, json_string_value(text), json_string_length(text), 1, &x, err,
+                                    sizeof err) != 0) {
+                a->ok = 0;
+                break;
+            }
+            if (round == 0) {
+                if (mm_tok_ids_push(&y, (int32_t)x.n) != 0) {
+                    a->ok = 0;
+                    break;
+                }
+                for (size_t k = 0; k < x.n; k++)
+                    mm_tok_ids_push(&y, x.v[k]);
+            }
+        }
+    }
+    /* Replay: the first round's ids, recorded as (count, ids...), must recur. */
+    size_t at = 0, i;
+    json_t *c;
+    json_array_foreach(cases, i, c) {
+        json_t *text = json_object_get(c, "text");
+        x.n = 0;
+        if (!a->ok || at >= y.n ||
+            mm_tokenizer_encode(a->t, json_string_value(text), json_string_length(text), 1, &x, err,
+                                sizeof err) != 0 ||
+            (size_t)y.v[at] != x.n || (x.n && memcmp(y.v + at + 1, x.v, x.n * sizeof *x.v) != 0)) {
+            a->ok = 0;
+            break;
+        }
+        at += 1 + x.n;
+    }
+    mm_tok_ids_free(&x);
+    mm_tok_ids_free(&y);
+    return NULL;
+}
+
+TEST(threads_share_tokenizer)
+{
+    ASSERT_TRUE(need_tok(0));
+    enum { NT = 4 };
+    pthread_t th[NT];
+    thr_arg args[NT];
+    for (int i = 0; i < NT; i++) {
+        args[i] = (thr_arg){.t = toks[i % 2 ? 0 : 3]};
+        if (!toks[3])
+            args[i].t = toks[0];
+        ASSERT_EQ(pthread_create(&th[i], NULL, thr_encode, &args[i]), 0);
+    }
+    for (int i = 0; i < NT; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < NT; i++)
+        ASSERT_TRUE(args[i].ok);
+}
+
 /* ---- throughput ------------------------------------------------------------ */
 
 static int build_corpus(mm_buf *b, size_t want)
@@ -753,7 +888,7 @@ TEST(throughput)
 {
     mm_buf corpus;
     mm_buf_init(&corpus, 64 << 20);
-    ASSERT_TRUE(build_corpus(&corpus, 8 << 20));
+    ASSERT_TRUE(build_corpus(&corpus, 4 << 20));
     mm_tok_ids ids;
     mm_tok_ids_init(&ids, 64 << 20);
     for (int k = 0; k < NTOK; k++) {
@@ -805,10 +940,12 @@ int main(void)
     }
 
     RUN(nfc_examples);
+    RUN(nfc_versions);
     RUN(nfc_long_mark_run);
     RUN(nfc_conformance);
     RUN(bpe_merge_rank_order);
     RUN(bpe_options);
+    RUN(regex_dialect);
     RUN(load_errors);
     if (!cases) {
         test_failed++;
@@ -824,6 +961,7 @@ int main(void)
         RUN(stream_matches_decode);
         RUN(stream_holds_partial_chars);
         RUN(stream_invalid_bytes);
+        RUN(threads_share_tokenizer);
         if (!getenv("MM_TOKENIZER_NO_BENCH"))
             RUN(throughput);
     }
