@@ -14,6 +14,7 @@
 struct mm_admin {
     const mm_gateway_cfg *cfg;
     mm_router *router;
+    mm_metrics *metrics;
     mm_httpd  *httpd;
 };
 
@@ -67,6 +68,68 @@ static json_t *backends_json(mm_router *r)
     return json_pack("{s:o}", "models", models);
 }
 
+static const char *const err_names[MM_ERR__COUNT] = {
+    "none", "connect", "timeout", "5xx", "429", "breaker_open", "client_abort", "midstream", "client",
+};
+
+static json_t *hist_json(const mm_hist *h)
+{
+    json_t *b = json_array();
+    for (int i = 0; i < MM_HIST_BUCKETS; i++)
+        json_array_append_new(b, json_integer((json_int_t)h->bucket[i]));
+    return json_pack("{s:I, s:I, s:o, s:f, s:f}", "count", (json_int_t)h->count, "sum_us",
+                     (json_int_t)h->sum_us, "buckets", b, "p50_ms", mm_hist_quantile_ms(h, 0.5),
+                     "p95_ms", mm_hist_quantile_ms(h, 0.95));
+}
+
+/* Cumulative counters per series; the dashboard turns successive snapshots
+ * into rates, so the gateway keeps no time series of its own. */
+static json_t *stats_json(mm_admin *a)
+{
+    json_t *series = json_array();
+    size_t n = a->metrics ? mm_metrics_count(a->metrics) : 0;
+    for (size_t i = 0; i < n; i++) {
+        mm_series_stats st;
+        mm_series_info info;
+        if (mm_metrics_get(a->metrics, i, &st, &info) != 0)
+            continue;
+        json_t *resp = json_object(), *errs = json_object();
+        static const char *const cls[6] = {"none", "1xx", "2xx", "3xx", "4xx", "5xx"};
+        for (int k = 0; k < 6; k++)
+            json_object_set_new(resp, cls[k], json_integer((json_int_t)st.responses[k]));
+        for (int k = 1; k < MM_ERR__COUNT; k++)
+            json_object_set_new(errs, err_names[k], json_integer((json_int_t)st.errors[k]));
+        json_array_append_new(series, json_pack(
+            "{s:s, s:s, s:s, s:I, s:o, s:o, s:I, s:I, s:I, s:I, s:o, s:o, s:o}",
+            "model", info.model, "variant", info.variant, "backend", info.backend,
+            "requests", (json_int_t)st.requests, "responses", resp, "errors", errs,
+            "retries", (json_int_t)st.retries, "fallbacks", (json_int_t)st.fallbacks,
+            "prompt_tokens", (json_int_t)st.prompt_tokens,
+            "completion_tokens", (json_int_t)st.completion_tokens,
+            "latency", hist_json(&st.hist[MM_H_LATENCY]), "ttft", hist_json(&st.hist[MM_H_TTFT]),
+            "itl", hist_json(&st.hist[MM_H_ITL])));
+    }
+    json_t *weights = json_array();
+    for (size_t i = 0; i < a->cfg->nmodels; i++) {
+        const mm_model_cfg *m = &a->cfg->models[i];
+        for (size_t j = 0; j < m->nsplit; j++)
+            json_array_append_new(weights, json_pack("{s:s, s:s, s:i}", "model", m->name, "variant",
+                                                     m->split[j].model, "weight", m->split[j].weight));
+    }
+    mm_metrics_sink_stats sk = {0};
+    if (a->metrics)
+        mm_metrics_get_sink(a->metrics, &sk);
+    json_t *bk = backends_json(a->router);
+    json_t *out = json_pack("{s:I, s:o, s:o, s:O, s:{s:b, s:b, s:I, s:I}}",
+                            "time_ms", (json_int_t)mm_now_ms(), "series", series, "weights", weights,
+                            "models", json_object_get(bk, "models"),
+                            "redis", "configured", sk.redis_configured, "connected", sk.redis_connected,
+                            "flushes", (json_int_t)sk.redis_flushes,
+                            "failed_flushes", (json_int_t)sk.redis_failed_flushes);
+    json_decref(bk);
+    return out;
+}
+
 static void respond_json(mm_http_exchange *ex, int status, json_t *j)
 {
     char *s = json_dumps(j, JSON_COMPACT);
@@ -108,13 +171,17 @@ static void admin_handle(mm_http_exchange *ex, void *arg)
         respond_json(ex, 200, backends_json(a->router));
         return;
     }
+    if (get && path_is(q, "/admin/stats")) {
+        respond_json(ex, 200, stats_json(a));
+        return;
+    }
     mm_http_respond_error(ex, 404, NULL, NULL, "no admin route for %.*s %.*s",
                           (int)(q->method_len > 16 ? 16 : q->method_len), q->method,
                           (int)(q->target_len > 128 ? 128 : q->target_len), q->target);
 }
 
 int mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_router *r,
-                   mm_admin **out, char *err, size_t errlen)
+                   mm_metrics *m, mm_admin **out, char *err, size_t errlen)
 {
     mm_admin *a = calloc(1, sizeof *a);
     if (!a) {
@@ -123,6 +190,7 @@ int mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_router
     }
     a->cfg = cfg;
     a->router = r;
+    a->metrics = m;
     mm_httpd_limits lim = {
         .max_header_bytes = cfg->max_header_bytes,
         .max_body_bytes = cfg->max_body_bytes,

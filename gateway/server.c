@@ -158,7 +158,7 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
         goto out_threads;
     }
     if (cfg->admin_port > 0) {
-        rc = mm_admin_start(threads[0].base, cfg, router, &admin, err, errlen);
+        rc = mm_admin_start(threads[0].base, cfg, router, metrics, &admin, err, errlen);
         if (rc)
             goto out_threads;
     }

@@ -645,33 +645,33 @@ int mm_stats_main(int argc, char **argv)
         fprintf(stderr, "modelmux-gateway stats: --redis: %s\n", err);
         goto out;
     }
-    const mm_redis_cfg *rc_ = &cfg->redis;
-    if (!rc_->url) {
+    const mm_redis_cfg *rcfg = &cfg->redis;
+    if (!rcfg->url) {
         fprintf(stderr, "modelmux-gateway stats: %s has no redis.url\n", cfg_path);
         goto out;
     }
     if (!prefix)
-        prefix = rc_->prefix ? rc_->prefix : "modelmux";
+        prefix = rcfg->prefix ? rcfg->prefix : "modelmux";
 
     struct timeval tv = {3, 0};
-    c = redisConnectWithTimeout(rc_->host, rc_->port, tv);
+    c = redisConnectWithTimeout(rcfg->host, rcfg->port, tv);
     if (!c || c->err) {
-        fprintf(stderr, "modelmux-gateway stats: cannot reach Redis at %s:%d: %s\n", rc_->host,
-                rc_->port, c ? c->errstr : "out of memory");
+        fprintf(stderr, "modelmux-gateway stats: cannot reach Redis at %s:%d: %s\n", rcfg->host,
+                rcfg->port, c ? c->errstr : "out of memory");
         goto out;
     }
     redisSetTimeout(c, (struct timeval){10, 0});
     redisReply *r = NULL;
-    if (rc_->password) {
-        const char *av[3] = {"AUTH", rc_->username ? rc_->username : rc_->password, rc_->password};
-        r = redisCommandArgv(c, rc_->username ? 3 : 2, av, NULL);
+    if (rcfg->password) {
+        const char *av[3] = {"AUTH", rcfg->username ? rcfg->username : rcfg->password, rcfg->password};
+        r = redisCommandArgv(c, rcfg->username ? 3 : 2, av, NULL);
         int bad = check_reply(c, r, "AUTH", 0);
         freeReplyObject(r);
         if (bad)
             goto out;
     }
-    if (rc_->db) {
-        r = redisCommand(c, "SELECT %d", rc_->db);
+    if (rcfg->db) {
+        r = redisCommand(c, "SELECT %d", rcfg->db);
         int bad = check_reply(c, r, "SELECT", 0);
         freeReplyObject(r);
         if (bad)

