@@ -7,11 +7,13 @@
 #include "config.h"
 #include "log.h"
 #include "server.h"
+#include "stats_cli.h"
 
 static void usage(FILE *f)
 {
     fprintf(f,
             "usage: modelmux-gateway -c CONFIG.json [--check] [-v]\n"
+            "       modelmux-gateway stats [-c CONFIG | --redis URL] [--prefix P] [--minutes N] [--json]\n"
             "  -c, --config FILE   gateway configuration (JSON; see docs/CONFIG.md)\n"
             "  --check             validate the configuration and exit (0 valid, 1 invalid)\n"
             "  -v, --verbose       debug logging\n"
@@ -20,6 +22,8 @@ static void usage(FILE *f)
 
 int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "stats") == 0)
+        return mm_stats_main(argc - 1, argv + 1);
     const char *path = NULL;
     int check = 0;
     for (int i = 1; i < argc; i++) {

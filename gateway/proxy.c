@@ -92,6 +92,7 @@ typedef struct px_req {
     char              peer[64];
     int               no_record;     /* builtin endpoints are not counted */
     int               sent_status;   /* status sent to the client */
+    int               err_by_gateway;/* err was decided here, not by an upstream */
     mm_err_kind       err;           /* why the request failed, if it did */
     int               total_attempts;
     uint64_t          bytes_out;
@@ -198,8 +199,7 @@ static void px_record(px_req *r)
     };
     /* Gateway-side failures count once per request; upstream failures were
      * counted per attempt against their backend (px_attempt_error). */
-    if (r->err != MM_ERR_BREAKER_OPEN && r->err != MM_ERR_CLIENT_ABORT && r->err != MM_ERR_CLIENT &&
-        r->err != MM_ERR_429)
+    if (!r->err_by_gateway)
         rec.err = MM_ERR_NONE;
     mm_metrics_record(r->t->metrics, &rec);
     px_access_log(r, now);
@@ -259,13 +259,22 @@ static void px_our_headers(px_req *r, mm_buf *out, int status)
     r->sent_status = status;
     if (!r->first_byte_ns)
         r->first_byte_ns = mm_now_ns();
-    mm_buf_printf(out, "x-request-id: %s\r\n", r->reqid);
-    if (r->variant)
-        mm_buf_printf(out, "x-modelmux-model: %s\r\n", r->variant->name);
-    if (r->backend)
-        mm_buf_printf(out, "x-modelmux-backend: %s\r\n", r->backend->cfg->url);
-    if (r->fallback_name)
-        mm_buf_printf(out, "x-modelmux-fallback: %s\r\n", r->fallback_name);
+    /* Plain appends: this runs for every answer, printf is measurably slow. */
+    mm_buf_append_str(out, "x-request-id: ");
+    mm_buf_append_str(out, r->reqid);
+    if (r->variant) {
+        mm_buf_append_str(out, "\r\nx-modelmux-model: ");
+        mm_buf_append_str(out, r->variant->name);
+    }
+    if (r->backend) {
+        mm_buf_append_str(out, "\r\nx-modelmux-backend: ");
+        mm_buf_append_str(out, r->backend->cfg->url);
+    }
+    if (r->fallback_name) {
+        mm_buf_append_str(out, "\r\nx-modelmux-fallback: ");
+        mm_buf_append_str(out, r->fallback_name);
+    }
+    mm_buf_append_str(out, "\r\n");
 }
 
 static void px_error(px_req *r, int status, const char *param, const char *msg)
@@ -273,8 +282,10 @@ static void px_error(px_req *r, int status, const char *param, const char *msg)
     mm_buf h;
     mm_buf_init(&h, 8192);
     px_our_headers(r, &h, status);
-    if (status < 500 && status != 429 && r->err == MM_ERR_NONE)
+    if (status < 500 && status != 429 && r->err == MM_ERR_NONE) {
         r->err = MM_ERR_CLIENT;
+        r->err_by_gateway = 1;
+    }
     mm_http_respond_error(r->ex, status, param, mm_buf_cstr(&h), "%s", msg);
     mm_buf_free(&h);
 }
@@ -530,21 +541,35 @@ static size_t px_on_header(char *p, size_t size, size_t nmemb, void *ud)
     return len;
 }
 
-/* Read prompt/completion tokens from a usage object somewhere in text. */
+/* The integer value of "key" directly inside the object text o[0..n), or
+ * -1. The object is already known to be valid JSON. */
+static int64_t px_usage_field(const char *o, size_t n, const char *key)
+{
+    size_t vs, ve;
+    if (mm_json_top_value_span(o, n, key, &vs, &ve) != 0 || vs >= ve)
+        return -1;
+    int64_t v = 0;
+    for (size_t i = vs; i < ve; i++) {
+        if (o[i] < '0' || o[i] > '9' || v > (INT64_MAX - 9) / 10)
+            return -1;
+        v = v * 10 + (o[i] - '0');
+    }
+    return v;
+}
+
+/* Read prompt/completion tokens from the top-level usage object of a JSON
+ * text. A scan, not a parse: this runs for every answer. */
 static void px_usage_from_json(px_req *r, const char *text, size_t len)
 {
     size_t vs, ve;
     if (mm_json_top_value_span(text, len, "usage", &vs, &ve) != 0 || text[vs] != '{')
         return;
-    json_t *u = json_loadb(text + vs, ve - vs, 0, NULL);
-    if (!u)
-        return;
-    json_t *pt = json_object_get(u, "prompt_tokens"), *ct = json_object_get(u, "completion_tokens");
-    if (json_is_integer(pt))
-        r->prompt_tokens = json_integer_value(pt);
-    if (json_is_integer(ct))
-        r->completion_tokens = json_integer_value(ct);
-    json_decref(u);
+    int64_t pt = px_usage_field(text + vs, ve - vs, "prompt_tokens");
+    int64_t ct = px_usage_field(text + vs, ve - vs, "completion_tokens");
+    if (pt >= 0)
+        r->prompt_tokens = pt;
+    if (ct >= 0)
+        r->completion_tokens = ct;
 }
 
 /* One complete SSE event (with its blank line). Returns 1 to forward it. */
@@ -648,6 +673,7 @@ static void px_on_client_abort(mm_http_exchange *ex, void *udata)
     px_req *r = udata;
     (void)ex;
     r->err = MM_ERR_CLIENT_ABORT;
+    r->err_by_gateway = 1;
     px_release_attempt(r, 1, MM_OUTCOME_CANCEL);
     px_free(r);
 }
@@ -738,6 +764,7 @@ static void px_respond_busy(px_req *r, const char *why)
     mm_buf_init(&h, 8192);
     px_our_headers(r, &h, 429);
     r->err = MM_ERR_429;
+    r->err_by_gateway = 1;
     mm_buf_append_str(&h, "Retry-After: 1\r\n");
     r->ex->on_abort = NULL;
     mm_http_respond_error(r->ex, 429, NULL, mm_buf_cstr(&h), "%s", msg);
@@ -786,6 +813,7 @@ static void px_no_backend(px_req *r, const mm_pick_info *info)
     mm_buf_init(&h, 8192);
     px_our_headers(r, &h, 503);
     r->err = MM_ERR_BREAKER_OPEN;
+    r->err_by_gateway = 1;
     mm_buf_append_str(&h, hdr);
     r->ex->on_abort = NULL;
     mm_http_respond_error(r->ex, 503, NULL, mm_buf_cstr(&h), "%s", msg);
@@ -1015,6 +1043,9 @@ static void px_start_attempt(px_req *r)
      * keep-alive connections (uvicorn after 5 s) and a request sent into a
      * closing connection has to be resent. */
     curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, 4L);
+    /* Backends are addressed directly: no http_proxy from the environment
+     * (which curl would otherwise look up on every request). */
+    curl_easy_setopt(e, CURLOPT_PROXY, "");
     char method[32];
     size_t ml = q->method_len < sizeof method - 1 ? q->method_len : sizeof method - 1;
     memcpy(method, q->method, ml);

@@ -21,6 +21,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "proxy.h"
+#include "redis_sink.h"
 #include "router.h"
 #include "upstream.h"
 
@@ -102,6 +103,7 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
     mm_healthcheck *hc = NULL;
     mm_admin *admin = NULL;
     mm_metrics *metrics = NULL;
+    mm_redis_sink *sink = NULL;
     int access_fd = -1;
     sigset_t sigs;
 
@@ -151,6 +153,23 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
         if (rc)
             goto out_threads;
     }
+    /* The Redis sink, health checks and the admin API live on the first
+     * loop. Without redis.url the sink is NULL (metrics stay in memory). */
+    {
+        mm_redis_weights wts = {0};
+        char host[256] = "", gwid[320];
+        gethostname(host, sizeof host - 1);
+        snprintf(gwid, sizeof gwid, "%s:%d", host, mm_httpd_port(threads[0].httpd));
+        if (mm_redis_weights_from_cfg(cfg, &wts)) {
+            rc = -ENOMEM;
+            snprintf(err, errlen, "out of memory");
+            goto out_threads;
+        }
+        rc = mm_redis_sink_start(threads[0].base, &cfg->redis, metrics, gwid, &wts, &sink, err, errlen);
+        mm_redis_weights_free(&wts); /* the sink keeps its own copy */
+        if (rc)
+            goto out_threads;
+    }
     /* Health checks and the admin API live on the first loop. */
     rc = mm_healthcheck_start(threads[0].base, router, &hc);
     if (rc) {
@@ -191,7 +210,11 @@ out_stop:
     for (int i = 0; i < nthreads; i++)
         if (threads[i].started)
             pthread_join(threads[i].tid, NULL);
+    /* Loops are stopped: push the last counts out (bounded wait). */
+    mm_redis_sink_final_flush(sink, 2000);
 out_threads:
+    mm_redis_sink_free(sink);
+    sink = NULL;
     mm_admin_free(admin);
     mm_healthcheck_free(hc);
     for (int i = 0; i < nthreads; i++)

@@ -353,11 +353,48 @@ static int parse_subscript(parser *P, mm_tpl_node *obj, mm_tpl_node **out)
     int line = CUR(P)->line, rc;
     P->pos++;   /* '[' */
     mm_tpl_node *start = NULL, *stop = NULL, *step = NULL;
+    if (is_op(P, ']')) {
+        /* x[] indexes with an empty tuple: always undefined in Jinja */
+        mm_tpl_node *n = node(P, MM_E_ITEM, line), *t = node(P, MM_E_TUPLE, line);
+        if (!n || !t)
+            return poom(P);
+        P->pos++;
+        n->a = obj;
+        n->b = t;
+        *out = n;
+        return 0;
+    }
     if (!is_op(P, ':')) {
         if ((rc = parse_expr(P, 1, &start)))
             return rc;
         if (is_op(P, ',')) {
-            return pfail_rc(P, -ENOTSUP, line, "tuple subscripts");
+            /* x[a, b] indexes with a tuple, which no JSON value has */
+            kids k = {0};
+            mm_tpl_node *t = node(P, MM_E_TUPLE, line), *n = node(P, MM_E_ITEM, line);
+            if (!t || !n || kids_push(&k, start, NULL, 0)) {
+                kids_free(&k);
+                return poom(P);
+            }
+            while (is_op(P, ',')) {
+                P->pos++;
+                mm_tpl_node *x;
+                if (is_op(P, ':')) {
+                    kids_free(&k);
+                    return pfail_rc(P, -ENOTSUP, line, "a slice inside a tuple subscript");
+                }
+                if ((rc = parse_expr(P, 1, &x)) || (rc = kids_push(&k, x, NULL, 0) ? poom(P) : 0)) {
+                    kids_free(&k);
+                    return rc;
+                }
+            }
+            rc = kids_commit(P, &k, t, 0, 0) ? poom(P) : 0;
+            kids_free(&k);
+            if (rc || (rc = expect_op(P, ']')))
+                return rc;
+            n->a = obj;
+            n->b = t;
+            *out = n;
+            return 0;
         }
         if (!is_op(P, ':')) {
             if ((rc = expect_op(P, ']')))
@@ -832,6 +869,15 @@ static int expect_block_end(parser *P)
     return 0;
 }
 
+/* Before a statement body: Jinja takes a colon there "for Python
+ * compatibility", {% for x in y: %}. */
+static int expect_body_start(parser *P)
+{
+    if (is_op(P, ':'))
+        P->pos++;
+    return expect_block_end(P);
+}
+
 /* Parse statements until a {% name %} whose name is in ends (NULL-terminated).
  * Leaves P at that name.  ends NULL: until the end of the template. */
 static int parse_body(parser *P, const char *const *ends, const char *opener, int open_line,
@@ -897,7 +943,7 @@ static int parse_for(parser *P, int line, mm_tpl_node **out)
     }
     if (is_name(P, "recursive"))
         return pfail_rc(P, -ENOTSUP, CUR(P)->line, "recursive for loops");
-    if ((rc = expect_block_end(P)))
+    if ((rc = expect_body_start(P)))
         return rc;
     P->loops++;
     rc = parse_body(P, ends1, "for", line, &n->c);
@@ -906,7 +952,7 @@ static int parse_for(parser *P, int line, mm_tpl_node **out)
         return rc;
     if (is_name(P, "else")) {
         P->pos++;
-        if ((rc = expect_block_end(P)) || (rc = parse_body(P, ends2, "for", line, &n->d)))
+        if ((rc = expect_body_start(P)) || (rc = parse_body(P, ends2, "for", line, &n->d)))
             return rc;
     }
     P->pos++;   /* endfor */
@@ -923,7 +969,7 @@ static int parse_if(parser *P, int line, mm_tpl_node **out)
     if (!n)
         return poom(P);
     *out = n;
-    if ((rc = parse_tuple(P, 0, 0, NULL, 0, &n->a)) || (rc = expect_block_end(P)) ||
+    if ((rc = parse_tuple(P, 0, 0, NULL, 0, &n->a)) || (rc = expect_body_start(P)) ||
         (rc = parse_body(P, ends1, "if", line, &n->b)))
         return rc;
     for (;;) {
@@ -934,7 +980,7 @@ static int parse_if(parser *P, int line, mm_tpl_node **out)
             if (!e)
                 return poom(P);
             e->op = 1;   /* an elif: scoping treats it as Jinja's If.elif_ */
-            if ((rc = parse_tuple(P, 0, 0, NULL, 0, &e->a)) || (rc = expect_block_end(P)) ||
+            if ((rc = parse_tuple(P, 0, 0, NULL, 0, &e->a)) || (rc = expect_body_start(P)) ||
                 (rc = parse_body(P, ends1, "if", line, &e->b)))
                 return rc;
             /* an elif is an if nested in the else branch */
@@ -952,7 +998,7 @@ static int parse_if(parser *P, int line, mm_tpl_node **out)
         }
         if (is_name(P, "else")) {
             P->pos++;
-            if ((rc = expect_block_end(P)) || (rc = parse_body(P, ends2, "if", line, &n->c)))
+            if ((rc = expect_body_start(P)) || (rc = parse_body(P, ends2, "if", line, &n->c)))
                 return rc;
         }
         break;
@@ -1006,7 +1052,7 @@ static int parse_set(parser *P, int line, mm_tpl_node **out)
         if ((rc = parse_filter_chain(P, &n->c)))
             return rc;
     }
-    if ((rc = expect_block_end(P)) || (rc = parse_body(P, ends, "set", line, &n->b)))
+    if ((rc = expect_body_start(P)) || (rc = parse_body(P, ends, "set", line, &n->b)))
         return rc;
     P->pos++;
     *out = n;
@@ -1063,7 +1109,7 @@ static int parse_macro(parser *P, int line, mm_tpl_node **out)
         rc = poom(P);
         goto out;
     }
-    if ((rc = expect_block_end(P)))
+    if ((rc = expect_body_start(P)))
         goto out;
     P->macros++;
     rc = parse_body(P, ends, "macro", line, &n->b);
@@ -1108,7 +1154,7 @@ static int parse_with(parser *P, int line, mm_tpl_node **out)
         rc = poom(P);
         goto out;
     }
-    if ((rc = expect_block_end(P)) || (rc = parse_body(P, ends, "with", line, &n->b)))
+    if ((rc = expect_body_start(P)) || (rc = parse_body(P, ends, "with", line, &n->b)))
         goto out;
     P->pos++;
     *out = n;
@@ -1149,7 +1195,7 @@ static int parse_statement(parser *P, mm_tpl_node **out)
         rc = expect_block_end(P);
     } else if (!strcmp(w, "generation")) {
         /* transformers' AssistantTracker tag: renders its body as is */
-        if ((rc = expect_block_end(P)) ||
+        if ((rc = expect_body_start(P)) ||
             (rc = parse_body(P, gen_ends, "generation", line, out)))
             return rc;
         P->pos++;
@@ -1158,7 +1204,7 @@ static int parse_statement(parser *P, mm_tpl_node **out)
         mm_tpl_node *n = node(P, MM_N_FILTERBLOCK, line);
         if (!n)
             return poom(P);
-        if ((rc = parse_filter_chain(P, &n->a)) || (rc = expect_block_end(P)) ||
+        if ((rc = parse_filter_chain(P, &n->a)) || (rc = expect_body_start(P)) ||
             (rc = parse_body(P, filter_ends, "filter", line, &n->b)))
             return rc;
         P->pos++;
