@@ -21,6 +21,7 @@
 #include <jansson.h>
 
 #include "buf.h"
+#include "jsonscan.h"
 #include "jsonutil.h"
 #include "log.h"
 
@@ -34,6 +35,7 @@ static _Atomic long px_retries_inflight;
 /* Stop reading from the upstream while this much is queued for the client. */
 #define PX_CLIENT_HIGH_WATER (1024 * 1024)
 #define PX_MAX_RESP_HEADERS (64 * 1024)
+#define PX_MAX_MEMBERS 64             /* top-level fields of a routed body */
 
 typedef struct px_req {
     mm_proxy_thread  *t;
@@ -41,7 +43,10 @@ typedef struct px_req {
     char              reqid[80];
     const char       *path;          /* request-target, kept as sent */
     size_t            path_len;
-    json_t           *json;          /* parsed body when routed by model */
+    int               routed;        /* body is a JSON object routed by its model */
+    mm_json_member    members[PX_MAX_MEMBERS]; /* its top-level members */
+    size_t            nmembers;
+    mm_buf            scratch;       /* decoded model / sticky strings */
     mm_route         *route;         /* requested route (NULL: default pool) */
     mm_route         *variant;
     mm_pool          *pool;
@@ -222,8 +227,7 @@ static void px_free(px_req *r)
         event_free(r->timer);
     if (r->hdrs)
         curl_slist_free_all(r->hdrs);
-    if (r->json)
-        json_decref(r->json);
+    mm_buf_free(&r->scratch);
     free(r->req_model);
     mm_buf_free(&r->fwd_body);
     mm_buf_free(&r->resp_hdrs);
@@ -904,62 +908,88 @@ static int px_build_headers(px_req *r)
 
 /* The body for this backend: the client's bytes, with the model field
  * replaced when the backend serves it under another name. */
+typedef struct px_edit {
+    size_t      start, end;  /* bytes of the client's body replaced */
+    const char *text;
+    int         quote;       /* write text as a JSON string */
+} px_edit;
+
+/* Append src[from..to) to the forwarded body. */
+static int px_copy(px_req *r, const char *src, size_t from, size_t to)
+{
+    return to > from ? mm_buf_append(&r->fwd_body, src + from, to - from) : 0;
+}
+
+/* The body for this backend: the client's bytes, with the model value
+ * spliced when the backend serves another name, and include_usage added to
+ * streams. Every other byte stays as the client sent it. */
 static int px_body_for_backend(px_req *r, const char **body, size_t *len)
 {
     const mm_backend_cfg *b = r->backend->cfg;
-    mm_buf *src = &r->ex->body;
-    *body = src->data;
-    *len = src->len;
-    if (!r->json)
+    const char *src = r->ex->body.data;
+    size_t n = r->ex->body.len;
+    *body = src;
+    *len = n;
+    if (!r->routed)
         return 0;
     /* The name the backend serves: its served_model, else the name of the
      * model whose pool it is in (a split variant or a fallback). */
     const char *want = b->served_model ? b->served_model : r->variant->name;
     int rename = !(r->req_model && strlen(want) == r->req_model_len &&
                    memcmp(want, r->req_model, r->req_model_len) == 0);
-    json_t *so = json_object_get(r->json, "stream_options");
-    int add_usage = r->strip_usage && !so;
-    int set_usage = r->strip_usage && so;
-    if (!rename && !add_usage && !set_usage)
+    const mm_json_member *so = mm_json_find(r->members, r->nmembers, "stream_options");
+    if (!rename && !r->strip_usage)
         return 0;
-    mm_buf_reset(&r->fwd_body);
-    size_t vs, ve;
-    int rc = 0;
-    if (!set_usage && mm_json_top_value_span(src->data, src->len, "model", &vs, &ve) == 0) {
-        /* Splice: every other byte of the client's body stays as sent. */
-        size_t tail_end = src->len;
-        if (add_usage) {
-            while (tail_end > 0 && src->data[tail_end - 1] != '}')
-                tail_end--;
-            tail_end = tail_end ? tail_end - 1 : 0; /* position of the final '}' */
-        }
-        rc = mm_buf_append(&r->fwd_body, src->data, vs);
-        if (rc == 0)
-            rc = mm_json_append_str(&r->fwd_body, want, strlen(want));
-        if (rc == 0)
-            rc = mm_buf_append(&r->fwd_body, src->data + ve, tail_end - ve);
-        if (rc == 0 && add_usage)
-            rc = mm_buf_append_str(&r->fwd_body, ",\"stream_options\":{\"include_usage\":true}");
-        if (rc == 0)
-            rc = mm_buf_append(&r->fwd_body, src->data + tail_end, src->len - tail_end);
-    } else {
-        json_t *copy = json_deep_copy(r->json);
-        if (!copy)
-            return -ENOMEM;
-        json_object_set_new(copy, "model", json_string(want));
-        if (r->strip_usage) {
-            json_t *nso = json_object_get(copy, "stream_options");
-            if (!json_is_object(nso)) {
-                nso = json_object();
-                json_object_set_new(copy, "stream_options", nso);
+    /* Edits, in body order: [start, end) replaced by text. */
+    px_edit ed[2];
+    int ne = 0;
+    const mm_json_member *mm = mm_json_find(r->members, r->nmembers, "model");
+    size_t model_at = mm ? (size_t)(mm->val - src) : 0;
+    if (rename && mm)
+        ed[ne++] = (px_edit){model_at, model_at + mm->val_len, want, 1};
+    if (r->strip_usage) {
+        if (!so) {
+            /* Before the closing brace of the top-level object. */
+            size_t close = n;
+            while (close > 0 && src[close - 1] != '}')
+                close--;
+            ed[ne++] = (px_edit){close - 1, close - 1, ",\"stream_options\":{\"include_usage\":true}", 0};
+        } else {
+            size_t at = (size_t)(so->val - src);
+            if (so->type != 'o') {
+                ed[ne++] = (px_edit){at, at + so->val_len, "{\"include_usage\":true}", 0};
+            } else {
+                mm_json_member in[16];
+                size_t nin = 0;
+                mm_json_scan(so->val, so->val_len, in, 16, &nin, NULL, 0);
+                const mm_json_member *iu = mm_json_find(in, nin < 16 ? nin : 16, "include_usage");
+                if (iu) {
+                    size_t ia = (size_t)(iu->val - src);
+                    ed[ne++] = (px_edit){ia, ia + iu->val_len, "true", 0};
+                } else {
+                    ed[ne++] = (px_edit){at + 1, at + 1,
+                                               nin ? "\"include_usage\":true," : "\"include_usage\":true", 0};
+                }
             }
-            json_object_set_new(nso, "include_usage", json_true());
         }
-        char *txt = json_dumps(copy, JSON_COMPACT);
-        json_decref(copy);
-        rc = txt ? mm_buf_append_str(&r->fwd_body, txt) : -ENOMEM;
-        free(txt);
     }
+    if (ne == 2 && ed[1].start < ed[0].start) {
+        px_edit t = ed[0];
+        ed[0] = ed[1];
+        ed[1] = t;
+    }
+    mm_buf_reset(&r->fwd_body);
+    size_t pos = 0;
+    int rc = 0;
+    for (int k = 0; k < ne && rc == 0; k++) {
+        rc = px_copy(r, src, pos, ed[k].start);
+        if (rc == 0)
+            rc = ed[k].quote ? mm_json_append_str(&r->fwd_body, ed[k].text, strlen(ed[k].text))
+                             : mm_buf_append_str(&r->fwd_body, ed[k].text);
+        pos = ed[k].end;
+    }
+    if (rc == 0)
+        rc = px_copy(r, src, pos, n);
     if (rc)
         return rc;
     *body = r->fwd_body.data;
@@ -1091,7 +1121,7 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
             mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
             px_our_headers(r, &h, r->status);
             r->bytes_out += r->resp_body.len;
-            if (r->json && r->status >= 200 && r->status < 300)
+            if (r->routed && r->status >= 200 && r->status < 300)
                 px_usage_from_json(r, r->resp_body.data, r->resp_body.len);
             mm_http_respond(r->ex, r->status, mm_buf_cstr(&h), r->resp_body.data, r->resp_body.len);
             mm_buf_free(&h);
@@ -1185,10 +1215,7 @@ static void px_route_default(px_req *r, int status_without, const char *msg_with
     }
     r->pool = rt->default_pool;
     r->relay = 1; /* Nginx upstream mode: stream whatever comes back */
-    if (r->json) {
-        json_decref(r->json);
-        r->json = NULL;
-    }
+    r->routed = 0;
     px_start_attempt(r);
 }
 
@@ -1218,12 +1245,17 @@ static void px_route_model(px_req *r, const char *name, size_t nlen)
             klen = h->value_len;
         }
     } else if (route->cfg->sticky_kind == MM_STICKY_BODY) {
-        json_t *v = json_object_get(r->json, route->cfg->sticky_key);
-        if (json_is_string(v)) {
-            key = json_string_value(v);
-            klen = json_string_length(v);
-        } else if (json_is_integer(v)) {
-            klen = (size_t)snprintf(num, sizeof num, "%lld", (long long)json_integer_value(v));
+        const mm_json_member *v = mm_json_find(r->members, r->nmembers, route->cfg->sticky_key);
+        if (v && v->type == 's') {
+            size_t at = r->scratch.len;
+            if (mm_json_decode_string(v->val, v->val_len, &r->scratch) == 0) {
+                key = r->scratch.data + at;
+                klen = r->scratch.len - at;
+            }
+        } else if (v && v->type == 'n' && v->val_len < sizeof num) {
+            memcpy(num, v->val, v->val_len);
+            num[v->val_len] = '\0';
+            klen = v->val_len;
             key = num;
         }
     }
@@ -1244,15 +1276,23 @@ static void px_route_model(px_req *r, const char *name, size_t nlen)
     r->pool = r->variant->pool;
     if (r->pool->cfg->timeouts.total_ms > 0)
         r->deadline_ns = r->ex->start_ns + (uint64_t)r->pool->cfg->timeouts.total_ms * 1000000ull;
-    json_t *s = json_object_get(r->json, "stream");
-    r->streaming = json_is_true(s);
+    const mm_json_member *st = mm_json_find(r->members, r->nmembers, "stream");
+    r->streaming = st && st->type == 't';
     r->relay = r->streaming;
     if (r->streaming && (path_is(r, "/v1/chat/completions") || path_is(r, "/v1/completions"))) {
         /* Ask for usage so tokens can be counted; drop that chunk again
          * when the client did not ask for it. */
         r->sse = 1;
-        json_t *so = json_object_get(r->json, "stream_options");
-        r->strip_usage = !json_is_true(json_object_get(so, "include_usage"));
+        const mm_json_member *so = mm_json_find(r->members, r->nmembers, "stream_options");
+        int asked = 0;
+        if (so && so->type == 'o') {
+            mm_json_member in[16];
+            size_t nin = 0;
+            mm_json_scan(so->val, so->val_len, in, 16, &nin, NULL, 0);
+            const mm_json_member *iu = mm_json_find(in, nin < 16 ? nin : 16, "include_usage");
+            asked = iu && iu->type == 't';
+        }
+        r->strip_usage = !asked;
     }
     px_start_attempt(r);
 }
@@ -1314,6 +1354,7 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
     mm_buf_init(&r->resp_hdrs, PX_MAX_RESP_HEADERS);
     mm_buf_init(&r->resp_body, t->cfg->max_response_bytes);
     mm_buf_init(&r->sse_buf, 1024 * 1024);
+    mm_buf_init(&r->scratch, 64 * 1024);
     r->prompt_tokens = r->completion_tokens = -1;
     r->timer = evtimer_new(t->base, px_on_timer, r);
     if (!r->timer) {
@@ -1367,25 +1408,42 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
         px_route_default(r, 415, "Content-Type must be application/json");
         return;
     }
-    json_error_t jerr;
-    /* Duplicate keys are refused: the gateway and the upstream must never
-     * disagree about which "model" a body names. */
-    r->json = json_loadb(ex->body.data ? ex->body.data : "", ex->body.len,
-                         JSON_REJECT_DUPLICATES, &jerr);
-    if (!r->json || !json_is_object(r->json)) {
+    char jerr[160] = "";
+    int jrc = mm_json_scan(ex->body.data ? ex->body.data : "", ex->body.len, r->members,
+                           PX_MAX_MEMBERS, &r->nmembers, jerr, sizeof jerr);
+    if (jrc != 0) {
         char msg[512];
-        if (r->json)
+        if (jrc == -EDOM)
             snprintf(msg, sizeof msg, "request body must be a JSON object");
         else
-            snprintf(msg, sizeof msg, "invalid JSON body: %s (line %d, column %d)", jerr.text,
-                     jerr.line, jerr.column);
+            snprintf(msg, sizeof msg, "invalid JSON body: %s", jerr);
         px_route_default(r, 400, msg);
         return;
     }
-    json_t *model = json_object_get(r->json, "model");
-    if (json_is_string(model) && json_string_length(model) > 0) {
-        px_route_model(r, json_string_value(model), json_string_length(model));
+    /* Duplicate keys are refused: the gateway and the upstream must never
+     * disagree about which "model" a body names. */
+    if (r->nmembers > PX_MAX_MEMBERS || mm_json_has_duplicate(r->members, r->nmembers)) {
+        r->ex->on_abort = NULL;
+        px_error(r, 400, NULL, r->nmembers > PX_MAX_MEMBERS
+                                   ? "request body has too many top-level fields"
+                                   : "request body has a duplicate top-level key");
+        px_free(r);
         return;
+    }
+    r->routed = 1;
+    const mm_json_member *model = mm_json_find(r->members, r->nmembers, "model");
+    if (model && model->type == 's' && model->val_len > 2) {
+        mm_buf_reset(&r->scratch);
+        if (mm_json_decode_string(model->val, model->val_len, &r->scratch) == 0 && r->scratch.len) {
+            /* The sticky key may be decoded into scratch too: keep the model
+             * name in its own copy (px_route_model strndup's it). */
+            char name[1024];
+            size_t nl = r->scratch.len < sizeof name ? r->scratch.len : sizeof name - 1;
+            memcpy(name, r->scratch.data, nl);
+            mm_buf_reset(&r->scratch);
+            px_route_model(r, name, nl);
+            return;
+        }
     }
     if (model) {
         r->ex->on_abort = NULL;
