@@ -1,19 +1,34 @@
-/* upstream.c: curl multi-socket on libevent (see upstream.h). */
+/* upstream.c: curl multi-socket on libevent (see upstream.h).
+ *
+ * Socket registrations are kept across transfers. libcurl drops interest in
+ * a pooled keep-alive connection when a transfer ends and asks for it again
+ * when the next one starts: deleting and re-adding the epoll registration
+ * each time costs two epoll_ctl calls per proxied request. Instead a
+ * read-only registration stays in place while the connection is idle
+ * ("dormant"); if it fires then (the server closed the connection), it is
+ * dropped at that moment. Registrations are indexed by fd and removed in
+ * libcurl's close-socket callback, before the fd number can be reused. */
 #include "upstream.h"
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
 #include <event2/event.h>
 
 #include "log.h"
 
 #define UPSTREAM_FREE_EASY_MAX 256
+#define UPSTREAM_MAX_FD (1 << 20)
 
 typedef struct sock_ctx {
+    struct mm_upstream *u;
     struct event *ev;
     curl_socket_t fd;
-    short kind;
+    short kind;        /* registered event flags */
+    int   registered;  /* ev is added */
+    int   active;      /* libcurl wants events on this fd */
 } sock_ctx;
 
 struct mm_upstream {
@@ -24,6 +39,8 @@ struct mm_upstream {
     CURL               *free_easy[UPSTREAM_FREE_EASY_MAX];
     int                 nfree;
     int                 running;
+    sock_ctx          **by_fd;
+    size_t              nfd;
 };
 
 static void check_done(mm_upstream *u)
@@ -44,7 +61,16 @@ static void check_done(mm_upstream *u)
 
 static void on_socket_event(evutil_socket_t fd, short what, void *arg)
 {
-    mm_upstream *u = arg;
+    sock_ctx *sc = arg;
+    if (!sc->active) {
+        /* An idle pooled connection became readable: the server closed it
+         * (or misbehaved). libcurl finds out at its reuse check; stop
+         * listening so a level-triggered EOF does not spin. */
+        event_del(sc->ev);
+        sc->registered = 0;
+        return;
+    }
+    mm_upstream *u = sc->u;
     int flags = 0;
     if (what & EV_READ)
         flags |= CURL_CSELECT_IN;
@@ -63,16 +89,65 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
     check_done(u);
 }
 
+static sock_ctx *ctx_for(mm_upstream *u, curl_socket_t fd, int create)
+{
+    if (fd < 0 || (size_t)fd >= UPSTREAM_MAX_FD)
+        return NULL;
+    if ((size_t)fd >= u->nfd) {
+        if (!create)
+            return NULL;
+        size_t n = u->nfd ? u->nfd : 256;
+        while (n <= (size_t)fd)
+            n *= 2;
+        sock_ctx **t = realloc(u->by_fd, n * sizeof *t);
+        if (!t)
+            return NULL;
+        memset(t + u->nfd, 0, (n - u->nfd) * sizeof *t);
+        u->by_fd = t;
+        u->nfd = n;
+    }
+    sock_ctx *sc = u->by_fd[fd];
+    if (!sc && create) {
+        sc = calloc(1, sizeof *sc);
+        if (!sc)
+            return NULL;
+        sc->u = u;
+        sc->fd = fd;
+        sc->ev = event_new(u->base, fd, EV_READ | EV_PERSIST, on_socket_event, sc);
+        if (!sc->ev) {
+            free(sc);
+            return NULL;
+        }
+        u->by_fd[fd] = sc;
+    }
+    return sc;
+}
+
+static void ctx_drop(mm_upstream *u, curl_socket_t fd)
+{
+    sock_ctx *sc = ctx_for(u, fd, 0);
+    if (!sc)
+        return;
+    event_free(sc->ev);
+    free(sc);
+    u->by_fd[fd] = NULL;
+}
+
 static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 {
     mm_upstream *u = userp;
-    sock_ctx *sc = socketp;
     (void)easy;
+    (void)socketp;
     if (what == CURL_POLL_REMOVE) {
-        if (sc) {
-            event_free(sc->ev);
-            free(sc);
-            curl_multi_assign(u->multi, fd, NULL);
+        sock_ctx *sc = ctx_for(u, fd, 0);
+        if (!sc)
+            return 0;
+        sc->active = 0;
+        /* Keep a read registration (idle connections are quiet); a write
+         * registration would fire at once on a writable socket. */
+        if (sc->registered && (sc->kind & EV_WRITE)) {
+            event_del(sc->ev);
+            sc->registered = 0;
         }
         return 0;
     }
@@ -81,29 +156,28 @@ static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *
         kind |= EV_READ;
     if (what & CURL_POLL_OUT)
         kind |= EV_WRITE;
-    if (!sc) {
-        sc = calloc(1, sizeof *sc);
-        if (!sc)
-            return -1;
-        sc->fd = fd;
-        sc->ev = event_new(u->base, fd, kind, on_socket_event, u);
-        if (!sc->ev) {
-            free(sc);
-            return -1;
-        }
-        sc->kind = kind;
-        curl_multi_assign(u->multi, fd, sc);
-    } else if (sc->kind != kind) {
-        /* Re-arm in place: no allocation, and with the changelist the
-         * del + add become one epoll_ctl. */
-        event_del(sc->ev);
-        event_assign(sc->ev, u->base, fd, kind, on_socket_event, u);
-        sc->kind = kind;
-    } else {
+    sock_ctx *sc = ctx_for(u, fd, 1);
+    if (!sc)
+        return -1;
+    sc->active = 1;
+    if (sc->registered && sc->kind == kind)
         return 0;
-    }
+    if (sc->registered)
+        event_del(sc->ev);
+    event_assign(sc->ev, u->base, fd, kind, on_socket_event, sc);
+    sc->kind = kind;
+    sc->registered = 1;
     event_add(sc->ev, NULL);
     return 0;
+}
+
+/* libcurl closes a connection: forget its registration before the fd number
+ * can be handed out again. */
+static int close_cb(void *clientp, curl_socket_t fd)
+{
+    mm_upstream *u = clientp;
+    ctx_drop(u, fd);
+    return close(fd);
 }
 
 static int timer_cb(CURLM *multi, long timeout_ms, void *userp)
@@ -151,18 +225,33 @@ void mm_upstream_free(mm_upstream *u)
         return;
     for (int i = 0; i < u->nfree; i++)
         curl_easy_cleanup(u->free_easy[i]);
+    /* Closing the multi handle closes its pooled connections through
+     * close_cb, which still needs the table. */
     if (u->multi)
         curl_multi_cleanup(u->multi);
+    for (size_t i = 0; i < u->nfd; i++)
+        if (u->by_fd[i]) {
+            event_free(u->by_fd[i]->ev);
+            free(u->by_fd[i]);
+        }
+    free(u->by_fd);
     if (u->timer)
         event_free(u->timer);
     free(u);
 }
 
+static void easy_defaults(mm_upstream *u, CURL *e)
+{
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_cb);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, u);
+}
+
 CURL *mm_upstream_easy(mm_upstream *u)
 {
-    if (u->nfree > 0)
-        return u->free_easy[--u->nfree];
-    return curl_easy_init();
+    CURL *e = u->nfree > 0 ? u->free_easy[--u->nfree] : curl_easy_init();
+    if (e)
+        easy_defaults(u, e);
+    return e;
 }
 
 int mm_upstream_add(mm_upstream *u, CURL *easy, void *priv)
