@@ -77,6 +77,7 @@ struct mm_httpd {
     int                    port;
     mm_http_conn          *conns;
     size_t                 active;
+    int                    draining;
 };
 
 uint64_t mm_now_ns(void)
@@ -261,7 +262,7 @@ static void conn_free(mm_http_conn *c)
     if (c->ex) {
         mm_http_exchange *ex = c->ex;
         c->ex = NULL;
-        h->active--;
+        __atomic_sub_fetch(&h->active, 1, __ATOMIC_RELAXED);
         if (ex->on_abort)
             ex->on_abort(ex, ex->udata);
         exchange_free(ex);
@@ -287,9 +288,9 @@ static void conn_exchange_done(mm_http_conn *c)
 {
     mm_http_exchange *ex = c->ex;
     c->ex = NULL;
-    c->httpd->active--;
+    __atomic_sub_fetch(&c->httpd->active, 1, __ATOMIC_RELAXED);
     exchange_free(ex);
-    if (c->close_after) {
+    if (c->close_after || c->httpd->draining) {
         c->state = ST_CLOSING;
         conn_read_enable(c, 0);
         conn_flush(c);
@@ -320,7 +321,7 @@ static void conn_fail(mm_http_conn *c, int status, const char *msg)
         ex->req.keep_alive = 0;
         ex->req.version_minor = 1;
         c->ex = ex;
-        c->httpd->active++;
+        __atomic_add_fetch(&c->httpd->active, 1, __ATOMIC_RELAXED);
     }
     c->close_after = 1;
     c->state = ST_ACTIVE;
@@ -370,7 +371,7 @@ static int conn_parse_head(mm_http_conn *c)
     mm_buf_init(&ex->body, h->lim.max_body_bytes);
     ex->conn = c;
     c->ex = ex;
-    h->active++;
+    __atomic_add_fetch(&h->active, 1, __ATOMIC_RELAXED);
     if (rc < 0) {
         if (rc == -E2BIG)
             conn_fail(c, 431, "request header section too large");
@@ -635,13 +636,28 @@ int mm_httpd_listen(mm_httpd *h, const char *host, int port, int reuseport, char
 }
 
 int mm_httpd_port(const mm_httpd *h) { return h->port; }
-size_t mm_httpd_active(const mm_httpd *h) { return h->active; }
+size_t mm_httpd_active(const mm_httpd *h) { return __atomic_load_n(&h->active, __ATOMIC_RELAXED); }
 
 void mm_httpd_stop_accepting(mm_httpd *h)
 {
     for (size_t i = 0; i < h->nlisteners; i++)
         evconnlistener_free(h->listeners[i]);
     h->nlisteners = 0;
+}
+
+void mm_httpd_drain(mm_httpd *h)
+{
+    mm_httpd_stop_accepting(h);
+    h->draining = 1;
+    mm_http_conn *c = h->conns;
+    while (c) {
+        mm_http_conn *next = c->next;
+        if (c->ex)
+            c->close_after = 1;
+        else if (c->state == ST_HEAD && in_len(c) == 0 && evbuffer_get_length(c->out) == 0)
+            conn_free(c); /* idle keep-alive: nothing is lost */
+        c = next;
+    }
 }
 
 void mm_httpd_free(mm_httpd *h)
@@ -687,6 +703,8 @@ int mm_http_begin(mm_http_exchange *ex, int status, const char *headers, int64_t
     else
         n = 0;
     evbuffer_add(out, line, (size_t)n);
+    if (c->httpd->draining)
+        c->close_after = 1;
     if (c->close_after)
         evbuffer_add(out, "Connection: close\r\n\r\n", 21);
     else if (ex->req.version_minor == 0)
@@ -704,6 +722,8 @@ int mm_http_write(mm_http_exchange *ex, const void *p, size_t n)
         return 0;
     mm_http_conn *c = ex->conn;
     struct evbuffer *out = c->out;
+    if (ex->bytes_sink)
+        *ex->bytes_sink += n;
     if (ex->chunked_out) {
         char sz[24];
         int k = snprintf(sz, sizeof sz, "%zx\r\n", n);

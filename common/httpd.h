@@ -43,6 +43,7 @@ struct mm_http_exchange {
      * on_drain is called when queued output fell below the low watermark
      * after mm_http_pending() was high (flow control of streamed bodies). */
     void           *udata;
+    uint64_t       *bytes_sink;  /* if set, body bytes written are added here */
     void          (*on_abort)(mm_http_exchange *ex, void *udata);
     void          (*on_drain)(mm_http_exchange *ex, void *udata);
     /* private */
@@ -64,7 +65,11 @@ int  mm_httpd_listen(mm_httpd *h, const char *host, int port, int reuseport,
 int  mm_httpd_port(const mm_httpd *h);
 /* Stop accepting new connections (graceful shutdown). */
 void mm_httpd_stop_accepting(mm_httpd *h);
-/* Number of exchanges in flight. */
+/* Graceful shutdown: stop accepting, close idle keep-alive connections, and
+ * end every running exchange's connection after its response
+ * (Connection: close). */
+void mm_httpd_drain(mm_httpd *h);
+/* Number of exchanges in flight (safe to read from any thread). */
 size_t mm_httpd_active(const mm_httpd *h);
 /* Close every connection (aborting exchanges) and free. */
 void mm_httpd_free(mm_httpd *h);

@@ -8,12 +8,13 @@
 
 #include <jansson.h>
 
+#include "dashboard.h"
 #include "httpd.h"
 #include "log.h"
 
 struct mm_admin {
     const mm_gateway_cfg *cfg;
-    mm_router *router;
+    mm_runtime *rt;
     mm_metrics *metrics;
     mm_httpd  *httpd;
 };
@@ -110,16 +111,19 @@ static json_t *stats_json(mm_admin *a)
             "itl", hist_json(&st.hist[MM_H_ITL])));
     }
     json_t *weights = json_array();
-    for (size_t i = 0; i < a->cfg->nmodels; i++) {
-        const mm_model_cfg *m = &a->cfg->models[i];
+    mm_router *cur = mm_runtime_acquire(a->rt);
+    for (size_t i = 0; i < cur->cfg->nmodels; i++) {
+        const mm_model_cfg *m = &cur->cfg->models[i];
         for (size_t j = 0; j < m->nsplit; j++)
             json_array_append_new(weights, json_pack("{s:s, s:s, s:i}", "model", m->name, "variant",
                                                      m->split[j].model, "weight", m->split[j].weight));
     }
+    mm_router_unref(cur);
     mm_metrics_sink_stats sk = {0};
     if (a->metrics)
         mm_metrics_get_sink(a->metrics, &sk);
-    json_t *bk = backends_json(a->router);
+    mm_router *r = mm_runtime_acquire(a->rt);
+    json_t *bk = backends_json(r);
     json_t *out = json_pack("{s:I, s:o, s:o, s:O, s:{s:b, s:b, s:I, s:I}}",
                             "time_ms", (json_int_t)mm_now_ms(), "series", series, "weights", weights,
                             "models", json_object_get(bk, "models"),
@@ -127,6 +131,7 @@ static json_t *stats_json(mm_admin *a)
                             "flushes", (json_int_t)sk.redis_flushes,
                             "failed_flushes", (json_int_t)sk.redis_failed_flushes);
     json_decref(bk);
+    mm_router_unref(r);
     return out;
 }
 
@@ -153,6 +158,86 @@ static int authorized(const mm_admin *a, const mm_http_request *q)
            memcmp(h->value + 7, a->cfg->admin_token, tl) == 0;
 }
 
+/* Equal without an early exit, so the time taken does not tell how much of
+ * a guess was right (only whether its length was). */
+static int token_equal(const char *got, size_t n, const char *want)
+{
+    size_t wl = strlen(want);
+    unsigned char diff = n != wl;
+    for (size_t i = 0; i < n && i < wl; i++)
+        diff |= (unsigned char)(got[i] ^ want[i]);
+    return diff == 0;
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* ?token=... in the page's own URL: a browser following a link cannot send
+ * an Authorization header, so the page is the one place that takes the
+ * token from the query (percent-decoded; '+' is literal because a token has
+ * no spaces). The page then sends it as a bearer token on /admin/stats; the
+ * API itself keeps to the header. */
+static int dashboard_query_token_ok(const mm_admin *a, const mm_http_request *q)
+{
+    const char *p = memchr(q->target, '?', q->target_len);
+    const char *end = q->target + q->target_len;
+    char tok[4097];   /* admin_token is at most 4096 chars */
+    if (!p)
+        return 0;
+    for (p++; p < end;) {
+        const char *amp = memchr(p, '&', (size_t)(end - p));
+        const char *stop = amp ? amp : end;
+        if (stop - p > 6 && memcmp(p, "token=", 6) == 0) {
+            size_t n = 0;
+            for (const char *s = p + 6; s < stop; s++) {
+                int c = (unsigned char)*s;
+                if (c == '%') {
+                    int hi = s + 2 < stop ? hexval(s[1]) : -1;
+                    int lo = hi >= 0 ? hexval(s[2]) : -1;
+                    if (lo < 0)
+                        return 0;
+                    c = hi * 16 + lo;
+                    s += 2;
+                }
+                if (n == sizeof tok)
+                    return 0;
+                tok[n++] = (char)c;
+            }
+            return token_equal(tok, n, a->cfg->admin_token);
+        }
+        p = stop + 1;
+    }
+    return 0;
+}
+
+/* The page is static and self-contained: the CSP lets it talk only to this
+ * listener, and no-referrer keeps a ?token= in its URL from travelling on. */
+static void serve_dashboard(mm_admin *a, mm_http_exchange *ex)
+{
+    if (a->cfg->admin_token && !authorized(a, &ex->req) && !dashboard_query_token_ok(a, &ex->req)) {
+        mm_http_respond_error(ex, 401, NULL, "WWW-Authenticate: Bearer\r\n",
+                              "admin token required: open /dashboard?token=TOKEN");
+        return;
+    }
+    mm_http_respond(ex, 200,
+                    "Content-Type: text/html; charset=utf-8\r\n"
+                    "Cache-Control: no-store\r\n"
+                    "Referrer-Policy: no-referrer\r\n"
+                    "X-Content-Type-Options: nosniff\r\n"
+                    "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
+                    "style-src 'unsafe-inline'; connect-src 'self'; img-src data:; "
+                    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\n",
+                    mm_dashboard_html, mm_dashboard_html_len);
+}
+
 static void admin_handle(mm_http_exchange *ex, void *arg)
 {
     mm_admin *a = arg;
@@ -162,13 +247,19 @@ static void admin_handle(mm_http_exchange *ex, void *arg)
         respond_json(ex, 200, json_pack("{s:s}", "status", "ok"));
         return;
     }
+    if (get && path_is(q, "/dashboard")) {
+        serve_dashboard(a, ex);
+        return;
+    }
     if (!authorized(a, q)) {
         mm_http_respond_error(ex, 401, NULL, "WWW-Authenticate: Bearer\r\n",
                               "admin token required (Authorization: Bearer ...)");
         return;
     }
     if (get && path_is(q, "/admin/backends")) {
-        respond_json(ex, 200, backends_json(a->router));
+        mm_router *r = mm_runtime_acquire(a->rt);
+        respond_json(ex, 200, backends_json(r));
+        mm_router_unref(r);
         return;
     }
     if (get && path_is(q, "/admin/stats")) {
@@ -180,7 +271,7 @@ static void admin_handle(mm_http_exchange *ex, void *arg)
                           (int)(q->target_len > 128 ? 128 : q->target_len), q->target);
 }
 
-int mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_router *r,
+int mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_runtime *rt,
                    mm_metrics *m, mm_admin **out, char *err, size_t errlen)
 {
     mm_admin *a = calloc(1, sizeof *a);
@@ -189,7 +280,7 @@ int mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_router
         return -ENOMEM;
     }
     a->cfg = cfg;
-    a->router = r;
+    a->rt = rt;
     a->metrics = m;
     mm_httpd_limits lim = {
         .max_header_bytes = cfg->max_header_bytes,

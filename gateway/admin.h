@@ -6,11 +6,12 @@
 #include "config.h"
 #include "metrics.h"
 #include "router.h"
+#include "runtime.h"
 
 struct event_base;
 typedef struct mm_admin mm_admin;
 
-int  mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_router *r,
+int  mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_runtime *rt,
                     mm_metrics *m, mm_admin **out, char *err, size_t errlen);
 void mm_admin_free(mm_admin *a);
 #endif

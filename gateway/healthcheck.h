@@ -9,5 +9,8 @@ struct event_base;
 typedef struct mm_healthcheck mm_healthcheck;
 
 int  mm_healthcheck_start(struct event_base *base, mm_router *r, mm_healthcheck **out);
+/* Check exactly the backends of r from now on: probes of pools r still uses
+ * go on untouched, others stop, new ones start. Runs on the checker's loop. */
+int  mm_healthcheck_sync(mm_healthcheck *hc, mm_router *r);
 void mm_healthcheck_free(mm_healthcheck *hc);
 #endif

@@ -61,9 +61,9 @@ int main(int argc, char **argv)
         mm_config_free(cfg);
         return 0;
     }
-    int rc = mm_server_run(cfg, err, sizeof err);
+    mm_config_free(cfg); /* validated; the server loads it again and owns it */
+    int rc = mm_server_run(path, err, sizeof err);
     if (rc)
         fprintf(stderr, "modelmux-gateway: %s\n", err);
-    mm_config_free(cfg);
     return rc ? 1 : 0;
 }

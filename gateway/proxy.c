@@ -40,6 +40,7 @@ static _Atomic long px_retries_inflight;
 typedef struct px_req {
     mm_proxy_thread  *t;
     mm_http_exchange *ex;
+    mm_router        *router;        /* referenced for the whole request */
     char              reqid[80];
     const char       *path;          /* request-target, kept as sent */
     size_t            path_len;
@@ -215,6 +216,7 @@ static void px_free(px_req *r)
     if (!r)
         return;
     px_record(r);
+    mm_router_unref(r->router);
     mm_buf_free(&r->sse_buf);
     if (r->pool && r->waiter.queued)
         mm_pool_dequeue(r->pool, &r->waiter);
@@ -344,7 +346,6 @@ static void px_fail(px_req *r, int status, const char *what)
         mm_buf_init(&h, PX_MAX_RESP_HEADERS + 8192);
         mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
         px_our_headers(r, &h, r->status);
-        r->bytes_out += r->resp_body.len;
         mm_http_respond(r->ex, r->status, mm_buf_cstr(&h), r->resp_body.data, r->resp_body.len);
         mm_buf_free(&h);
     } else if (!r->client_began) {
@@ -386,7 +387,7 @@ static int px_switch_fallback(px_req *r)
             return 0;
         const char *name = r->fb_pos < nv ? vc->fallback[r->fb_pos] : first->fallback[r->fb_pos - nv];
         r->fb_pos++;
-        mm_route *rt = mm_router_find(r->t->router, name, strlen(name));
+        mm_route *rt = mm_router_find(r->router, name, strlen(name));
         mm_route *v = rt ? mm_route_pick_variant(rt, r->sticky, r->sticky_len, &r->t->rng) : NULL;
         if (!v || v->pool == r->pool)
             continue;
@@ -648,7 +649,6 @@ static size_t px_on_write(char *p, size_t size, size_t nmemb, void *ud)
             r->paused = 1;
             return CURL_WRITEFUNC_PAUSE;
         }
-        r->bytes_out += len;
         if (r->sse)
             px_sse_feed(r, p, len);
         else
@@ -1109,6 +1109,7 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
     (void)easy;
     if (rc == CURLE_OK && r->status >= 200 && !r->hold_error && !r->too_large) {
         px_release_attempt(r, 0, MM_OUTCOME_OK);
+        r->err = MM_ERR_NONE; /* earlier failed attempts were counted per attempt */
         r->ex->on_abort = NULL;
         if (r->relay) {
             px_begin_client(r);
@@ -1120,7 +1121,6 @@ void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)
             mm_buf_init(&h, PX_MAX_RESP_HEADERS + 8192);
             mm_buf_append(&h, r->resp_hdrs.data, r->resp_hdrs.len);
             px_our_headers(r, &h, r->status);
-            r->bytes_out += r->resp_body.len;
             if (r->routed && r->status >= 200 && r->status < 300)
                 px_usage_from_json(r, r->resp_body.data, r->resp_body.len);
             mm_http_respond(r->ex, r->status, mm_buf_cstr(&h), r->resp_body.data, r->resp_body.len);
@@ -1206,7 +1206,7 @@ static void px_set_reqid(px_req *r)
 
 static void px_route_default(px_req *r, int status_without, const char *msg_without)
 {
-    mm_router *rt = r->t->router;
+    mm_router *rt = r->router;
     if (!rt->default_pool) {
         r->ex->on_abort = NULL;
         px_error(r, status_without, NULL, msg_without);
@@ -1221,7 +1221,7 @@ static void px_route_default(px_req *r, int status_without, const char *msg_with
 
 static void px_route_model(px_req *r, const char *name, size_t nlen)
 {
-    mm_router *rt = r->t->router;
+    mm_router *rt = r->router;
     r->req_model = strndup(name, nlen);
     r->req_model_len = r->req_model ? nlen : 0;
     mm_route *route = mm_router_find(rt, name, nlen);
@@ -1301,7 +1301,7 @@ static void px_builtin_health(px_req *r)
 {
     char body[256];
     int n = snprintf(body, sizeof body, "{\"status\":\"ok\",\"models\":%zu}",
-                     r->t->router->nroutes);
+                     r->router->nroutes);
     mm_buf h;
     mm_buf_init(&h, 1024);
     mm_buf_append_str(&h, "Content-Type: application/json\r\n");
@@ -1334,8 +1334,8 @@ static void px_builtin_models(px_req *r)
     mm_buf_init(&h, 1024);
     mm_buf_append_str(&h, "Content-Type: application/json\r\n");
     px_our_headers(r, &h, 200);
-    mm_http_respond(r->ex, 200, mm_buf_cstr(&h), r->t->router->models_json,
-                    r->t->router->models_json_len);
+    mm_http_respond(r->ex, 200, mm_buf_cstr(&h), r->router->models_json,
+                    r->router->models_json_len);
     mm_buf_free(&h);
 }
 
@@ -1349,6 +1349,7 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
     }
     r->t = t;
     r->ex = ex;
+    r->router = mm_runtime_acquire(t->rt);
     px_inflight++;
     mm_buf_init(&r->fwd_body, t->cfg->max_body_bytes + 4096);
     mm_buf_init(&r->resp_hdrs, PX_MAX_RESP_HEADERS);
@@ -1358,11 +1359,13 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
     r->prompt_tokens = r->completion_tokens = -1;
     r->timer = evtimer_new(t->base, px_on_timer, r);
     if (!r->timer) {
+        r->no_record = 1;
         px_free(r);
         mm_http_respond_error(ex, 500, NULL, NULL, "out of memory");
         return;
     }
     ex->udata = r;
+    ex->bytes_sink = &r->bytes_out;
     ex->on_abort = px_on_client_abort;
     ex->on_drain = px_on_drain;
     px_set_reqid(r);

@@ -8,6 +8,7 @@
 #include "httpd.h"
 #include "metrics.h"
 #include "router.h"
+#include "runtime.h"
 #include "upstream.h"
 
 struct event_base;
@@ -15,7 +16,7 @@ struct event_base;
 typedef struct mm_proxy_thread {
     struct event_base    *base;
     mm_upstream          *up;
-    mm_router            *router;
+    mm_runtime           *rt;       /* the current router, swapped at runtime */
     const mm_gateway_cfg *cfg;
     uint64_t              rng;
     int                   index;

@@ -20,9 +20,36 @@ uint64_t mm_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static int pool_init(mm_pool *p, const mm_model_cfg *m, const char *name, char *err,
-                     size_t errlen)
+mm_cfg_holder *mm_cfg_holder_new(mm_gateway_cfg *cfg)
 {
+    mm_cfg_holder *h = calloc(1, sizeof *h);
+    if (!h)
+        return NULL;
+    h->cfg = cfg;
+    h->refs = 1;
+    return h;
+}
+
+void mm_cfg_holder_ref(mm_cfg_holder *h)
+{
+    __atomic_add_fetch(&h->refs, 1, __ATOMIC_RELAXED);
+}
+
+void mm_cfg_holder_unref(mm_cfg_holder *h)
+{
+    if (!h || __atomic_sub_fetch(&h->refs, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    mm_config_free(h->cfg);
+    free(h);
+}
+
+static int pool_init(mm_pool *p, mm_cfg_holder *holder, const mm_model_cfg *m, const char *name,
+                     char *err, size_t errlen)
+{
+    p->refs = 1;
+    p->holder = holder;
+    mm_cfg_holder_ref(holder);
+    pthread_mutex_init(&p->lock, NULL);
     p->cfg = m;
     p->name = name;
     p->nbackends = m->nbackends;
@@ -44,26 +71,132 @@ static int pool_init(mm_pool *p, const mm_model_cfg *m, const char *name, char *
         b->pool = p;
         b->index = i;
         /* Static backends start up so traffic flows at once; the first
-         * failed checks take a dead one out within `fall` intervals. */
-        mm_health_init(&b->health, &m->health, 1);
+         * failed checks take a dead one out within `fall` intervals. A
+         * launched worker starts down: it gets traffic once its /health
+         * says ready. */
+        mm_health_init(&b->health, &m->health, b->cfg->launch ? 0 : 1);
         mm_breaker_init(&b->breaker, &m->breaker);
         p->weights[i] = m->backends[i].weight;
     }
     mm_swrr_init(p->swrr, p->nbackends, p->weights);
     p->rng = mm_hash64(name, strlen(name), (uint64_t)time(NULL)) | 1;
-    pthread_mutex_init(&p->lock, NULL);
     return 0;
 }
 
 static void pool_free(mm_pool *p)
 {
-    if (!p->backends)
-        return;
     pthread_mutex_destroy(&p->lock);
     free(p->backends);
     free(p->swrr);
     free(p->weights);
     free(p->outstanding);
+    mm_cfg_holder_unref(p->holder);
+    free(p);
+}
+
+void mm_pool_ref(mm_pool *p)
+{
+    __atomic_add_fetch(&p->refs, 1, __ATOMIC_RELAXED);
+}
+
+void mm_pool_unref(mm_pool *p)
+{
+    if (p && __atomic_sub_fetch(&p->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        pool_free(p);
+}
+
+static mm_pool *pool_new(mm_cfg_holder *holder, const mm_model_cfg *m, const char *name,
+                         char *err, size_t errlen)
+{
+    mm_pool *p = calloc(1, sizeof *p);
+    if (!p) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    if (pool_init(p, holder, m, name, err, errlen) != 0) {
+        pool_free(p);
+        return NULL;
+    }
+    return p;
+}
+
+static int str_eq(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+static int strv_eq(char **a, size_t na, char **b, size_t nb)
+{
+    if (na != nb)
+        return 0;
+    for (size_t i = 0; i < na; i++)
+        if (!str_eq(a[i], b[i]))
+            return 0;
+    return 1;
+}
+
+static int launch_eq(const mm_launch_cfg *a, const mm_launch_cfg *b)
+{
+    if (!a || !b)
+        return a == b;
+    return str_eq(a->model, b->model) && str_eq(a->gpus, b->gpus) && str_eq(a->device, b->device) &&
+           a->port == b->port && a->share_gpus == b->share_gpus &&
+           a->startup_timeout_ms == b->startup_timeout_ms && strv_eq(a->args, a->nargs, b->args, b->nargs) &&
+           strv_eq(a->command, a->ncommand, b->command, b->ncommand);
+}
+
+/* Whether a pool built for a can serve b unchanged but for backend weights:
+ * the same backends in the same order with the same settings. */
+static int pool_compatible(const mm_model_cfg *a, const mm_model_cfg *b)
+{
+    if (a->nbackends != b->nbackends || a->strategy != b->strategy || a->retries != b->retries ||
+        a->max_requests != b->max_requests || a->max_queue != b->max_queue ||
+        a->queue_timeout_ms != b->queue_timeout_ms ||
+        memcmp(&a->timeouts, &b->timeouts, sizeof a->timeouts) != 0 ||
+        a->health.interval_ms != b->health.interval_ms || a->health.timeout_ms != b->health.timeout_ms ||
+        a->health.rise != b->health.rise || a->health.fall != b->health.fall ||
+        a->health.enabled != b->health.enabled || !str_eq(a->health.path, b->health.path) ||
+        memcmp(&a->breaker, &b->breaker, sizeof a->breaker) != 0)
+        return 0;
+    for (size_t i = 0; i < a->nbackends; i++) {
+        const mm_backend_cfg *x = &a->backends[i], *y = &b->backends[i];
+        if (!str_eq(x->url, y->url) || !str_eq(x->served_model, y->served_model) ||
+            !str_eq(x->api_key, y->api_key) || x->max_requests != y->max_requests ||
+            memcmp(&x->timeouts, &y->timeouts, sizeof x->timeouts) != 0 ||
+            !launch_eq(x->launch, y->launch))
+            return 0;
+    }
+    return 1;
+}
+
+/* New weights for a shared pool, applied atomically for the next pick. */
+static void pool_set_weights(mm_pool *p, const mm_model_cfg *m)
+{
+    pthread_mutex_lock(&p->lock);
+    int changed = 0;
+    for (size_t i = 0; i < p->nbackends; i++)
+        if (p->weights[i] != m->backends[i].weight) {
+            p->weights[i] = m->backends[i].weight;
+            changed = 1;
+        }
+    if (changed)
+        mm_swrr_init(p->swrr, p->nbackends, p->weights);
+    pthread_mutex_unlock(&p->lock);
+}
+
+static mm_pool *find_prev_pool(mm_router *prev, const mm_model_cfg *m, int is_default)
+{
+    if (!prev)
+        return NULL;
+    mm_pool *p = NULL;
+    if (is_default) {
+        p = prev->default_pool;
+    } else {
+        for (size_t i = 0; i < prev->nroutes && !p; i++)
+            if (prev->pools[i] && strcmp(prev->routes[i].name, m->name) == 0)
+                p = prev->pools[i];
+    }
+    return p && pool_compatible(p->cfg, m) ? p : NULL;
 }
 
 static int build_models_json(mm_router *r)
@@ -97,12 +230,17 @@ static int build_models_json(mm_router *r)
     return 0;
 }
 
-int mm_router_new(const mm_gateway_cfg *cfg, mm_router **out, char *err, size_t errlen)
+int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char *err,
+                  size_t errlen)
 {
     int rc = -ENOMEM;
+    const mm_gateway_cfg *cfg = holder->cfg;
     mm_router *r = calloc(1, sizeof *r);
     if (!r)
         goto fail;
+    r->refs = 1;
+    r->holder = holder;
+    mm_cfg_holder_ref(holder);
     r->cfg = cfg;
     r->nroutes = cfg->nmodels;
     r->routes = calloc(cfg->nmodels ? cfg->nmodels : 1, sizeof *r->routes);
@@ -113,12 +251,21 @@ int mm_router_new(const mm_gateway_cfg *cfg, mm_router **out, char *err, size_t 
         const mm_model_cfg *m = &cfg->models[i];
         r->routes[i].cfg = m;
         r->routes[i].name = m->name;
-        if (m->nsplit == 0) {
-            rc = pool_init(&r->pools[i], m, m->name, err, errlen);
-            if (rc)
+        if (m->nsplit)
+            continue;
+        mm_pool *p = find_prev_pool(prev, m, 0);
+        if (p) {
+            mm_pool_ref(p);
+            pool_set_weights(p, m);
+        } else {
+            p = pool_new(holder, m, m->name, err, errlen);
+            if (!p) {
+                rc = -EINVAL;
                 goto fail;
-            r->routes[i].pool = &r->pools[i];
+            }
         }
+        r->pools[i] = p;
+        r->routes[i].pool = p;
     }
     /* Second pass: splits point at routes, which now all exist. */
     for (size_t i = 0; i < cfg->nmodels; i++) {
@@ -147,12 +294,18 @@ int mm_router_new(const mm_gateway_cfg *cfg, mm_router **out, char *err, size_t 
         }
     }
     if (cfg->default_pool) {
-        r->default_pool = calloc(1, sizeof *r->default_pool);
-        if (!r->default_pool)
-            goto fail;
-        rc = pool_init(r->default_pool, cfg->default_pool, "", err, errlen);
-        if (rc)
-            goto fail;
+        mm_pool *p = find_prev_pool(prev, cfg->default_pool, 1);
+        if (p) {
+            mm_pool_ref(p);
+            pool_set_weights(p, cfg->default_pool);
+        } else {
+            p = pool_new(holder, cfg->default_pool, "", err, errlen);
+            if (!p) {
+                rc = -EINVAL;
+                goto fail;
+            }
+        }
+        r->default_pool = p;
     }
     rc = build_models_json(r);
     if (rc)
@@ -162,31 +315,38 @@ int mm_router_new(const mm_gateway_cfg *cfg, mm_router **out, char *err, size_t 
 fail:
     if (rc == -ENOMEM)
         snprintf(err, errlen, "out of memory");
-    mm_router_free(r);
+    mm_router_unref(r);
     *out = NULL;
     return rc;
 }
 
-void mm_router_free(mm_router *r)
+static void router_free(mm_router *r)
 {
-    if (!r)
-        return;
     for (size_t i = 0; r->routes && i < r->nroutes; i++) {
         free(r->routes[i].variants);
         free(r->routes[i].variant_ids);
         free(r->routes[i].variant_weights);
     }
     for (size_t i = 0; r->pools && i < r->nroutes; i++)
-        pool_free(&r->pools[i]);
-    if (r->default_pool) {
-        pool_free(r->default_pool);
-        free(r->default_pool);
-    }
+        mm_pool_unref(r->pools[i]);
+    mm_pool_unref(r->default_pool);
     free(r->routes);
     free(r->pools);
     free(r->models_json);
     free(r->names_list);
+    mm_cfg_holder_unref(r->holder);
     free(r);
+}
+
+void mm_router_ref(mm_router *r)
+{
+    __atomic_add_fetch(&r->refs, 1, __ATOMIC_RELAXED);
+}
+
+void mm_router_unref(mm_router *r)
+{
+    if (r && __atomic_sub_fetch(&r->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        router_free(r);
 }
 
 mm_route *mm_router_find(mm_router *r, const char *name, size_t len)
@@ -396,6 +556,6 @@ size_t mm_router_npools(const mm_router *r)
 mm_pool *mm_router_pool(mm_router *r, size_t i)
 {
     if (i < r->nroutes)
-        return r->routes[i].pool; /* NULL for a split */
+        return r->pools[i]; /* NULL for a split */
     return i == r->nroutes ? r->default_pool : NULL;
 }

@@ -52,7 +52,21 @@ typedef struct mm_pick_info {
     uint64_t retry_at_ms;    /* earliest time an unusable backend may be tried */
 } mm_pick_info;
 
+/* A configuration shared by the routers and pools built from it: freed when
+ * the last of them goes (requests still running on an older generation keep
+ * theirs alive). */
+typedef struct mm_cfg_holder {
+    mm_gateway_cfg *cfg;
+    int             refs;          /* atomic */
+} mm_cfg_holder;
+
+mm_cfg_holder *mm_cfg_holder_new(mm_gateway_cfg *cfg);
+void           mm_cfg_holder_ref(mm_cfg_holder *h);
+void           mm_cfg_holder_unref(mm_cfg_holder *h);
+
 typedef struct mm_pool {
+    int           refs;        /* atomic: routers and the health checker */
+    mm_cfg_holder *holder;     /* keeps cfg alive */
     const mm_model_cfg *cfg;
     const char   *name;        /* model name ("" for the default pool) */
     mm_backend   *backends;
@@ -77,18 +91,29 @@ typedef struct mm_route {
 } mm_route;
 
 typedef struct mm_router {
+    int       refs;            /* atomic: the runtime's current pointer + requests */
+    mm_cfg_holder *holder;
     const mm_gateway_cfg *cfg;
     mm_route *routes;
     size_t    nroutes;
-    mm_pool  *pools;           /* one per plain model, same order as routes */
+    mm_pool **pools;           /* one per plain model (NULL for splits), same order as routes */
     mm_pool  *default_pool;    /* NULL when not configured */
     char     *models_json;     /* the /v1/models answer, built once */
     size_t    models_json_len;
     char     *names_list;      /* "a, b, c" for 404 messages */
 } mm_router;
 
-int  mm_router_new(const mm_gateway_cfg *cfg, mm_router **out, char *err, size_t errlen);
-void mm_router_free(mm_router *r);
+/* Build a router for holder's config (taking a reference). Pools of models
+ * that did not change against prev (may be NULL) are shared with it, runtime
+ * state (health, breaker, in-flight) included; a change of backend weights
+ * alone is applied to the shared pool in place. The result has one
+ * reference. */
+int  mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char *err,
+                   size_t errlen);
+void mm_router_ref(mm_router *r);
+void mm_router_unref(mm_router *r);
+void mm_pool_ref(mm_pool *p);
+void mm_pool_unref(mm_pool *p);
 
 mm_route *mm_router_find(mm_router *r, const char *name, size_t len);
 

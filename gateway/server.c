@@ -23,6 +23,7 @@
 #include "proxy.h"
 #include "redis_sink.h"
 #include "router.h"
+#include "runtime.h"
 #include "upstream.h"
 
 #define SERVER_MAX_THREADS 256
@@ -50,7 +51,7 @@ static void thread_free(srv_thread *st)
         event_base_free(st->base);
 }
 
-static int thread_init(srv_thread *st, int index, const mm_gateway_cfg *cfg, mm_router *router,
+static int thread_init(srv_thread *st, int index, const mm_gateway_cfg *cfg, mm_runtime *rt,
                        mm_metrics *metrics, int access_fd, char *err, size_t errlen)
 {
     st->px.metrics = metrics;
@@ -69,7 +70,7 @@ static int thread_init(srv_thread *st, int index, const mm_gateway_cfg *cfg, mm_
         return -ENOMEM;
     }
     st->px.base = st->base;
-    st->px.router = router;
+    st->px.rt = rt;
     st->px.cfg = cfg;
     st->px.index = index;
     st->px.rng = ((uint64_t)time(NULL) << 20) ^ ((uint64_t)getpid() << 8) ^ (uint64_t)(index + 1);
@@ -95,16 +96,52 @@ static int cpu_count(void)
     return n < 1 ? 1 : n > SERVER_MAX_THREADS ? SERVER_MAX_THREADS : (int)n;
 }
 
-int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
+/* What the thread-0 callbacks (reload, swap listeners) need. */
+typedef struct srv_ctx {
+    mm_runtime     *rt;
+    mm_healthcheck *hc;
+    struct event   *reload_ev;
+} srv_ctx;
+
+/* A new router is current: checks follow its backends. */
+static void on_swap(void *arg, mm_router *now)
 {
-    int rc = 0, nthreads = cfg->threads > 0 ? cfg->threads : cpu_count();
+    srv_ctx *c = arg;
+    if (c->hc && mm_healthcheck_sync(c->hc, now) != 0)
+        mm_error("health checks: out of memory while following the new configuration");
+}
+
+/* SIGHUP, relayed by the main thread to thread 0's loop. */
+static void on_reload(evutil_socket_t fd, short what, void *arg)
+{
+    srv_ctx *c = arg;
+    char err[1024] = "";
+    (void)fd;
+    (void)what;
+    if (mm_runtime_reload(c->rt, err, sizeof err) != 0)
+        mm_error("SIGHUP: configuration not applied, nothing changed: %s", err);
+}
+
+static void on_drain(evutil_socket_t fd, short what, void *arg)
+{
+    srv_thread *st = arg;
+    (void)fd;
+    (void)what;
+    mm_httpd_drain(st->httpd);
+}
+
+int mm_server_run(const char *config_path, char *err, size_t errlen)
+{
+    int rc = 0, nthreads = 1;
     srv_thread *threads = NULL;
+    mm_runtime *rt = NULL;
     mm_router *router = NULL;
-    mm_healthcheck *hc = NULL;
     mm_admin *admin = NULL;
     mm_metrics *metrics = NULL;
     mm_redis_sink *sink = NULL;
     int access_fd = -1;
+    srv_ctx ctx = {0};
+    struct event **drain_ev = NULL;
     sigset_t sigs;
 
     /* Signals are taken synchronously by this thread with sigwait; every
@@ -124,9 +161,13 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "curl_global_init failed");
         return -EIO;
     }
-    rc = mm_router_new(cfg, &router, err, errlen);
+    rc = mm_runtime_new(config_path, NULL, &rt, err, errlen);
     if (rc)
         goto out_curl;
+    ctx.rt = rt;
+    const mm_gateway_cfg *cfg = mm_runtime_boot_cfg(rt);
+    nthreads = cfg->threads > 0 ? cfg->threads : cpu_count();
+    router = mm_runtime_acquire(rt);
     rc = mm_metrics_new(10000, &metrics);
     if (rc) {
         snprintf(err, errlen, "out of memory");
@@ -143,18 +184,25 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
         }
     }
     threads = calloc((size_t)nthreads, sizeof *threads);
-    if (!threads) {
+    drain_ev = calloc((size_t)nthreads, sizeof *drain_ev);
+    if (!threads || !drain_ev) {
         rc = -ENOMEM;
         snprintf(err, errlen, "out of memory");
         goto out_router;
     }
     for (int i = 0; i < nthreads; i++) {
-        rc = thread_init(&threads[i], i, cfg, router, metrics, access_fd, err, errlen);
+        rc = thread_init(&threads[i], i, cfg, rt, metrics, access_fd, err, errlen);
         if (rc)
             goto out_threads;
+        drain_ev[i] = event_new(threads[i].base, -1, 0, on_drain, &threads[i]);
+        if (!drain_ev[i]) {
+            rc = -ENOMEM;
+            goto out_threads;
+        }
     }
-    /* The Redis sink, health checks and the admin API live on the first
-     * loop. Without redis.url the sink is NULL (metrics stay in memory). */
+    /* The Redis sink, health checks, reloads and the admin API live on the
+     * first loop. Without redis.url the sink is NULL (metrics stay in
+     * memory). */
     {
         mm_redis_weights wts = {0};
         char host[256] = "", gwid[320];
@@ -170,14 +218,19 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
         if (rc)
             goto out_threads;
     }
-    /* Health checks and the admin API live on the first loop. */
-    rc = mm_healthcheck_start(threads[0].base, router, &hc);
+    rc = mm_healthcheck_start(threads[0].base, router, &ctx.hc);
     if (rc) {
         snprintf(err, errlen, "cannot start health checks");
         goto out_threads;
     }
+    ctx.reload_ev = event_new(threads[0].base, -1, 0, on_reload, &ctx);
+    if (!ctx.reload_ev || mm_runtime_add_listener(rt, on_swap, &ctx) != 0) {
+        rc = -ENOMEM;
+        snprintf(err, errlen, "out of memory");
+        goto out_threads;
+    }
     if (cfg->admin_port > 0) {
-        rc = mm_admin_start(threads[0].base, cfg, router, metrics, &admin, err, errlen);
+        rc = mm_admin_start(threads[0].base, cfg, rt, metrics, &admin, err, errlen);
         if (rc)
             goto out_threads;
     }
@@ -197,11 +250,28 @@ int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen)
         if (sigwait(&sigs, &sig) != 0)
             continue;
         if (sig == SIGHUP) {
-            mm_info("SIGHUP: configuration reload is not supported yet; ignored");
+            mm_info("SIGHUP: reloading %s", config_path);
+            event_active(ctx.reload_ev, EV_TIMEOUT, 0);
             continue;
         }
-        mm_info("signal %d: shutting down", sig);
+        mm_info("signal %d: shutting down (grace %d ms)", sig, cfg->shutdown_grace_ms);
         break;
+    }
+    /* Graceful: stop accepting, close idle connections, let running
+     * requests finish within the grace period. */
+    for (int i = 0; i < nthreads; i++)
+        event_active(drain_ev[i], EV_TIMEOUT, 0);
+    {
+        uint64_t deadline = mm_now_ms() + (uint64_t)(cfg->shutdown_grace_ms > 0 ? cfg->shutdown_grace_ms : 0);
+        struct timespec step = {0, 20 * 1000000L};
+        for (;;) {
+            size_t active = 0;
+            for (int i = 0; i < nthreads; i++)
+                active += mm_httpd_active(threads[i].httpd);
+            if (active == 0 || mm_now_ms() >= deadline)
+                break;
+            nanosleep(&step, NULL);
+        }
     }
 out_stop:
     for (int i = 0; i < nthreads; i++)
@@ -216,15 +286,22 @@ out_threads:
     mm_redis_sink_free(sink);
     sink = NULL;
     mm_admin_free(admin);
-    mm_healthcheck_free(hc);
-    for (int i = 0; i < nthreads; i++)
+    mm_healthcheck_free(ctx.hc);
+    if (ctx.reload_ev)
+        event_free(ctx.reload_ev);
+    for (int i = 0; threads && i < nthreads; i++) {
+        if (drain_ev[i])
+            event_free(drain_ev[i]);
         thread_free(&threads[i]);
+    }
     free(threads);
+    free(drain_ev);
 out_router:
     if (access_fd > STDERR_FILENO)
         close(access_fd);
+    mm_router_unref(router);
     mm_metrics_free(metrics);
-    mm_router_free(router);
+    mm_runtime_free(rt);
 out_curl:
     curl_global_cleanup();
     return rc;

@@ -5,7 +5,8 @@
 #define MM_SERVER_H
 #include "config.h"
 
-/* Run until SIGTERM/SIGINT. Returns 0 on a clean stop, -errno when start-up
- * failed (message in err). */
-int mm_server_run(const mm_gateway_cfg *cfg, char *err, size_t errlen);
+/* Load config_path and run until SIGTERM/SIGINT (graceful: stop accepting,
+ * finish requests within shutdown_grace_ms). SIGHUP re-reads the file.
+ * Returns 0 on a clean stop, -errno when start-up failed (message in err). */
+int mm_server_run(const char *config_path, char *err, size_t errlen);
 #endif
