@@ -9,6 +9,7 @@
 #include <jansson.h>
 
 #include "dashboard.h"
+#include "admin_models.h"
 #include "httpd.h"
 #include "log.h"
 
@@ -16,6 +17,8 @@ struct mm_admin {
     const mm_gateway_cfg *cfg;
     mm_runtime *rt;
     mm_metrics *metrics;
+    mm_admin_workers_fn workers;
+    void *workers_arg;
     mm_httpd  *httpd;
 };
 
@@ -266,6 +269,8 @@ static void admin_handle(mm_http_exchange *ex, void *arg)
         respond_json(ex, 200, stats_json(a));
         return;
     }
+    if (mm_admin_models_route(a->rt, a->workers, a->workers_arg, ex))
+        return;
     mm_http_respond_error(ex, 404, NULL, NULL, "no admin route for %.*s %.*s",
                           (int)(q->method_len > 16 ? 16 : q->method_len), q->method,
                           (int)(q->target_len > 128 ? 128 : q->target_len), q->target);
@@ -297,6 +302,12 @@ int mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_runtim
     mm_info("admin listening on %s:%d", cfg->admin_host, mm_httpd_port(a->httpd));
     *out = a;
     return 0;
+}
+
+void mm_admin_set_workers(mm_admin *a, mm_admin_workers_fn fn, void *arg)
+{
+    a->workers = fn;
+    a->workers_arg = arg;
 }
 
 void mm_admin_free(mm_admin *a)

@@ -6,6 +6,7 @@
 #include "config.h"
 #include "metrics.h"
 #include "router.h"
+#include "admin_models.h"
 #include "runtime.h"
 
 struct event_base;
@@ -13,5 +14,7 @@ typedef struct mm_admin mm_admin;
 
 int  mm_admin_start(struct event_base *base, const mm_gateway_cfg *cfg, mm_runtime *rt,
                     mm_metrics *m, mm_admin **out, char *err, size_t errlen);
+/* Where GET /admin/models gets each model's workers (the fleet). */
+void mm_admin_set_workers(mm_admin *a, mm_admin_workers_fn fn, void *arg);
 void mm_admin_free(mm_admin *a);
 #endif

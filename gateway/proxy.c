@@ -1227,8 +1227,10 @@ static void px_route_model(px_req *r, const char *name, size_t nlen)
     mm_route *route = mm_router_find(rt, name, nlen);
     if (!route) {
         char msg[1024];
+        char *names = mm_router_names(rt);
         snprintf(msg, sizeof msg, "The model `%.*s` does not exist. Available models: %s",
-                 (int)(nlen > 200 ? 200 : nlen), name, rt->names_list);
+                 (int)(nlen > 200 ? 200 : nlen), name, names ? names : "");
+        free(names);
         r->ex->on_abort = NULL;
         px_error(r, 404, "model", msg);
         px_free(r);
@@ -1334,8 +1336,11 @@ static void px_builtin_models(px_req *r)
     mm_buf_init(&h, 1024);
     mm_buf_append_str(&h, "Content-Type: application/json\r\n");
     px_our_headers(r, &h, 200);
-    mm_http_respond(r->ex, 200, mm_buf_cstr(&h), r->router->models_json,
-                    r->router->models_json_len);
+    size_t len = 0;
+    char *body = mm_router_models_json(r->router, &len);
+    mm_http_respond(r->ex, 200, mm_buf_cstr(&h), body ? body : "{\"object\":\"list\",\"data\":[]}",
+                    body ? len : 27);
+    free(body);
     mm_buf_free(&h);
 }
 

@@ -20,6 +20,47 @@ uint64_t mm_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+/* Every live pool, current or retired, for mm_pools_in_flight. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static mm_pool *registry;
+
+static void registry_add(mm_pool *p)
+{
+    pthread_mutex_lock(&registry_lock);
+    p->reg_next = registry;
+    if (registry)
+        registry->reg_prev = p;
+    registry = p;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void registry_remove(mm_pool *p)
+{
+    pthread_mutex_lock(&registry_lock);
+    if (p->reg_prev)
+        p->reg_prev->reg_next = p->reg_next;
+    else if (registry == p)
+        registry = p->reg_next;
+    if (p->reg_next)
+        p->reg_next->reg_prev = p->reg_prev;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+int mm_pools_in_flight(const char *url)
+{
+    int n = 0;
+    pthread_mutex_lock(&registry_lock);
+    for (mm_pool *p = registry; p; p = p->reg_next) {
+        pthread_mutex_lock(&p->lock);
+        for (size_t i = 0; i < p->nbackends; i++)
+            if (strcmp(p->backends[i].cfg->url, url) == 0)
+                n += p->backends[i].outstanding;
+        pthread_mutex_unlock(&p->lock);
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return n;
+}
+
 mm_cfg_holder *mm_cfg_holder_new(mm_gateway_cfg *cfg)
 {
     mm_cfg_holder *h = calloc(1, sizeof *h);
@@ -85,6 +126,7 @@ static int pool_init(mm_pool *p, mm_cfg_holder *holder, const mm_model_cfg *m, c
 
 static void pool_free(mm_pool *p)
 {
+    registry_remove(p);
     pthread_mutex_destroy(&p->lock);
     free(p->backends);
     free(p->swrr);
@@ -117,6 +159,12 @@ static mm_pool *pool_new(mm_cfg_holder *holder, const mm_model_cfg *m, const cha
         pool_free(p);
         return NULL;
     }
+    /* Published at once unless every backend is a launched worker. */
+    int all_launched = m->nbackends > 0;
+    for (size_t i = 0; i < m->nbackends; i++)
+        all_launched &= m->backends[i].launch != NULL && m->health.enabled;
+    p->published = !all_launched;
+    registry_add(p);
     return p;
 }
 
@@ -199,35 +247,56 @@ static mm_pool *find_prev_pool(mm_router *prev, const mm_model_cfg *m, int is_de
     return p && pool_compatible(p->cfg, m) ? p : NULL;
 }
 
-static int build_models_json(mm_router *r)
+static int route_published(const mm_route *rt)
 {
-    mm_buf b, names;
+    return rt->nvariants || !rt->pool || __atomic_load_n(&rt->pool->published, __ATOMIC_ACQUIRE);
+}
+
+char *mm_router_models_json(mm_router *r, size_t *len)
+{
+    mm_buf b;
     mm_buf_init(&b, 16 * 1024 * 1024);
-    mm_buf_init(&names, 1024 * 1024);
     long long created = (long long)time(NULL);
     int rc = mm_buf_append_str(&b, "{\"object\":\"list\",\"data\":[");
+    int first = 1;
     for (size_t i = 0; i < r->nroutes && rc == 0; i++) {
+        if (!route_published(&r->routes[i]))
+            continue;
         const char *name = r->routes[i].name;
-        rc = mm_buf_append_str(&b, i ? ",{\"id\":" : "{\"id\":");
+        rc = mm_buf_append_str(&b, first ? "{\"id\":" : ",{\"id\":");
+        first = 0;
         if (rc == 0)
             rc = mm_json_append_str(&b, name, strlen(name));
         if (rc == 0)
             rc = mm_buf_printf(&b, ",\"object\":\"model\",\"created\":%lld,\"owned_by\":\"modelmux\"}",
                                created);
-        if (rc == 0)
-            rc = mm_buf_printf(&names, "%s%s", i ? ", " : "", name);
     }
     if (rc == 0)
         rc = mm_buf_append_str(&b, "]}");
     if (rc) {
         mm_buf_free(&b);
-        mm_buf_free(&names);
-        return rc;
+        return NULL;
     }
-    r->models_json = b.data;
-    r->models_json_len = b.len;
-    r->names_list = names.data ? names.data : strdup("");
-    return 0;
+    *len = b.len;
+    return b.data;
+}
+
+char *mm_router_names(mm_router *r)
+{
+    mm_buf b;
+    mm_buf_init(&b, 1024 * 1024);
+    int rc = 0, first = 1;
+    for (size_t i = 0; i < r->nroutes && rc == 0; i++) {
+        if (!route_published(&r->routes[i]))
+            continue;
+        rc = mm_buf_printf(&b, "%s%s", first ? "" : ", ", r->routes[i].name);
+        first = 0;
+    }
+    if (rc) {
+        mm_buf_free(&b);
+        return NULL;
+    }
+    return b.data ? b.data : strdup("");
 }
 
 int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char *err,
@@ -307,9 +376,6 @@ int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char 
         }
         r->default_pool = p;
     }
-    rc = build_models_json(r);
-    if (rc)
-        goto fail;
     *out = r;
     return 0;
 fail:
@@ -332,8 +398,6 @@ static void router_free(mm_router *r)
     mm_pool_unref(r->default_pool);
     free(r->routes);
     free(r->pools);
-    free(r->models_json);
-    free(r->names_list);
     mm_cfg_holder_unref(r->holder);
     free(r);
 }
@@ -356,7 +420,7 @@ mm_route *mm_router_find(mm_router *r, const char *name, size_t len)
     for (size_t i = 0; i < r->nroutes; i++) {
         const char *n = r->routes[i].name;
         if (strncmp(n, name, len) == 0 && n[len] == '\0')
-            return &r->routes[i];
+            return route_published(&r->routes[i]) ? &r->routes[i] : NULL;
     }
     return NULL;
 }
@@ -536,6 +600,10 @@ int mm_pool_health_result(mm_pool *p, mm_backend *b, mm_health_result r, uint64_
     if (changed) {
         b->last_change_ms = now_ms;
         if (b->health.up) {
+            if (!__atomic_load_n(&p->published, __ATOMIC_ACQUIRE)) {
+                __atomic_store_n(&p->published, 1, __ATOMIC_RELEASE);
+                mm_info("model %s: a worker is ready; published", p->name);
+            }
             /* Back from the dead: give it a clean breaker. */
             mm_breaker_init(&b->breaker, b->breaker.cfg);
             pool_wake_one(p);

@@ -78,6 +78,8 @@ typedef struct mm_pool {
     uint64_t      rng;
     mm_waiter    *queue_head, *queue_tail;
     int           queued;
+    int           published;   /* atomic: routable and listed (see mm_router_find) */
+    struct mm_pool *reg_prev, *reg_next; /* registry of live pools */
 } mm_pool;
 
 typedef struct mm_route {
@@ -98,9 +100,6 @@ typedef struct mm_router {
     size_t    nroutes;
     mm_pool **pools;           /* one per plain model (NULL for splits), same order as routes */
     mm_pool  *default_pool;    /* NULL when not configured */
-    char     *models_json;     /* the /v1/models answer, built once */
-    size_t    models_json_len;
-    char     *names_list;      /* "a, b, c" for 404 messages */
 } mm_router;
 
 /* Build a router for holder's config (taking a reference). Pools of models
@@ -115,7 +114,17 @@ void mm_router_unref(mm_router *r);
 void mm_pool_ref(mm_pool *p);
 void mm_pool_unref(mm_pool *p);
 
+/* The route for a public name, or NULL. A model whose backends are all
+ * launched workers is not routable (nor listed) until one of them has been
+ * healthy once: it is published then. */
 mm_route *mm_router_find(mm_router *r, const char *name, size_t len);
+/* The /v1/models answer and the "a, b, c" list for 404 messages, built now
+ * (publication changes as workers become ready). Caller frees. */
+char *mm_router_models_json(mm_router *r, size_t *len);
+char *mm_router_names(mm_router *r);
+/* Requests in flight to backend url in any live pool, current or retired
+ * (a removed model drains before its workers stop). */
+int   mm_pools_in_flight(const char *url);
 
 /* For a split: the variant for this request. key (len > 0) makes it sticky
  * through weighted rendezvous hashing; without a key it is weighted random.
