@@ -33,6 +33,10 @@ WORKER_OBJ  := $(WORKER_SRC:%.c=$(BUILD)/%.o)
 UNIT_BIN    := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 FAKE_BIN    := $(FAKE_SRC:tests/fakes/%.c=$(BUILD)/tests/%)
 BENCH_BIN   := $(BENCH_SRC:tests/bench/%.c=$(BUILD)/tests/%)
+# The dashboard page, generated into C at build time (rules below): part of
+# libmmgateway.a, so the gateway and the unit tests link it like any object.
+DASHBOARD_C := $(BUILD)/gen/dashboard_html.c
+GATEWAY_OBJ += $(DASHBOARD_C:.c=.o)
 
 .PHONY: all deps test unit integration run bench fuzz clean
 WORKER_BIN  := $(if $(wildcard worker/main.c),$(BUILD)/modelmux-worker)
@@ -41,6 +45,13 @@ all: $(BUILD)/modelmux-gateway $(WORKER_BIN) $(UNIT_BIN) $(FAKE_BIN) $(BENCH_BIN
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+$(DASHBOARD_C): gateway/dashboard.html tools/embed.sh
+	@mkdir -p $(dir $@)
+	sh tools/embed.sh mm_dashboard_html gateway/dashboard.html dashboard.h >$@.tmp
+	@mv $@.tmp $@
+$(DASHBOARD_C:.c=.o): $(DASHBOARD_C) gateway/dashboard.h
+	$(CC) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/libmmcommon.a: $(COMMON_OBJ)
 	@rm -f $@
@@ -68,6 +79,11 @@ $(BUILD)/tests/%: tests/fakes/%.c $(BUILD)/libmmcommon.a
 $(BUILD)/tests/%: tests/bench/%.c $(BUILD)/libmmcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libmmcommon.a $(LIBS)
+# cpu_bench drives the CPU backend directly, so it alone needs the worker's
+# library (this explicit rule wins over the pattern above).
+$(BUILD)/tests/cpu_bench: tests/bench/cpu_bench.c $(BUILD)/libmmworker.a $(BUILD)/libmmcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libmmworker.a $(BUILD)/libmmcommon.a $(LIBS) $(WORKER_LIBS)
 
 deps:
 	@sh deploy/deps.sh
@@ -89,6 +105,12 @@ run: deps
 bench: deps
 	@$(MAKE) --no-print-directory all
 	@sh tests/bench/run.sh
+
+# The worker's CPU speed next to the memory roofline (docs/BENCHMARKS.md).
+.PHONY: bench-worker
+bench-worker: deps
+	@$(MAKE) --no-print-directory all
+	@BUILD=$(BUILD) sh tests/bench/worker.sh
 
 # libFuzzer target for the strict request parser; corpus in tests/fuzz/corpus.
 FUZZ_SECONDS ?= 30

@@ -103,7 +103,7 @@ export async function startFake(opts = {}) {
     proc.stderr.on('data', (d) => { err += d; });
     const port = await new Promise((resolve, reject) => {
         let out = '';
-        const t = setTimeout(() => reject(new Error(`fake ${name} did not start within 5 s: ${err}`)), 5000);
+        const t = setTimeout(() => reject(new Error(`fake ${name} did not start within 20 s: ${err}`)), 20000);
         proc.stdout.on('data', (d) => {
             out += d;
             const nl = out.indexOf('\n');
@@ -694,4 +694,460 @@ export function sseEvents(body) {
         }
     }
     return out;
+}
+
+// ---- observability: Redis, a usage-reporting upstream, Prometheus text -------
+
+// A private redis-server on a free loopback port (or opts.port), data in its
+// own temp dir under tests/.tmp. No persistence unless opts.appendonly, which
+// turns on the AOF with fsync on every write: a reply then means the write is
+// on disk, so a kill -9 loses nothing that was acknowledged (tests that
+// restart Redis and count exactly rely on this). Waits until PING answers
+// PONG (not -LOADING). The handle: port, url, dir, cmd(...args) (one command,
+// resolves the reply, rejects on an error reply), kill9(), pause() (SIGSTOP),
+// resume() (SIGCONT), restart() (a new process on the same port and dir),
+// stop() (kill and remove the dir). Killed at exit like every child.
+const redisDirs = new Set();
+process.on('exit', () => {
+    for (const d of redisDirs) {
+        try { fs.rmSync(d, { recursive: true, force: true }); } catch { /* best effort */ }
+    }
+});
+
+export async function startRedis(opts = {}) {
+    const port = opts.port || await getFreePort();
+    let dir = opts.dir;
+    if (!dir) {
+        fs.mkdirSync(TMP, { recursive: true });
+        dir = fs.mkdtempSync(path.join(TMP, `redis-${process.pid}-`));
+        redisDirs.add(dir);
+    }
+    const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--dir', dir,
+        '--daemonize', 'no', '--loglevel', 'notice', '--appendonly', opts.appendonly ? 'yes' : 'no'];
+    if (opts.appendonly) args.push('--appendfsync', 'always');
+    const proc = track(spawn(opts.bin || 'redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] }));
+    let log = '';
+    const add = (d) => { log += d; if (log.length > 1 << 20) log = log.slice(-(1 << 20)); };
+    proc.stdout.on('data', add);
+    proc.stderr.on('data', add);
+    let exited = null;
+    proc.on('exit', (code, signal) => { exited = { code, signal }; });
+    const cmd = (...a) => redisCommand(port, a);
+    await waitFor(async () => {
+        if (exited) throw new Error(`redis-server exited (${JSON.stringify(exited)}): ${log}`);
+        return (await cmd('PING')) === 'PONG';
+    }, opts.readyTimeoutMs || 10000, { intervalMs: 20, what: `redis-server on port ${port} answers PING` });
+    const handle = {
+        port,
+        url: `redis://127.0.0.1:${port}/0`,
+        dir,
+        proc,
+        cmd,
+        log: () => log,
+        exited: () => exited,
+        async kill9() {
+            try { proc.kill('SIGCONT'); proc.kill('SIGKILL'); } catch { /* gone */ }
+            await waitExit(proc, 2000);
+        },
+        pause() { proc.kill('SIGSTOP'); },
+        resume() { proc.kill('SIGCONT'); },
+        restart() { return startRedis({ ...opts, port, dir }); },
+        async stop() {
+            await handle.kill9();
+            if (redisDirs.has(dir)) {
+                fs.rmSync(dir, { recursive: true, force: true });
+                redisDirs.delete(dir);
+            }
+        },
+    };
+    return handle;
+}
+
+export class RedisError extends Error {}
+
+function respEncode(args) {
+    const parts = [`*${args.length}\r\n`];
+    for (const a of args) {
+        const b = Buffer.from(String(a));
+        parts.push(`$${b.length}\r\n`, b, '\r\n');
+    }
+    return Buffer.concat(parts.map((p) => (Buffer.isBuffer(p) ? p : Buffer.from(p))));
+}
+
+// One RESP2 value from buf at off: {value, off} or null when incomplete.
+// Error replies become RedisError values (inside arrays too). Commands sent
+// by a client (arrays of bulk strings) parse the same way.
+export function respParse(buf, off) {
+    const le = buf.indexOf('\r\n', off);
+    if (le < 0) return null;
+    const type = String.fromCharCode(buf[off]);
+    const line = buf.subarray(off + 1, le).toString('utf8');
+    const next = le + 2;
+    switch (type) {
+    case '+': return { value: line, off: next };
+    case '-': return { value: new RedisError(line), off: next };
+    case ':': return { value: Number(line), off: next };
+    case '$': {
+        const n = Number(line);
+        if (n < 0) return { value: null, off: next };
+        if (buf.length < next + n + 2) return null;
+        return { value: buf.subarray(next, next + n).toString('utf8'), off: next + n + 2 };
+    }
+    case '*': {
+        const n = Number(line);
+        if (n < 0) return { value: null, off: next };
+        const out = [];
+        let p = next;
+        for (let i = 0; i < n; i++) {
+            const r = respParse(buf, p);
+            if (!r) return null;
+            out.push(r.value);
+            p = r.off;
+        }
+        return { value: out, off: p };
+    }
+    default:
+        throw new Error(`RESP: unexpected type byte ${JSON.stringify(type)}`);
+    }
+}
+
+// One command on a fresh connection (no dependency on redis-cli or an npm
+// client). Resolves the reply (arrays of strings/numbers); rejects with a
+// RedisError on an error reply, with an Error on a timeout or a broken
+// connection.
+export function redisCommand(port, args, opts = {}) {
+    const timeoutMs = opts.timeoutMs || 3000;
+    return new Promise((resolve, reject) => {
+        const sock = net.connect(port, '127.0.0.1');
+        let buf = Buffer.alloc(0);
+        let done = false;
+        const finish = (err, value) => {
+            if (done) return;
+            done = true;
+            clearTimeout(timer);
+            sock.destroy();
+            if (err) reject(err); else resolve(value);
+        };
+        const timer = setTimeout(() => finish(new Error(`redis ${args[0]}: no reply within ${timeoutMs} ms`)), timeoutMs);
+        sock.on('connect', () => sock.write(respEncode(args)));
+        sock.on('data', (d) => {
+            buf = Buffer.concat([buf, d]);
+            let r;
+            try { r = respParse(buf, 0); } catch (e) { finish(e); return; }
+            if (!r) return;
+            if (r.value instanceof RedisError) finish(r.value);
+            else finish(null, r.value);
+        });
+        sock.on('error', (e) => finish(e));
+        sock.on('close', () => finish(new Error(`redis ${args[0]}: connection closed`)));
+    });
+}
+
+// Every per-minute hash of the metrics schema under prefix, summed field by
+// field over the minutes: {sums: Map(field -> number), keys: [minute keys]}.
+// Fields are "<model>\t<variant>\t<backend>\t<metric>" (docs/METRICS.md).
+export async function redisMetricSums(port, prefix) {
+    const keys = (await redisCommand(port, ['KEYS', `${prefix}:v1:m:*`])).sort();
+    const sums = new Map();
+    for (const k of keys) {
+        const flat = await redisCommand(port, ['HGETALL', k]);
+        for (let i = 0; i + 1 < flat.length; i += 2) {
+            sums.set(flat[i], (sums.get(flat[i]) || 0) + Number(flat[i + 1]));
+        }
+    }
+    return { sums, keys };
+}
+
+// An OpenAI-like chat upstream in this process that reports usage the way
+// OpenAI and vLLM do: a usage object on non-streaming answers, and on
+// streams, only when the request says stream_options.include_usage = true,
+// "usage": null on every content chunk plus one last chunk with
+// "choices": [] and the usage before [DONE]. Every request body it gets is
+// kept in `received` ({path, headers, body, json}) so a test can see what
+// the gateway forwarded.
+// Per request (headers): x-mini-prompt-tokens (default 7),
+// x-mini-completion-tokens (non-streaming, default 4; a stream reports one
+// per chunk), x-mini-chunks (default 3), x-mini-delay-ms (between chunks),
+// x-mini-first-delay-ms (before the answer), x-mini-dribble: 1 (write each
+// event in two pieces), x-mini-status (answer this status with an OpenAI
+// error body instead).
+export async function startMiniUpstream(opts = {}) {
+    const name = opts.name || 'mini';
+    const received = [];
+    const stats = { requests: 0, aborted: 0 };
+    const sockets = new Set();
+    const intHdr = (req, h, d) => {
+        const v = Number(req.headers[h]);
+        return req.headers[h] !== undefined && Number.isInteger(v) && v >= 0 ? v : d;
+    };
+    const server = http.createServer((req, res) => {
+        const parts = [];
+        req.on('data', (d) => parts.push(d));
+        req.on('end', () => {
+            if (req.url === '/health') {
+                res.writeHead(200, { 'content-type': 'application/json' });
+                res.end('{"status":"ok"}');
+                return;
+            }
+            stats.requests++;
+            const body = Buffer.concat(parts).toString('utf8');
+            let json = null;
+            try { json = JSON.parse(body); } catch { /* kept as text */ }
+            received.push({ path: req.url, headers: req.headers, body, json });
+            if (received.length > 2000) received.shift();
+            let finished = false;
+            res.on('finish', () => { finished = true; });
+            res.on('close', () => { if (!finished) stats.aborted++; });
+            const timers = [];
+            res.on('close', () => timers.forEach(clearTimeout));
+            const later = (ms, fn) => { if (ms > 0) timers.push(setTimeout(fn, ms)); else fn(); };
+            const pt = intHdr(req, 'x-mini-prompt-tokens', 7);
+            const status = intHdr(req, 'x-mini-status', 200);
+            later(intHdr(req, 'x-mini-first-delay-ms', 0), () => {
+                const model = json && typeof json.model === 'string' ? json.model : name;
+                if (status !== 200) {
+                    const b = JSON.stringify({ error: { message: `${name} says ${status}`, type: 'server_error', param: null, code: status } });
+                    res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(b) });
+                    res.end(b);
+                    return;
+                }
+                if (!(json && json.stream === true)) {
+                    const ct = intHdr(req, 'x-mini-completion-tokens', 4);
+                    const b = JSON.stringify({
+                        id: `chatcmpl-${name}-${stats.requests}`, object: 'chat.completion', created: 1, model,
+                        choices: [{ index: 0, message: { role: 'assistant', content: `hello from ${name}` }, finish_reason: 'stop' }],
+                        usage: { prompt_tokens: pt, completion_tokens: ct, total_tokens: pt + ct },
+                    });
+                    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(b) });
+                    res.end(b);
+                    return;
+                }
+                const n = intHdr(req, 'x-mini-chunks', 3);
+                const delay = intHdr(req, 'x-mini-delay-ms', 0);
+                const dribble = intHdr(req, 'x-mini-dribble', 0) > 0;
+                const withUsage = Boolean(json.stream_options && json.stream_options.include_usage === true);
+                res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+                const id = `chatcmpl-${name}-${stats.requests}`;
+                // Dribbling cuts every event in two writes 15 ms apart, so
+                // the gateway reads events in pieces.
+                const emit = (text, then) => {
+                    if (!dribble) { res.write(text); then(); return; }
+                    const h = text.length >> 1;
+                    res.write(text.slice(0, h));
+                    later(15, () => { res.write(text.slice(h)); then(); });
+                };
+                let i = 0;
+                const step = () => {
+                    if (i < n) {
+                        const c = { id, object: 'chat.completion.chunk', created: 1, model,
+                            choices: [{ index: 0, delta: { content: `t${i} ` }, finish_reason: i === n - 1 ? 'stop' : null }] };
+                        if (withUsage) c.usage = null;
+                        i++;
+                        emit(`data: ${JSON.stringify(c)}\n\n`, () => later(i < n ? delay : 0, step));
+                        return;
+                    }
+                    const done = () => emit('data: [DONE]\n\n', () => res.end());
+                    if (withUsage) {
+                        emit(`data: ${JSON.stringify({ id, object: 'chat.completion.chunk', created: 1, model, choices: [],
+                            usage: { prompt_tokens: pt, completion_tokens: n, total_tokens: pt + n } })}\n\n`, done);
+                    } else {
+                        done();
+                    }
+                };
+                step();
+            });
+        });
+    });
+    server.on('connection', (s) => { sockets.add(s); s.on('close', () => sockets.delete(s)); });
+    server.keepAliveTimeout = 30000;
+    await new Promise((resolve) => server.listen(opts.port || 0, '127.0.0.1', resolve));
+    const port = server.address().port;
+    return {
+        name,
+        port,
+        url: `http://127.0.0.1:${port}`,
+        received,
+        stats,
+        close() {
+            for (const s of sockets) s.destroy();
+            return new Promise((resolve) => server.close(() => resolve()));
+        },
+    };
+}
+
+// A strict parser of the Prometheus text exposition format (version 0.0.4).
+// Throws (naming the line) on: a missing final newline, an empty line, a
+// malformed HELP/TYPE/sample line, a bad metric or label name, a bad
+// escape in a label value or HELP text, a duplicate HELP or TYPE, a TYPE
+// after the family's samples, a sample whose family has no TYPE, a family
+// whose lines are not contiguous, a duplicate series, a duplicate label
+// name, an unparsable value; and for histograms: `le` on anything but
+// _bucket, a bucket without `le` or with an unparsable one, bounds not
+// strictly increasing, cumulative counts that decrease, no +Inf bucket, a
+// missing _sum or _count, or _count != the +Inf bucket.
+// Returns {families: Map(name -> {name, type, help, samples}), samples(name,
+// match) (the samples of that metric name whose labels include match),
+// value(name, match) (the sum of those samples' values)}.
+export function parsePrometheus(text) {
+    const NAME = /^[a-zA-Z_:][a-zA-Z0-9_:]*/;
+    const LABEL = /^[a-zA-Z_][a-zA-Z0-9_]*/;
+    const VALUE = /^(?:[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]Inf|NaN)$/;
+    const TYPES = new Set(['counter', 'gauge', 'histogram', 'summary', 'untyped']);
+    if (!text.endsWith('\n')) throw new Error('prometheus: the text does not end with a newline');
+    const lines = text.slice(0, -1).split('\n');
+    const families = new Map();
+    const closed = new Set();
+    const seriesSeen = new Set();
+    let current = null;
+    const fam = (n) => {
+        if (!families.has(n)) families.set(n, { name: n, type: null, help: null, samples: [] });
+        return families.get(n);
+    };
+    const enter = (n, ln) => {
+        if (n === current) return;
+        if (closed.has(n)) throw new Error(`prometheus line ${ln}: family ${n} continues after other families (not contiguous)`);
+        if (current !== null) closed.add(current);
+        current = n;
+    };
+    const familyOf = (n) => {
+        const f = families.get(n);
+        if (f && f.type && f.type !== 'histogram' && f.type !== 'summary') return f;
+        for (const suf of ['_bucket', '_sum', '_count']) {
+            if (!n.endsWith(suf)) continue;
+            const base = families.get(n.slice(0, -suf.length));
+            if (base && (base.type === 'histogram' || (base.type === 'summary' && suf !== '_bucket'))) return base;
+        }
+        if (f && f.type === 'summary') return f;
+        return null;
+    };
+    lines.forEach((line, idx) => {
+        const ln = idx + 1;
+        if (line === '') throw new Error(`prometheus line ${ln}: empty line`);
+        if (line.startsWith('#')) {
+            const m = /^#[ \t]+(HELP|TYPE)[ \t]+(\S+)(?:[ \t]+(.*))?$/.exec(line);
+            if (!m) {
+                if (/^#[ \t]+(HELP|TYPE)\b/.test(line)) throw new Error(`prometheus line ${ln}: malformed ${line}`);
+                return;   // a plain comment
+            }
+            const [, kw, n, rest = ''] = m;
+            if (NAME.exec(n)?.[0] !== n) throw new Error(`prometheus line ${ln}: bad metric name ${JSON.stringify(n)}`);
+            const f = fam(n);
+            enter(n, ln);
+            if (kw === 'HELP') {
+                if (f.help !== null) throw new Error(`prometheus line ${ln}: second HELP for ${n}`);
+                if (/\\[^\\n]|\\$/.test(rest.replace(/\\\\/g, ''))) throw new Error(`prometheus line ${ln}: bad escape in HELP of ${n}`);
+                f.help = rest.replace(/\\(\\|n)/g, (_, c) => (c === 'n' ? '\n' : '\\'));
+            } else {
+                if (f.type !== null) throw new Error(`prometheus line ${ln}: second TYPE for ${n}`);
+                if (f.samples.length) throw new Error(`prometheus line ${ln}: TYPE of ${n} after its samples`);
+                if (!TYPES.has(rest)) throw new Error(`prometheus line ${ln}: unknown type ${JSON.stringify(rest)}`);
+                f.type = rest;
+            }
+            return;
+        }
+        const nm = NAME.exec(line);
+        if (!nm) throw new Error(`prometheus line ${ln}: no metric name in ${JSON.stringify(line)}`);
+        const name = nm[0];
+        let p = name.length;
+        const labels = {};
+        if (line[p] === '{') {
+            p++;
+            for (;;) {
+                if (line[p] === '}') { p++; break; }
+                const lm = LABEL.exec(line.slice(p));
+                if (!lm) throw new Error(`prometheus line ${ln}: bad label name at column ${p + 1}`);
+                const lname = lm[0];
+                p += lname.length;
+                if (line[p] !== '=' || line[p + 1] !== '"') throw new Error(`prometheus line ${ln}: expected ="..." after label ${lname}`);
+                p += 2;
+                let v = '';
+                for (;;) {
+                    if (p >= line.length) throw new Error(`prometheus line ${ln}: unterminated label value`);
+                    const c = line[p];
+                    if (c === '"') { p++; break; }
+                    if (c === '\\') {
+                        const e = line[p + 1];
+                        if (e === '\\') v += '\\';
+                        else if (e === '"') v += '"';
+                        else if (e === 'n') v += '\n';
+                        else throw new Error(`prometheus line ${ln}: bad escape \\${e} in label ${lname}`);
+                        p += 2;
+                        continue;
+                    }
+                    v += c;
+                    p++;
+                }
+                if (Object.prototype.hasOwnProperty.call(labels, lname)) throw new Error(`prometheus line ${ln}: label ${lname} twice`);
+                labels[lname] = v;
+                if (line[p] === ',') { p++; continue; }
+                if (line[p] === '}') { p++; break; }
+                throw new Error(`prometheus line ${ln}: expected , or } at column ${p + 1}`);
+            }
+        }
+        if (line[p] !== ' ' && line[p] !== '\t') throw new Error(`prometheus line ${ln}: no blank before the value`);
+        const fields = line.slice(p).trim().split(/[ \t]+/);
+        if (fields.length < 1 || fields.length > 2) throw new Error(`prometheus line ${ln}: expected value [timestamp], got ${JSON.stringify(line.slice(p))}`);
+        if (!VALUE.test(fields[0])) throw new Error(`prometheus line ${ln}: bad value ${JSON.stringify(fields[0])}`);
+        if (fields.length === 2 && !/^-?\d+$/.test(fields[1])) throw new Error(`prometheus line ${ln}: bad timestamp ${JSON.stringify(fields[1])}`);
+        const value = fields[0] === '+Inf' ? Infinity : fields[0] === '-Inf' ? -Infinity : Number(fields[0]);
+        const f = familyOf(name);
+        if (!f) throw new Error(`prometheus line ${ln}: sample ${name} has no TYPE`);
+        enter(f.name, ln);
+        const id = name + JSON.stringify(Object.keys(labels).sort().map((k) => [k, labels[k]]));
+        if (seriesSeen.has(id)) throw new Error(`prometheus line ${ln}: duplicate series ${name}${JSON.stringify(labels)}`);
+        seriesSeen.add(id);
+        if (f.type === 'histogram' && ('le' in labels) !== name.endsWith('_bucket')) {
+            throw new Error(`prometheus line ${ln}: ${name}: "le" belongs on _bucket samples only, and always there`);
+        }
+        f.samples.push({ name, labels, value, line: ln });
+    });
+    for (const f of families.values()) {
+        if (f.type !== 'histogram') continue;
+        const groups = new Map();
+        for (const s of f.samples) {
+            const { le, ...rest } = s.labels;
+            const k = JSON.stringify(Object.keys(rest).sort().map((x) => [x, rest[x]]));
+            if (!groups.has(k)) groups.set(k, { buckets: [], sum: null, count: null });
+            const g = groups.get(k);
+            if (s.name === `${f.name}_bucket`) {
+                const b = le === '+Inf' ? Infinity : Number(le);
+                if (le === '' || !(le === '+Inf' || VALUE.test(le)) || Number.isNaN(b)) throw new Error(`prometheus line ${s.line}: bad le ${JSON.stringify(le)}`);
+                g.buckets.push({ le: b, leText: le, v: s.value, line: s.line });
+            } else if (s.name === `${f.name}_sum`) g.sum = s.value;
+            else if (s.name === `${f.name}_count`) g.count = s.value;
+            else throw new Error(`prometheus line ${s.line}: ${s.name} is not a sample name of histogram ${f.name}`);
+        }
+        for (const [k, g] of groups) {
+            if (!g.buckets.length) throw new Error(`prometheus: histogram ${f.name}${k} has no buckets`);
+            for (let i = 1; i < g.buckets.length; i++) {
+                if (!(g.buckets[i].le > g.buckets[i - 1].le)) throw new Error(`prometheus line ${g.buckets[i].line}: ${f.name} bucket bounds not increasing`);
+                if (g.buckets[i].v < g.buckets[i - 1].v) throw new Error(`prometheus line ${g.buckets[i].line}: ${f.name} cumulative bucket count decreases`);
+            }
+            const last = g.buckets[g.buckets.length - 1];
+            if (last.le !== Infinity) throw new Error(`prometheus: histogram ${f.name}${k} has no +Inf bucket`);
+            if (g.sum === null || g.count === null) throw new Error(`prometheus: histogram ${f.name}${k} lacks _sum or _count`);
+            if (g.count !== last.v) throw new Error(`prometheus: histogram ${f.name}${k}: _count ${g.count} != +Inf bucket ${last.v}`);
+        }
+    }
+    const matches = (labels, match) => Object.entries(match).every(([k, v]) => labels[k] === v);
+    const samples = (name, match = {}) => {
+        const out = [];
+        for (const f of families.values()) for (const s of f.samples) if (s.name === name && matches(s.labels, match)) out.push(s);
+        return out;
+    };
+    return {
+        families,
+        samples,
+        value: (name, match = {}) => samples(name, match).reduce((a, s) => a + s.value, 0),
+    };
+}
+
+// GET /metrics of a gateway, checked for status and content type, parsed.
+export async function getMetrics(port) {
+    const r = await request(port, { method: 'GET', path: '/metrics', timeoutMs: 5000 });
+    if (r.status !== 200) throw new Error(`/metrics: ${r.status} ${r.body}`);
+    if (!/^text\/plain; version=0\.0\.4/.test(String(r.headers['content-type']))) {
+        throw new Error(`/metrics content-type ${r.headers['content-type']}`);
+    }
+    return parsePrometheus(r.body);
 }
