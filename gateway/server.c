@@ -2,6 +2,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -16,6 +17,7 @@
 #include <event2/thread.h>
 
 #include "admin.h"
+#include "fleet.h"
 #include "healthcheck.h"
 #include "httpd.h"
 #include "log.h"
@@ -100,15 +102,59 @@ static int cpu_count(void)
 typedef struct srv_ctx {
     mm_runtime     *rt;
     mm_healthcheck *hc;
+    mm_fleet       *fleet;
     struct event   *reload_ev;
 } srv_ctx;
 
-/* A new router is current: checks follow its backends. */
+/* A new router is current: checks and workers follow its backends. */
 static void on_swap(void *arg, mm_router *now)
 {
     srv_ctx *c = arg;
+    char err[512] = "";
     if (c->hc && mm_healthcheck_sync(c->hc, now) != 0)
         mm_error("health checks: out of memory while following the new configuration");
+    if (c->fleet && mm_fleet_sync(c->fleet, now->cfg, err, sizeof err) != 0)
+        mm_error("fleet: cannot follow the new configuration: %s", err);
+}
+
+/* The fleet stops a removed worker once no request runs on it, in any
+ * router generation still alive. */
+static int in_flight_by_url(void *arg, const char *url)
+{
+    (void)arg;
+    return mm_pools_in_flight(url);
+}
+
+/* GET /admin/models: the workers of one model. */
+static json_t *workers_of(void *arg, const char *model)
+{
+    srv_ctx *c = arg;
+    json_t *all = c->fleet ? mm_fleet_status(c->fleet) : NULL, *out = json_array();
+    size_t i;
+    json_t *w;
+    json_array_foreach(all, i, w) {
+        json_t *m = json_object_get(w, "model");
+        if (json_is_string(m) && strcmp(json_string_value(m), model) == 0)
+            json_array_append(out, w);
+    }
+    json_decref(all);
+    return out;
+}
+
+/* <directory of this executable>/modelmux-worker */
+static void worker_path(char *out, size_t n)
+{
+    char self[4096];
+    ssize_t l = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (l <= 0) {
+        snprintf(out, n, "modelmux-worker");
+        return;
+    }
+    self[l] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash)
+        *slash = '\0';
+    snprintf(out, n, "%s/modelmux-worker", self);
 }
 
 /* SIGHUP, relayed by the main thread to thread 0's loop. */
@@ -150,6 +196,7 @@ int mm_server_run(const char *config_path, char *err, size_t errlen)
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
     sigaddset(&sigs, SIGHUP);
+    sigaddset(&sigs, SIGCHLD); /* workers exit: relayed to the fleet */
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -229,10 +276,22 @@ int mm_server_run(const char *config_path, char *err, size_t errlen)
         snprintf(err, errlen, "out of memory");
         goto out_threads;
     }
+    {
+        char wp[4200];
+        worker_path(wp, sizeof wp);
+        rc = mm_fleet_new(threads[0].base, wp, &ctx.fleet, err, errlen);
+        if (rc)
+            goto out_threads;
+        mm_fleet_set_drain_probe(ctx.fleet, in_flight_by_url, NULL);
+        rc = mm_fleet_sync(ctx.fleet, router->cfg, err, errlen);
+        if (rc)
+            goto out_threads;
+    }
     if (cfg->admin_port > 0) {
         rc = mm_admin_start(threads[0].base, cfg, rt, metrics, &admin, err, errlen);
         if (rc)
             goto out_threads;
+        mm_admin_set_workers(admin, workers_of, &ctx);
     }
     for (int i = 0; i < nthreads; i++) {
         if (pthread_create(&threads[i].tid, NULL, thread_main, &threads[i]) != 0) {
@@ -249,6 +308,10 @@ int mm_server_run(const char *config_path, char *err, size_t errlen)
         int sig = 0;
         if (sigwait(&sigs, &sig) != 0)
             continue;
+        if (sig == SIGCHLD) {
+            mm_fleet_child_exited(ctx.fleet);
+            continue;
+        }
         if (sig == SIGHUP) {
             mm_info("SIGHUP: reloading %s", config_path);
             event_active(ctx.reload_ev, EV_TIMEOUT, 0);
@@ -280,12 +343,18 @@ out_stop:
     for (int i = 0; i < nthreads; i++)
         if (threads[i].started)
             pthread_join(threads[i].tid, NULL);
-    /* Loops are stopped: push the last counts out (bounded wait). */
+    /* Loops are stopped: push the last counts out (bounded wait), then
+     * stop the workers (SIGTERM, SIGKILL after the timeout, all reaped). */
     mm_redis_sink_final_flush(sink, 2000);
+    if (ctx.fleet)
+        mm_fleet_stop_all(ctx.fleet, 10000);
 out_threads:
     mm_redis_sink_free(sink);
     sink = NULL;
     mm_admin_free(admin);
+    if (ctx.fleet && rc) /* start-up failed after workers may have started */
+        mm_fleet_stop_all(ctx.fleet, 5000);
+    mm_fleet_free(ctx.fleet);
     mm_healthcheck_free(ctx.hc);
     if (ctx.reload_ev)
         event_free(ctx.reload_ev);
