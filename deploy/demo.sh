@@ -1,65 +1,65 @@
 #!/bin/sh
-# `make run`: the gateway with an embedded demo configuration in front of
-# local demo backends (fake OpenAI servers from tests/fakes until the fleet
-# launches real workers). Ctrl-C stops everything.
+# `make run`: a real fleet on the CPU. The gateway launches two workers on
+# two small generated models (demo-a, demo-b), splits "demo" 50/50 between
+# them, waits until they are ready and prints how to call it. Ctrl-C stops
+# everything (the gateway stops its workers).
 set -e
 BUILD=${BUILD:-build}
 PORT=${MM_DEMO_PORT:-8000}
 ADMIN=${MM_DEMO_ADMIN_PORT:-8001}
+MODELS=${MM_DEMO_MODELS:-$BUILD/demo-models}
 dir=$(mktemp -d /tmp/modelmux-demo.XXXXXX)
-pids=""
+gw=""
 cleanup() {
-    for p in $pids; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    [ -n "$gw" ] && kill "$gw" 2>/dev/null && wait "$gw" 2>/dev/null
     rm -rf "$dir"
 }
 trap cleanup EXIT INT TERM
 
-start_backend() { # name port
-    node tests/fakes/upstream.mjs --port "$2" --name "$1" >"$dir/$1.log" 2>&1 &
-    pids="$pids $!"
-}
-start_backend demo-a-1 9201
-start_backend demo-a-2 9202
-start_backend demo-b-1 9203
-for p in 9201 9202 9203; do
-    i=0
-    until curl -fsS "http://127.0.0.1:$p/health" >/dev/null 2>&1; do
-        i=$((i + 1)); [ $i -gt 100 ] && { echo "demo backend on $p did not start" >&2; exit 1; }
-        sleep 0.1
-    done
+# Small random-weight models, generated once (deterministic from the seed).
+for m in demo-a demo-b; do
+    if [ ! -s "$MODELS/$m/model.safetensors" ]; then
+        mkdir -p "$MODELS"
+        seed=1; [ "$m" = demo-b ] && seed=2
+        "$BUILD/modelmux-worker" --make-model "$MODELS/$m" --arch qwen2 --layers 2 --hidden 128 \
+            --seed $seed >/dev/null
+    fi
 done
+abs=$(cd "$MODELS" && pwd)
 
 cat >"$dir/gateway.json" <<JSON
 {"listen": "127.0.0.1:$PORT", "admin_listen": "127.0.0.1:$ADMIN", "threads": 2,
  "access_log": "$dir/access.log",
+ "defaults": {"health": {"interval_ms": 500}},
  "models": [
-   {"name": "demo-a", "strategy": "round_robin",
-    "backends": [{"url": "http://127.0.0.1:9201", "weight": 3},
-                 {"url": "http://127.0.0.1:9202", "weight": 1}],
+   {"name": "demo-a", "backends": [{"launch": {"model": "$abs/demo-a", "device": "cpu", "port": 9301}}],
     "fallback": ["demo-b"]},
-   {"name": "demo-b", "backends": [{"url": "http://127.0.0.1:9203", "served_model": "demo-b-v2"}]},
+   {"name": "demo-b", "backends": [{"launch": {"model": "$abs/demo-b", "device": "cpu", "port": 9302}}]},
    {"name": "demo", "split": [{"model": "demo-a", "weight": 50}, {"model": "demo-b", "weight": 50}],
     "sticky": "header:x-user-id"}]}
 JSON
 
 "$BUILD/modelmux-gateway" -c "$dir/gateway.json" &
-pids="$pids $!"
+gw=$!
 i=0
-until curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; do
-    i=$((i + 1)); [ $i -gt 100 ] && { echo "gateway did not start" >&2; exit 1; }
+until curl -fsS "http://127.0.0.1:$PORT/v1/models" 2>/dev/null | grep -q demo-b &&
+      curl -fsS "http://127.0.0.1:$PORT/v1/models" 2>/dev/null | grep -q demo-a; do
+    i=$((i + 1)); [ $i -gt 600 ] && { echo "the demo workers did not become ready" >&2; exit 1; }
+    kill -0 "$gw" 2>/dev/null || { echo "the gateway exited" >&2; exit 1; }
     sleep 0.1
 done
 cat <<EOT
 
 modelmux demo is up: gateway on http://127.0.0.1:$PORT, admin on http://127.0.0.1:$ADMIN
+Two CPU workers (random-weight models: the text is gibberish, the plumbing is real).
   curl -s http://127.0.0.1:$PORT/v1/models
   curl -s http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\
-       -d '{"model":"demo","messages":[{"role":"user","content":"hi"}]}'
+       -d '{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
   curl -sN http://127.0.0.1:$PORT/v1/chat/completions -H 'Content-Type: application/json' \\
-       -d '{"model":"demo-a","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-  curl -s http://127.0.0.1:$PORT/metrics | head
-  curl -s http://127.0.0.1:$ADMIN/admin/backends
+       -d '{"model":"demo-a","stream":true,"messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+  curl -s http://127.0.0.1:$PORT/metrics | grep modelmux_requests_total
+  $BUILD/modelmux-gateway ctl --admin http://127.0.0.1:$ADMIN models
+  dashboard: http://127.0.0.1:$ADMIN/dashboard
 Access log: $dir/access.log. Press Ctrl-C to stop.
 EOT
-wait
+wait "$gw"

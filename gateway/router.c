@@ -299,6 +299,15 @@ char *mm_router_names(mm_router *r)
     return b.data ? b.data : strdup("");
 }
 
+/* A route by name whether published or not (building splits). */
+static mm_route *route_any(mm_router *r, const char *name)
+{
+    for (size_t i = 0; i < r->nroutes; i++)
+        if (strcmp(r->routes[i].name, name) == 0)
+            return &r->routes[i];
+    return NULL;
+}
+
 int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char *err,
                   size_t errlen)
 {
@@ -350,7 +359,7 @@ int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char 
         if (!rt->variants || !rt->variant_ids || !rt->variant_weights)
             goto fail;
         for (size_t j = 0; j < m->nsplit; j++) {
-            mm_route *v = mm_router_find(r, m->split[j].model, strlen(m->split[j].model));
+            mm_route *v = route_any(r, m->split[j].model);
             if (!v || v->nvariants) {
                 snprintf(err, errlen, "model %s: split variant %s is not a plain model", m->name,
                          m->split[j].model);
