@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -544,9 +545,22 @@ static void child_exec(const fl_child *c)
      * (the gateway blocks SIGTERM for sigwait) survive exec: a worker must
      * start with neither, or SIGTERM would not stop it. Dispositions first,
      * so nothing pending runs a handler of ours on unblocking. */
-    for (int s = 1; s < NSIG; s++)
-        if (s != SIGKILL && s != SIGSTOP)
-            sigaction(s, &sa, NULL);
+    for (int s = 1; s < NSIG; s++) {
+        if (s == SIGKILL || s == SIGSTOP)
+            continue;
+        if (sigaction(s, &sa, NULL) != 0) {
+            /* glibc refuses its reserved real-time signals (32, 33), which a
+             * parent may still have ignored: reset those with the kernel's
+             * own call. */
+            struct {
+                void (*handler)(int);
+                unsigned long flags;
+                void (*restorer)(void);
+                unsigned long mask;
+            } k = {SIG_DFL, 0, NULL, 0};
+            syscall(SYS_rt_sigaction, s, &k, NULL, sizeof k.mask);
+        }
+    }
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     /* Die with the gateway. The parent may have died before prctl: then the
