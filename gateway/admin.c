@@ -38,7 +38,7 @@ static json_t *backend_json(mm_backend *b, uint64_t now)
         at = b->cooldown_until_ms;
     return json_pack("{s:s, s:i, s:s, s:s, s:b, s:i, s:I, s:I, s:f, s:i, s:I, s:i}",
                      "url", b->cfg->url,
-                     "weight", b->cfg->weight,
+                     "weight", b->pool->weights[b->index],
                      "health", mm_health_state_name(&b->health),
                      "breaker", mm_breaker_state_name(b->breaker.state),
                      "up", b->health.up,

@@ -210,6 +210,20 @@ static void patch_model(mm_runtime *rt, mm_http_exchange *ex, const char *name)
             int found = 0;
             json_array_foreach(target, t, te) {
                 json_t *tid = json_object_get(te, id_key);
+                char derived[64];
+                if (!tid && is_backends) {
+                    /* A launched worker without "url" is reached at its port. */
+                    json_t *port = json_object_get(json_object_get(te, "launch"), "port");
+                    if (json_is_integer(port)) {
+                        snprintf(derived, sizeof derived, "http://127.0.0.1:%lld",
+                                 (long long)json_integer_value(port));
+                        if (strcmp(derived, json_string_value(id)) == 0) {
+                            json_object_set(te, "weight", w);
+                            found = 1;
+                        }
+                        continue;
+                    }
+                }
                 if (json_is_string(tid) && strcmp(json_string_value(tid), json_string_value(id)) == 0) {
                     json_object_set(te, "weight", w);
                     found = 1;
@@ -230,6 +244,17 @@ out:
     json_decref(doc);
 }
 
+static int hexdig(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
 int mm_admin_models_route(mm_runtime *rt, mm_admin_workers_fn workers, void *warg,
                           mm_http_exchange *ex)
 {
@@ -245,10 +270,29 @@ int mm_admin_models_route(mm_runtime *rt, mm_admin_workers_fn workers, void *war
         rl = (size_t)(qm - rest);
     char name[256] = "";
     if (rl > 0) {
-        if (rest[0] != '/' || rl - 1 == 0 || rl - 1 >= sizeof name)
+        if (rest[0] != '/' || rl - 1 == 0)
             return 0;
-        memcpy(name, rest + 1, rl - 1);
-        name[rl - 1] = '\0';
+        /* Percent-decode: clients encode names with reserved characters. */
+        size_t o = 0;
+        for (size_t k = 1; k < rl; k++) {
+            char ch = rest[k];
+            if (ch == '%') {
+                int hi = k + 2 < rl ? hexdig(rest[k + 1]) : -1;
+                int lo = k + 2 < rl ? hexdig(rest[k + 2]) : -1;
+                if (hi < 0 || lo < 0) {
+                    mm_http_respond_error(ex, 400, "name", NULL, "bad %%-escape in the model name");
+                    return 1;
+                }
+                ch = (char)(hi << 4 | lo);
+                k += 2;
+            }
+            if (o + 1 >= sizeof name || ch == '\0') {
+                mm_http_respond_error(ex, 400, "name", NULL, "model name too long or invalid");
+                return 1;
+            }
+            name[o++] = ch;
+        }
+        name[o] = '\0';
     }
     int is = 0;
 #define METHOD(m) (q->method_len == sizeof m - 1 && memcmp(q->method, m, sizeof m - 1) == 0)

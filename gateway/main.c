@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "ctl.h"
 #include "log.h"
 #include "server.h"
 #include "stats_cli.h"
@@ -14,6 +15,7 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: modelmux-gateway -c CONFIG.json [--check] [-v]\n"
             "       modelmux-gateway stats [-c CONFIG | --redis URL] [--prefix P] [--minutes N] [--json]\n"
+            "       modelmux-gateway ctl [--admin URL | -c CONFIG] [--token T] [--json] COMMAND (ctl --help)\n"
             "  -c, --config FILE   gateway configuration (JSON; see docs/CONFIG.md)\n"
             "  --check             validate the configuration and exit (0 valid, 1 invalid)\n"
             "  -v, --verbose       debug logging\n"
@@ -24,6 +26,8 @@ int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "stats") == 0)
         return mm_stats_main(argc - 1, argv + 1);
+    if (argc > 1 && strcmp(argv[1], "ctl") == 0)
+        return mm_ctl_main(argc - 1, argv + 1);
     const char *path = NULL;
     int check = 0;
     for (int i = 1; i < argc; i++) {

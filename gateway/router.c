@@ -232,6 +232,41 @@ static void pool_set_weights(mm_pool *p, const mm_model_cfg *m)
     pthread_mutex_unlock(&p->lock);
 }
 
+/* A model changed in a way that needs a new pool (another setting, another
+ * backend list): backends that are still the same server (same url) keep
+ * their health, so a model whose workers keep running is not taken out of
+ * service (or unpublished) by an unrelated change. */
+static void pool_inherit(mm_pool *p, mm_router *prev, const char *name, int is_default)
+{
+    mm_pool *old = NULL;
+    if (!prev)
+        return;
+    if (is_default)
+        old = prev->default_pool;
+    for (size_t i = 0; !is_default && i < prev->nroutes && !old; i++)
+        if (prev->pools[i] && strcmp(prev->routes[i].name, name) == 0)
+            old = prev->pools[i];
+    if (!old)
+        return;
+    pthread_mutex_lock(&old->lock);
+    int any = 0;
+    for (size_t i = 0; i < p->nbackends; i++)
+        for (size_t j = 0; j < old->nbackends; j++)
+            if (strcmp(p->backends[i].cfg->url, old->backends[j].cfg->url) == 0) {
+                mm_health *h = &p->backends[i].health;
+                const mm_health *o = &old->backends[j].health;
+                if (h->cfg->enabled) {
+                    h->up = o->up;
+                    h->loading = o->loading;
+                }
+                any |= o->up;
+            }
+    int was_published = __atomic_load_n(&old->published, __ATOMIC_ACQUIRE);
+    pthread_mutex_unlock(&old->lock);
+    if (was_published && any)
+        __atomic_store_n(&p->published, 1, __ATOMIC_RELEASE);
+}
+
 static mm_pool *find_prev_pool(mm_router *prev, const mm_model_cfg *m, int is_default)
 {
     if (!prev)
@@ -341,6 +376,7 @@ int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char 
                 rc = -EINVAL;
                 goto fail;
             }
+            pool_inherit(p, prev, m->name, 0);
         }
         r->pools[i] = p;
         r->routes[i].pool = p;
@@ -382,6 +418,7 @@ int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char 
                 rc = -EINVAL;
                 goto fail;
             }
+            pool_inherit(p, prev, "", 1);
         }
         r->default_pool = p;
     }
