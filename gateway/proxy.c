@@ -1275,7 +1275,7 @@ static void px_route_model(px_req *r, const char *name, size_t nlen)
         px_free(r);
         return;
     }
-    r->pool = r->variant->pool;
+    r->pool = mm_route_pool(r->variant);
     if (r->pool->cfg->timeouts.total_ms > 0)
         r->deadline_ns = r->ex->start_ns + (uint64_t)r->pool->cfg->timeouts.total_ms * 1000000ull;
     const mm_json_member *st = mm_json_find(r->members, r->nmembers, "stream");

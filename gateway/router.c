@@ -51,6 +51,11 @@ int mm_pools_in_flight(const char *url)
     int n = 0;
     pthread_mutex_lock(&registry_lock);
     for (mm_pool *p = registry; p; p = p->reg_next) {
+        /* Serving for a rebuilt pool whose workers are not ready: busy. */
+        if (p->standby_for && !__atomic_load_n(&p->standby_for->published, __ATOMIC_ACQUIRE))
+            for (size_t i = 0; i < p->nbackends; i++)
+                if (strcmp(p->backends[i].cfg->url, url) == 0)
+                    n++;
         pthread_mutex_lock(&p->lock);
         for (size_t i = 0; i < p->nbackends; i++)
             if (strcmp(p->backends[i].cfg->url, url) == 0)
@@ -127,6 +132,8 @@ static int pool_init(mm_pool *p, mm_cfg_holder *holder, const mm_model_cfg *m, c
 static void pool_free(mm_pool *p)
 {
     registry_remove(p);
+    if (p->standby_for)
+        mm_pool_unref(p->standby_for);
     pthread_mutex_destroy(&p->lock);
     free(p->backends);
     free(p->swrr);
@@ -236,7 +243,8 @@ static void pool_set_weights(mm_pool *p, const mm_model_cfg *m)
  * backend list): backends that are still the same server (same url) keep
  * their health, so a model whose workers keep running is not taken out of
  * service (or unpublished) by an unrelated change. */
-static void pool_inherit(mm_pool *p, mm_router *prev, const char *name, int is_default)
+static void pool_inherit(mm_pool *p, mm_router *prev, const char *name, int is_default,
+                         mm_pool **out_standby)
 {
     mm_pool *old = NULL;
     if (!prev)
@@ -265,6 +273,16 @@ static void pool_inherit(mm_pool *p, mm_router *prev, const char *name, int is_d
     pthread_mutex_unlock(&old->lock);
     if (was_published && any)
         __atomic_store_n(&p->published, 1, __ATOMIC_RELEASE);
+    /* Blue/green: new workers (another port, other args) are not ready yet;
+     * the previous pool keeps serving until they are, and its workers are
+     * not drained meanwhile (mm_pools_in_flight counts it busy). */
+    if (was_published && !__atomic_load_n(&p->published, __ATOMIC_ACQUIRE) && !is_default &&
+        !old->standby_for && out_standby) {
+        mm_pool_ref(p);
+        old->standby_for = p;
+        mm_pool_ref(old);
+        *out_standby = old;
+    }
 }
 
 static mm_pool *find_prev_pool(mm_router *prev, const mm_model_cfg *m, int is_default)
@@ -284,7 +302,15 @@ static mm_pool *find_prev_pool(mm_router *prev, const mm_model_cfg *m, int is_de
 
 static int route_published(const mm_route *rt)
 {
-    return rt->nvariants || !rt->pool || __atomic_load_n(&rt->pool->published, __ATOMIC_ACQUIRE);
+    return rt->nvariants || !rt->pool || __atomic_load_n(&rt->pool->published, __ATOMIC_ACQUIRE) ||
+           rt->standby;
+}
+
+mm_pool *mm_route_pool(const mm_route *rt)
+{
+    if (rt->standby && !__atomic_load_n(&rt->pool->published, __ATOMIC_ACQUIRE))
+        return rt->standby;
+    return rt->pool;
 }
 
 char *mm_router_models_json(mm_router *r, size_t *len)
@@ -370,13 +396,20 @@ int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char 
         if (p) {
             mm_pool_ref(p);
             pool_set_weights(p, m);
+            /* The same pool goes on: so does the standby it may have. */
+            for (size_t k = 0; prev && k < prev->nroutes; k++)
+                if (prev->pools[k] == p && prev->routes[k].standby &&
+                    !__atomic_load_n(&p->published, __ATOMIC_ACQUIRE)) {
+                    r->routes[i].standby = prev->routes[k].standby;
+                    mm_pool_ref(r->routes[i].standby);
+                }
         } else {
             p = pool_new(holder, m, m->name, err, errlen);
             if (!p) {
                 rc = -EINVAL;
                 goto fail;
             }
-            pool_inherit(p, prev, m->name, 0);
+            pool_inherit(p, prev, m->name, 0, &r->routes[i].standby);
         }
         r->pools[i] = p;
         r->routes[i].pool = p;
@@ -418,7 +451,7 @@ int mm_router_new(mm_cfg_holder *holder, mm_router *prev, mm_router **out, char 
                 rc = -EINVAL;
                 goto fail;
             }
-            pool_inherit(p, prev, "", 1);
+            pool_inherit(p, prev, "", 1, NULL);
         }
         r->default_pool = p;
     }
@@ -435,6 +468,7 @@ fail:
 static void router_free(mm_router *r)
 {
     for (size_t i = 0; r->routes && i < r->nroutes; i++) {
+        mm_pool_unref(r->routes[i].standby);
         free(r->routes[i].variants);
         free(r->routes[i].variant_ids);
         free(r->routes[i].variant_weights);

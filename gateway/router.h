@@ -79,6 +79,7 @@ typedef struct mm_pool {
     mm_waiter    *queue_head, *queue_tail;
     int           queued;
     int           published;   /* atomic: routable and listed (see mm_router_find) */
+    struct mm_pool *standby_for; /* referenced: the rebuilt pool this one serves for until it is published */
     struct mm_pool *reg_prev, *reg_next; /* registry of live pools */
 } mm_pool;
 
@@ -86,6 +87,8 @@ typedef struct mm_route {
     const mm_model_cfg *cfg;
     const char   *name;
     mm_pool      *pool;        /* a plain model */
+    mm_pool      *standby;     /* referenced: the previous generation's pool, serving
+                                  while a rebuilt pool's workers start (blue/green) */
     struct mm_route **variants;/* a split */
     const char  **variant_ids;
     int          *variant_weights;
@@ -118,6 +121,9 @@ void mm_pool_unref(mm_pool *p);
  * launched workers is not routable (nor listed) until one of them has been
  * healthy once: it is published then. */
 mm_route *mm_router_find(mm_router *r, const char *name, size_t len);
+/* The pool that serves a plain route now: its own once published, else the
+ * standby pool of the previous generation. */
+mm_pool  *mm_route_pool(const mm_route *rt);
 /* The /v1/models answer and the "a, b, c" list for 404 messages, built now
  * (publication changes as workers become ready). Caller frees. */
 char *mm_router_models_json(mm_router *r, size_t *len);

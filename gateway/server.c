@@ -5,6 +5,7 @@
 #include <jansson.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,12 +37,21 @@ typedef struct srv_thread {
     mm_httpd        *httpd;
     mm_proxy_thread  px;
     int              started;
+    /* Thread 0 forks the workers, and their parent-death signal fires when
+     * that thread ends: it must outlive the orderly stop of the workers. */
+    sem_t           *loop_done;   /* posted when the loop returned (thread 0) */
+    sem_t           *may_exit;    /* waited on before the thread ends (thread 0) */
 } srv_thread;
 
 static void *thread_main(void *arg)
 {
     srv_thread *st = arg;
     event_base_dispatch(st->base);
+    if (st->loop_done) {
+        sem_post(st->loop_done);
+        while (sem_wait(st->may_exit) != 0)
+            ;
+    }
     return NULL;
 }
 
@@ -187,6 +197,7 @@ int mm_server_run(const char *config_path, char *err, size_t errlen)
     mm_redis_sink *sink = NULL;
     int access_fd = -1;
     srv_ctx ctx = {0};
+    sem_t loop_done, may_exit;
     struct event **drain_ev = NULL;
     sigset_t sigs;
 
@@ -293,6 +304,10 @@ int mm_server_run(const char *config_path, char *err, size_t errlen)
             goto out_threads;
         mm_admin_set_workers(admin, workers_of, &ctx);
     }
+    sem_init(&loop_done, 0, 0);
+    sem_init(&may_exit, 0, 0);
+    threads[0].loop_done = &loop_done;
+    threads[0].may_exit = &may_exit;
     for (int i = 0; i < nthreads; i++) {
         if (pthread_create(&threads[i].tid, NULL, thread_main, &threads[i]) != 0) {
             rc = -EAGAIN;
@@ -340,14 +355,22 @@ out_stop:
     for (int i = 0; i < nthreads; i++)
         if (threads[i].started)
             event_base_loopbreak(threads[i].base);
-    for (int i = 0; i < nthreads; i++)
+    for (int i = 1; i < nthreads; i++)
         if (threads[i].started)
             pthread_join(threads[i].tid, NULL);
+    if (threads[0].started)
+        while (sem_wait(&loop_done) != 0)
+            ;
     /* Loops are stopped: push the last counts out (bounded wait), then
-     * stop the workers (SIGTERM, SIGKILL after the timeout, all reaped). */
+     * stop the workers (SIGTERM, SIGKILL after the timeout, all reaped)
+     * while thread 0, their parent, is still alive. */
     mm_redis_sink_final_flush(sink, 2000);
     if (ctx.fleet)
         mm_fleet_stop_all(ctx.fleet, 10000);
+    if (threads[0].started) {
+        sem_post(&may_exit);
+        pthread_join(threads[0].tid, NULL);
+    }
 out_threads:
     mm_redis_sink_free(sink);
     sink = NULL;

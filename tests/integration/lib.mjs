@@ -259,6 +259,13 @@ export async function startGateway(config, opts = {}) {
         config: cfg,
         log: () => log,
         exited: () => exited,
+        // Sends sig (SIGTERM, SIGINT, SIGKILL) to end the gateway without
+        // waiting: a test that watches the shutdown itself. Its exit is then
+        // expected (no "died" report); stop() still cleans up afterwards.
+        terminate(sig = 'SIGTERM') {
+            stopping = true;
+            proc.kill(sig);
+        },
         // SIGTERM, then SIGKILL after graceMs; resolves {code, signal}. The
         // config file goes too, unless the gateway had died on its own (its
         // file is named in the error, for diagnosis).
@@ -1150,4 +1157,180 @@ export async function getMetrics(port) {
         throw new Error(`/metrics content-type ${r.headers['content-type']}`);
     }
     return parsePrometheus(r.body);
+}
+
+// ---- the fleet: launched workers, /proc, steady load -------------------------
+
+// /proc/PID/stat of a process: {pid, comm, state, ppid, pgrp, session}, or
+// null when there is no such process (a zombie is still there: state 'Z').
+export function procStat(pid) {
+    let s;
+    try { s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8'); } catch { return null; }
+    // comm may hold spaces and parentheses: the fields resume after the last ')'.
+    const close = s.lastIndexOf(')');
+    const f = s.slice(close + 2).split(' ');
+    return { pid: Number(pid), comm: s.slice(s.indexOf('(') + 1, close), state: f[0],
+        ppid: Number(f[1]), pgrp: Number(f[2]), session: Number(f[3]) };
+}
+
+// Running (or stopped), i.e. present and not a zombie.
+export function pidAlive(pid) {
+    const st = procStat(pid);
+    return st !== null && st.state !== 'Z' && st.state !== 'X';
+}
+
+// The environment a process started with, as an object (null when gone).
+export function procEnviron(pid) {
+    let raw;
+    try { raw = fs.readFileSync(`/proc/${pid}/environ`, 'utf8'); } catch { return null; }
+    const env = {};
+    for (const kv of raw.split('\0')) {
+        if (!kv) continue;
+        const eq = kv.indexOf('=');
+        env[eq < 0 ? kv : kv.slice(0, eq)] = eq < 0 ? '' : kv.slice(eq + 1);
+    }
+    return env;
+}
+
+// argv of a process (null when gone).
+export function procCmdline(pid) {
+    let raw;
+    try { raw = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8'); } catch { return null; }
+    return raw.split('\0').slice(0, -1);
+}
+
+// Every process (zombies included) whose parent is ppid, from /proc: [stat].
+export function childrenOf(ppid) {
+    const out = [];
+    for (const d of fs.readdirSync('/proc')) {
+        if (!/^\d+$/.test(d)) continue;
+        const st = procStat(d);
+        if (st && st.ppid === ppid) out.push(st);
+    }
+    return out;
+}
+
+// Every process in process group pgrp (zombies included): [stat].
+export function processGroup(pgrp) {
+    const out = [];
+    for (const d of fs.readdirSync('/proc')) {
+        if (!/^\d+$/.test(d)) continue;
+        const st = procStat(d);
+        if (st && st.pgrp === pgrp) out.push(st);
+    }
+    return out;
+}
+
+// A JSON call on an admin listener: resolves {status, body, json (parsed or null)}.
+export async function adminCall(adminPort, method, pathName, body) {
+    const r = await request(adminPort, { method, path: pathName, body, timeoutMs: 5000 });
+    let json = null;
+    try { json = JSON.parse(r.body); } catch { /* not JSON */ }
+    return { status: r.status, body: r.body, headers: r.headers, json };
+}
+
+// The fleet's workers as GET /admin/models shows them, all models together:
+// [{id, model, worker, url, pid, gpus, device, port, state, ready, restarts,
+// crashes, last_exit, started_at, command}].
+export async function fleetWorkers(adminPort) {
+    const r = await adminCall(adminPort, 'GET', '/admin/models');
+    if (r.status !== 200) throw new Error(`GET /admin/models: ${r.status} ${r.body}`);
+    return r.json.models.flatMap((m) => m.workers || []);
+}
+
+// The names GET /v1/models lists.
+export async function listedModels(port) {
+    const r = await request(port, { path: '/v1/models', timeoutMs: 3000 });
+    if (r.status !== 200) throw new Error(`/v1/models: ${r.status} ${r.body}`);
+    return r.json().data.map((m) => m.id);
+}
+
+// The command line of a launched fake upstream (tests/fakes/upstream.mjs) on
+// port: stdin stays /dev/null, so no --exit-on-stdin-eof.
+export function fakeCommand(port, name) {
+    return [process.execPath, FAKE, '--port', String(port), '--name', name];
+}
+
+// A launchable stand-in for a worker that is loading: GET /health answers 503
+// {"status":"loading"} until someone POSTs /_ready to it (after that 200);
+// every other request is counted and answered like a chat completion.
+// GET /_stats gives {requests, health, ready}. Run as `node -e GATED_WORKER PORT`.
+export const GATED_WORKER = `
+const http = require('node:http');
+let ready = false, requests = 0, health = 0;
+http.createServer((req, res) => {
+  const parts = [];
+  req.on('data', (d) => parts.push(d));
+  req.on('end', () => {
+    const json = (st, o) => { const b = JSON.stringify(o); res.writeHead(st, {'content-type': 'application/json', 'content-length': Buffer.byteLength(b)}); res.end(b); };
+    if (req.url === '/health') { health++; return ready ? json(200, {status: 'ok'}) : json(503, {status: 'loading'}); }
+    if (req.url === '/_ready') { ready = true; return json(200, {ready}); }
+    if (req.url === '/_stats') return json(200, {requests, health, ready});
+    requests++;
+    let model = 'gated';
+    try { model = JSON.parse(Buffer.concat(parts).toString()).model || model; } catch {}
+    json(200, {id: 'chatcmpl-gated', object: 'chat.completion', created: 1, model,
+      choices: [{index: 0, message: {role: 'assistant', content: 'gated'}, finish_reason: 'stop'}],
+      usage: {prompt_tokens: 1, completion_tokens: 1, total_tokens: 2}});
+  });
+}).listen(Number(process.argv[1]), '127.0.0.1');
+`.replace(/\n\s*/g, ' ');   // one line: config strings hold no control characters
+
+export function gatedCommand(port) {
+    return [process.execPath, '-e', GATED_WORKER, String(port)];
+}
+
+// Steady load on a gateway: `width` loops, each sending one request at a time
+// (chat for the next model of `models`, round robin, max_tokens 4, fresh
+// connection) until stop(). Every answer is kept in `results` as {model,
+// status, body (non-200 only), error, t0, t1 (Date.now() at send and at
+// answer), backend, served}. models may be changed while it runs (setModels).
+// stop() waits for the requests in flight and resolves the results.
+export function startLoad(port, models, opts = {}) {
+    const width = opts.width || 4;
+    let list = [...models];
+    let stopping = false;
+    let next = 0;
+    const results = [];
+    const one = async () => {
+        const m = list[next++ % list.length];
+        const t0 = Date.now();
+        const rec = { model: m, status: null, body: null, error: null, t0, t1: 0, backend: null, served: null };
+        try {
+            const r = await postJson(port, '/v1/chat/completions',
+                { model: m, messages: [{ role: 'user', content: 'hi' }], max_tokens: opts.maxTokens || 4 },
+                opts.headers || {}, { timeoutMs: opts.timeoutMs || 15000 });
+            rec.status = r.status;
+            rec.backend = r.headers['x-modelmux-backend'] || null;
+            rec.served = r.headers['x-modelmux-model'] || null;
+            if (r.status !== 200) rec.body = r.body;
+        } catch (e) {
+            rec.error = e.message;
+        }
+        rec.t1 = Date.now();
+        results.push(rec);
+    };
+    const loop = async () => { while (!stopping) await one(); };
+    const loops = Array.from({ length: width }, loop);
+    return {
+        results,
+        setModels(m) { list = [...m]; },
+        // Resolves once n more answers than now have come back.
+        async more(n, timeoutMs = 10000) {
+            const target = results.length + n;
+            await waitFor(() => results.length >= target, timeoutMs, { what: `${n} more answers under load` });
+        },
+        async stop() {
+            stopping = true;
+            await Promise.all(loops);
+            return results;
+        },
+    };
+}
+
+// The failed answers (not 200, or no answer) of a load's results, optionally
+// only those for which keep(rec) is true; for assertion messages.
+export function loadFailures(results, keep = () => true) {
+    return results.filter((r) => keep(r) && r.status !== 200).map((r) => ({ model: r.model, status: r.status,
+        error: r.error, body: r.body && r.body.slice(0, 300), t0: r.t0, t1: r.t1 }));
 }
