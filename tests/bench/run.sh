@@ -9,6 +9,11 @@
 #   modelmux  wrk through the gateway, routing on the body's "model"
 #   sse       per-chunk SSE latency: direct, through nginx, through the gateway
 #             (tests/bench/sse_latency.c, ping-pong, one clock)
+#   failover  steady load on two backends, one killed with SIGKILL mid-run:
+#             failed requests, time until the dead one gets no more picks
+#             (tests/bench/failover_load.mjs; FAILOVER_* knobs at case_failover)
+#   redis     requests/s of the gateway with Redis metrics on vs off, same
+#             run, interleaved rounds; reports the ratio (goal >= 0.97)
 # wrk cases run interleaved, BENCH_RUNS rounds of BENCH_DURATION seconds
 # after a BENCH_WARMUP-second warm-up each; the table shows medians.
 #
@@ -22,6 +27,7 @@
 # BENCH_THREADS (2) SSE_EVENTS (2000) BENCH_OUT (build/bench) BUILD (build)
 # GATEWAY SSE_LATENCY (binaries) BENCH_PERF=1 (perf profile of the gateway
 # under load, top symbols written to $BENCH_OUT/perf-gateway.txt).
+# BENCH_REDIS_FLUSH_MS (1000) REDIS_SERVER REDIS_CLI (the redis case).
 # Exit status: 0, or 1 when a case failed, was skipped or saw errors.
 # Functions are called by name (wrk_setup_$c, case_$c) and set globals:
 # shellcheck disable=SC2317,SC2154,SC2034,SC2046
@@ -44,7 +50,7 @@ BENCH_PERF=${BENCH_PERF:-0}
 NGINX=${NGINX:-nginx}
 WRK=${WRK:-wrk}
 
-ALL_CASES="direct nginx modelmux sse"
+ALL_CASES="direct nginx modelmux sse failover redis"
 BENCH_DIR=tests/bench
 
 for v in BENCH_DURATION BENCH_RUNS BENCH_WARMUP BENCH_CONNS BENCH_THREADS SSE_EVENTS SSE_RUNS; do
@@ -447,6 +453,344 @@ case_sse() {
         fi
         r=$((r + 1))
     done
+}
+
+# --------------------------------------------------------- failover case
+
+# Two fake upstreams (separate node processes, so kill -9 is a real crash:
+# the kernel closes their sockets, later connects are refused) behind one
+# gateway model with health checks on; tests/bench/failover_load.mjs keeps
+# FAILOVER_CONNS requests in flight, kills one backend with SIGKILL at
+# FAILOVER_KILL_AT seconds and watches the gateway's /admin/backends.
+FAILOVER_RUNS=${FAILOVER_RUNS:-$BENCH_RUNS}
+FAILOVER_DURATION=${FAILOVER_DURATION:-10}
+FAILOVER_KILL_AT=${FAILOVER_KILL_AT:-4}
+FAILOVER_CONNS=${FAILOVER_CONNS:-16}
+FAILOVER_STREAM_PERCENT=${FAILOVER_STREAM_PERCENT:-50}
+FAILOVER_HEALTH_MS=${FAILOVER_HEALTH_MS:-1000}
+FAILOVER_FALL=${FAILOVER_FALL:-2}
+FAILOVER_POLL_MS=${FAILOVER_POLL_MS:-20}
+
+# stop_own PID: stop one process this script started, reap it and forget
+# it, so the exit trap never signals a PID the system may have reused.
+stop_own() {
+    kill -TERM "$1" 2>/dev/null
+    wait "$1" 2>/dev/null
+    PIDS=$(echo " $PIDS " | sed "s/ $1 / /;s/^ *//;s/ *$//")
+}
+
+failover_run() { # RUN
+    pick_port
+    fo_p1=$PORT
+    pick_port
+    fo_p2=$PORT
+    pick_port
+    fo_gw=$PORT
+    pick_port
+    fo_adm=$PORT
+    spawn "fo-up1-$1" node tests/fakes/upstream.mjs --port "$fo_p1" --name fo1
+    fo_pid1=$LAST_PID
+    spawn "fo-up2-$1" node tests/fakes/upstream.mjs --port "$fo_p2" --name fo2
+    fo_pid2=$LAST_PID
+    wait_http "$fo_pid1" "fo-up1-$1" "http://127.0.0.1:$fo_p1/health"
+    wait_http "$fo_pid2" "fo-up2-$1" "http://127.0.0.1:$fo_p2/health"
+    # SIGKILL must hit the server itself, not a shell around it.
+    [ "$(cat "/proc/$fo_pid1/comm" 2>/dev/null)" = node ] \
+        || die "pid $fo_pid1 is not the fake upstream (comm '$(cat "/proc/$fo_pid1/comm" 2>/dev/null)')"
+    cat >"$TMP/failover.json" <<EOJ
+{
+  "listen": "127.0.0.1:$fo_gw",
+  "admin_listen": "127.0.0.1:$fo_adm",
+  "threads": 2,
+  "models": [
+    {"name": "failover-model",
+     "health": {"interval_ms": $FAILOVER_HEALTH_MS, "fall": $FAILOVER_FALL, "rise": 2},
+     "backends": [{"url": "http://127.0.0.1:$fo_p1"}, {"url": "http://127.0.0.1:$fo_p2"}]}
+  ]
+}
+EOJ
+    if ! "$GATEWAY" -c "$TMP/failover.json" --check >"$TMP/failover-check.log" 2>&1; then
+        cat "$TMP/failover-check.log" >&2
+        die "the gateway rejects the failover config ($TMP/failover.json)"
+    fi
+    spawn "fo-gateway-$1" "$GATEWAY" -c "$TMP/failover.json"
+    fo_gpid=$LAST_PID
+    wait_http "$fo_gpid" "fo-gateway-$1" "http://127.0.0.1:$fo_gw/health"
+    wait_http "$fo_gpid" "fo-gateway-$1" "http://127.0.0.1:$fo_adm/admin/backends"
+    fo_load=$(cut -d' ' -f1 /proc/loadavg)
+    say "failover run $1/$FAILOVER_RUNS: ${FAILOVER_DURATION}s, $FAILOVER_CONNS in flight, kill -9 of 127.0.0.1:$fo_p1 at ${FAILOVER_KILL_AT}s (load average $fo_load)"
+    if ! node "$BENCH_DIR/failover_load.mjs" --target "127.0.0.1:$fo_gw" --admin "127.0.0.1:$fo_adm" \
+        --model failover-model --victim "http://127.0.0.1:$fo_p1" --victim-pid "$fo_pid1" \
+        --duration-ms $((FAILOVER_DURATION * 1000)) --kill-at-ms $((FAILOVER_KILL_AT * 1000)) \
+        --conns "$FAILOVER_CONNS" --stream-percent "$FAILOVER_STREAM_PERCENT" --poll-ms "$FAILOVER_POLL_MS" \
+        --requests-out "$BENCH_OUT/failover-requests-$1.tsv" --samples-out "$BENCH_OUT/failover-samples-$1.tsv" \
+        >"$TMP/failover-$1.txt" 2>"$TMP/failover-$1.log"; then
+        cat "$TMP/failover-$1.log" >&2
+        tail -20 "$TMP/fo-gateway-$1.log" >&2
+        die "failover_load failed in run $1"
+    fi
+    cp "$TMP/failover-$1.log" "$BENCH_OUT/failover-$1.log" 2>/dev/null
+    cp "$TMP/fo-gateway-$1.log" "$BENCH_OUT/failover-gateway-$1.log" 2>/dev/null
+    alive_or_die "$fo_gpid" "fo-gateway-$1"
+    alive_or_die "$fo_pid2" "fo-up2-$1"
+    # The victim is our child: reap it (exit 137) before its PID is forgotten.
+    wait "$fo_pid1" 2>/dev/null
+    PIDS=$(echo " $PIDS " | sed "s/ $fo_pid1 / /;s/^ *//;s/ *$//")
+    stop_own "$fo_gpid"
+    stop_own "$fo_pid2"
+    # key=value line -> one TSV row: run, load average, then the values.
+    awk -v r="$1" -v l="$fo_load" '{
+        for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r, l, v["requests"], v["streams"],
+            v["failed_before_stream"], v["failed_midstream"], v["picks_after_kill"], v["cutoff_ms"],
+            v["cutoff_lo_ms"], v["down_ms"], v["rps_before"], v["rps_after"], v["poll_gap_ms"],
+            v["retries"], v["victim_errors"], v["others_down_samples"]
+        found = 1
+    } END { exit !found }' "$TMP/failover-$1.txt" >>"$TMP/failover.tsv" \
+        || die "cannot parse failover_load output: $(cat "$TMP/failover-$1.txt")"
+    say "failover run $1: $(cat "$TMP/failover-$1.txt")"
+}
+
+case_failover() {
+    need_tool node
+    [ -x "$GATEWAY" ] || die "$GATEWAY not built"
+    for v in FAILOVER_RUNS FAILOVER_DURATION FAILOVER_KILL_AT FAILOVER_CONNS FAILOVER_HEALTH_MS \
+        FAILOVER_FALL FAILOVER_POLL_MS FAILOVER_STREAM_PERCENT; do
+        eval "val=\$$v"
+        case $val in
+            ''|*[!0-9]*) die "$v must be a non-negative integer, not '$val'" ;;
+        esac
+    done
+    if [ "$FAILOVER_KILL_AT" -lt 1 ] || [ "$FAILOVER_KILL_AT" -ge "$FAILOVER_DURATION" ]; then
+        die "FAILOVER_KILL_AT must be 1..FAILOVER_DURATION-1"
+    fi
+    [ "$FAILOVER_RUNS" -ge 1 ] || die "FAILOVER_RUNS must be > 0"
+    # Not r: pick_port uses it.
+    fo_run=1
+    while [ "$fo_run" -le "$FAILOVER_RUNS" ]; do
+        failover_run "$fo_run"
+        fo_run=$((fo_run + 1))
+    done
+    fo=$TMP/failover.tsv
+    {
+        echo "#### Failover"
+        echo
+        echo "Two fake upstreams (\`tests/fakes/upstream.mjs\`), one gateway model over both" \
+            "(threads 2, health \`interval_ms\` $FAILOVER_HEALTH_MS, \`fall\` $FAILOVER_FALL, \`rise\` 2," \
+            "default retries and breaker); $FAILOVER_CONNS requests in flight for ${FAILOVER_DURATION}s," \
+            "$FAILOVER_STREAM_PERCENT% streaming (10 chunks 20 ms apart, first byte after 10 ms," \
+            "plain answers after 10 ms); one backend killed with SIGKILL at ${FAILOVER_KILL_AT}s;" \
+            "/admin/backends polled every $FAILOVER_POLL_MS ms."
+        echo
+        echo "| run | load avg | requests | failed before streaming (goal 0) | streams cut (info) | picks of the dead backend after the kill | last of them, after the kill (ms) | marked down after (ms) | req/s before / after | largest poll gap (ms) | retries | failed attempts on the dead backend | samples with the survivor down |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+        # The last pick lies between two samples: "lo..hi", hi is what counts.
+        awk -F'\t' '{ last = $7 == 0 ? "none" : $9 ".." $8
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s | %.0f / %.0f | %s | %s | %s | %s |\n",
+            $1, $2, $3, $5, $6, $7, last, $10, $11, $12, $13, $14, $15, $16 }' "$fo"
+        echo
+        # A run whose bounds straddle the interval (a stalled poller) proves
+        # nothing either way: "unknown", not a miss.
+        awk -F'\t' -v h="$FAILOVER_HEALTH_MS" '{ f += $5; if ($8 + 0 > m) m = $8 + 0
+                if ($9 + 0 >= h) late++; else if ($8 + 0 >= h) unk++ }
+            END {
+                printf "Failed requests that had not started streaming: **%d** in %d runs (goal 0: %s). ", f, NR, f == 0 ? "met" : "NOT met"
+                v = late ? "NOT met in " late " runs" : unk ? "unknown in " unk " runs (sampling stalled), met in the others" : "met"
+                printf "Last request routed to the dead backend, worst run: **%.1f ms** after the kill (goal < one health interval, %d ms: %s).\n",
+                    m, h, v
+            }' "$fo"
+        echo
+    } >>"$TMP/extra.md"
+}
+
+# ------------------------------------------------------------ redis case
+
+# The same gateway twice, side by side: the "modelmux" one (no Redis) and
+# one with the same config plus "redis", which flushes its metrics to a private redis-server every
+# BENCH_REDIS_FLUSH_MS (default 1000, the config default). wrk runs against
+# each in turn, BENCH_RUNS rounds, the order alternating every round, so
+# the ratio on/off compares like with like on a shared machine.
+BENCH_REDIS_FLUSH_MS=${BENCH_REDIS_FLUSH_MS:-1000}
+REDIS_SERVER=${REDIS_SERVER:-redis-server}
+REDIS_CLI=${REDIS_CLI:-redis-cli}
+
+REDIS_PORT=""
+need_redis() {
+    [ -n "$REDIS_PORT" ] && return 0
+    need_tool "$REDIS_SERVER"
+    need_tool "$REDIS_CLI"
+    pick_port
+    REDIS_PORT=$PORT
+    mkdir -p "$TMP/redis" || die "cannot create $TMP/redis"
+    spawn redis "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --dir "$TMP/redis" --daemonize no
+    REDIS_PID=$LAST_PID
+    i=0
+    while [ "$("$REDIS_CLI" -p "$REDIS_PORT" ping 2>/dev/null)" != PONG ]; do
+        alive_or_die "$REDIS_PID" redis
+        [ "$i" -lt 200 ] || die "redis-server not answering PING after 10 s"
+        sleep 0.05
+        i=$((i + 1))
+    done
+    say "redis-server on 127.0.0.1:$REDIS_PORT (no persistence)"
+}
+
+GWR_PORT=""
+need_gateway_redis() {
+    [ -n "$GWR_PORT" ] && return 0
+    [ -x "$GATEWAY" ] || return 1
+    need_upstream
+    need_redis
+    pick_port
+    GWR_PORT=$PORT
+    cat >"$TMP/gateway-redis.json" <<EOF2
+{
+  "listen": "127.0.0.1:$GWR_PORT",
+  "threads": 2,
+  "models": [
+    {"name": "bench-model", "health": false,
+     "backends": [{"url": "http://127.0.0.1:$UP_PORT"}]},
+    {"name": "sse-model", "health": false,
+     "backends": [{"url": "http://127.0.0.1:$SSE_PORT"}]}
+  ],
+  "redis": {"url": "redis://127.0.0.1:$REDIS_PORT/0", "flush_ms": $BENCH_REDIS_FLUSH_MS, "prefix": "bench"}
+}
+EOF2
+    if ! "$GATEWAY" -c "$TMP/gateway-redis.json" --check >"$TMP/gateway-redis-check.log" 2>&1; then
+        cat "$TMP/gateway-redis-check.log" >&2
+        die "the gateway rejects the redis bench config ($TMP/gateway-redis.json)"
+    fi
+    spawn gateway-redis "$GATEWAY" -c "$TMP/gateway-redis.json"
+    GWR_PID=$LAST_PID
+    wait_http "$GWR_PID" gateway-redis "http://127.0.0.1:$GWR_PORT/health"
+    # shellcheck disable=SC2046
+    code=$(curl -s -o "$TMP/gwr-body" -w '%{http_code}' $(post_json "http://127.0.0.1:$GWR_PORT"))
+    [ "$code" = 200 ] || { cat "$TMP/gwr-body" >&2; die "gateway (redis) answered $code to the bench request"; }
+    cmp -s "$TMP/gwr-body" "$TMP/expected_body" || die "gateway (redis) relayed a different body than the upstream's"
+    say "modelmux gateway with Redis metrics (threads 2, flush_ms $BENCH_REDIS_FLUSH_MS) on 127.0.0.1:$GWR_PORT"
+}
+
+# Requests counted in Redis under prefix "bench" (all minutes, all series).
+redis_requests() {
+    for k in $("$REDIS_CLI" -p "$REDIS_PORT" --scan --pattern 'bench:v1:m:*'); do
+        "$REDIS_CLI" -p "$REDIS_PORT" --raw HGETALL "$k"
+    done | awk 'NR % 2 == 1 { f = $0; next } f ~ /\trequests$/ { s += $0 } END { printf "%d\n", s }'
+}
+
+# A gauge or counter without labels from the redis gateway's /metrics.
+gwr_metric() {
+    curl -s --max-time 5 "http://127.0.0.1:$GWR_PORT/metrics" | awk -v n="$1" '$1 == n { print $2 }'
+}
+
+# wrk's completed requests in an output file.
+wrk_requests() { awk '/requests in/ { print $1 }' "$1"; }
+
+# CPU time (user + system, clock ticks) a process has used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+case_redis() {
+    if ! need_gateway || ! need_gateway_redis; then
+        warn "case redis SKIPPED: $GATEWAY not built"
+        echo "redis	$GATEWAY not built" >>"$TMP/skipped.tsv"
+        STATUS=1
+        return 0
+    fi
+    need_tool "$WRK"
+    rd=$TMP/redis.tsv
+    : >"$rd"
+    CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+    say "warm-up redis off/on (${BENCH_WARMUP}s each)"
+    run_wrk redis-off "http://127.0.0.1:$GW_PORT" "$BENCH_WARMUP" "$TMP/wrk-redis-warmup-off.txt"
+    run_wrk redis-on "http://127.0.0.1:$GWR_PORT" "$BENCH_WARMUP" "$TMP/wrk-redis-warmup-on.txt"
+    sent_on=$(wrk_requests "$TMP/wrk-redis-warmup-on.txt")
+    rr=1
+    while [ "$rr" -le "$BENCH_RUNS" ]; do
+        # Alternate who goes first: a drift within a round then favours
+        # neither side.
+        if [ $((rr % 2)) -eq 1 ]; then order="off on"; else order="on off"; fi
+        for side in $order; do
+            if [ "$side" = on ]; then url="http://127.0.0.1:$GWR_PORT"; else url="http://127.0.0.1:$GW_PORT"; fi
+            if [ "$side" = on ]; then gpid=$GWR_PID; else gpid=$GW_PID; fi
+            out="$TMP/wrk-redis-$side-$rr.txt"
+            c0=$(cpu_ticks "$gpid")
+            run_wrk "redis-$side" "$url" "$BENCH_DURATION" "$out"
+            c1=$(cpu_ticks "$gpid")
+            cp "$out" "$BENCH_OUT/" 2>/dev/null
+            m=$(parse_wrk "$out") || { cat "$out" >&2; die "cannot parse wrk output of redis-$side"; }
+            # shellcheck disable=SC2086
+            set -- $m
+            # The gateway's CPU time per request: unlike req/s, hardly
+            # moved by other processes taking the cores.
+            cpu=$(awk -v a="$c0" -v b="$c1" -v n="$(wrk_requests "$out")" -v hz="$CLK_TCK" \
+                'BEGIN { printf "%.2f", (n > 0 ? (b - a) * 1000000 / hz / n : 0) }')
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$side" "$rr" "$1" "$2" "$3" "$4" "$cpu" >>"$rd"
+            say "redis run $rr/$BENCH_RUNS metrics $side: $1 req/s, p50 $2 us, p99 $3 us, errors $4, gateway CPU $cpu us/request"
+            if [ "$4" != 0 ]; then
+                warn "case redis-$side: $4 errors, see $BENCH_OUT/$(basename "$out")"
+                STATUS=1
+            fi
+            [ "$side" = on ] && sent_on=$((sent_on + $(wrk_requests "$out")))
+            alive_or_die "$GW_PID" gateway
+            alive_or_die "$GWR_PID" gateway-redis
+            alive_or_die "$REDIS_PID" redis
+        done
+        rr=$((rr + 1))
+    done
+    # The numbers mean nothing unless the counts did reach Redis: after a
+    # few flushes, Redis must hold at least every request wrk completed
+    # through that gateway (the gateway also counts the few that wrk cut
+    # off at the end of each run, at most BENCH_CONNS per run).
+    sleep "$(awk -v f="$BENCH_REDIS_FLUSH_MS" 'BEGIN { printf "%.2f", 3 * f / 1000 + 0.5 }')"
+    in_redis=$(redis_requests)
+    connected=$(gwr_metric modelmux_redis_connected)
+    flushes=$(gwr_metric modelmux_redis_flushes_total)
+    failed_fl=$(gwr_metric modelmux_redis_failed_flushes_total)
+    slack=$((BENCH_CONNS * (BENCH_RUNS + 1) + 1))
+    counted="yes"
+    if [ "${connected:-0}" != 1 ] || [ "$in_redis" -lt "$sent_on" ] || [ "$in_redis" -gt $((sent_on + slack)) ]; then
+        counted="NO"
+        warn "case redis: Redis holds $in_redis requests, wrk completed $sent_on through that gateway (connected ${connected:-?})"
+        STATUS=1
+    fi
+    on=$(col_median "$rd" on 3)
+    off=$(col_median "$rd" off 3)
+    ratio_r=$(ratio "$on" "$off")
+    {
+        echo "#### Redis metrics on vs off"
+        echo
+        echo "The same gateway config twice (threads 2, \`bench-model\`), one with \`redis\`" \
+            "(\`flush_ms\` $BENCH_REDIS_FLUSH_MS, a private redis-server without persistence), wrk" \
+            "-t$BENCH_THREADS -c$BENCH_CONNS, $BENCH_RUNS rounds of ${BENCH_DURATION}s, off and on" \
+            "alternating first; medians."
+        echo
+        echo "| metrics | req/s | p50 (ms) | p99 (ms) | gateway CPU (us/request) | errors |"
+        echo "|---|---:|---:|---:|---:|---:|"
+        for side in off on; do
+            errs=$(awk -F'\t' -v k="$side" '$1 == k { s += $6 } END { print s + 0 }' "$rd")
+            printf '| %s | %.0f | %s | %s | %s | %s |\n' "$side" "$(col_median "$rd" "$side" 3)" \
+                "$(ms "$(col_median "$rd" "$side" 4)")" "$(ms "$(col_median "$rd" "$side" 5)")" \
+                "$(col_median "$rd" "$side" 7)" "$errs"
+        done
+        echo
+        echo "Redis on / off: req/s **$ratio_r** (goal >= 0.97: $(goal "$ratio_r" ">=" 0.97))."
+        # Per round, on and off ran back to back: the median of these
+        # ratios is the steadier figure on a noisy machine.
+        awk -F'\t' '$1 == "off" { f[$2] = $3 } $1 == "on" { n[$2] = $3 }
+            END {
+                for (r = 1; r in f && r in n; r++) { q[r] = n[r] / f[r]; a = a sep sprintf("%.3f", q[r]); sep = ", " }
+                k = r - 1
+                if (k == 0) exit
+                for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (q[j] < q[i]) { t = q[i]; q[i] = q[j]; q[j] = t }
+                m = k % 2 ? q[(k + 1) / 2] : (q[k / 2] + q[k / 2 + 1]) / 2
+                printf "Same ratio per round: %s; their median **%.3f** (goal >= 0.97: %s).\n", a, m, (m >= 0.97 ? "met" : "NOT met")
+            }' "$rd"
+        echo "Gateway CPU time per request on / off: $(ratio "$(col_median "$rd" on 7)" "$(col_median "$rd" off 7)")" \
+            "(per round: $(awk -F'\t' '$1 == "off" { f[$2] = $7 } $1 == "on" { n[$2] = $7 }
+                END { for (r = 1; r in f && r in n; r++) { printf "%s%.3f", sep, (f[r] > 0 ? n[r] / f[r] : 0); sep = ", " } }' "$rd"))."
+        echo "Counted in Redis: $in_redis requests for $sent_on completed by wrk through that gateway" \
+            "(all arrived: $counted); $flushes batches acknowledged, ${failed_fl:-0} failed."
+        echo
+    } >>"$TMP/extra.md"
 }
 
 # ---------------------------------------------------------------- report
