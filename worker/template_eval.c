@@ -122,7 +122,10 @@ static int lookup(mm_tpl_ectx *e, mm_tpl_frame *f, const char *name, mm_tpl_val 
         *out = mm_tpl_jv(json_incref(j));
         return 0;
     }
-    if (mm_tpl_global_lookup(name, out) == 0)
+    int rc = mm_tpl_global_lookup(name, out);
+    if (rc == -ENOMEM)
+        return oom(e);
+    if (rc == 0)
         return 0;
     *out = mm_tpl_undef(name, NULL);
     return 0;
@@ -164,7 +167,10 @@ static int loop_attr(mm_tpl_ectx *e, const mm_tpl_val *lv, const char *name, mm_
         *out = mm_tpl_jv(json_incref(json_array_get(l->items, prev ? i - 1 : i + 1)));
         return 0;
     } else {
-        if (mm_tpl_method_lookup(lv, name, out) == 0)
+        int rc = mm_tpl_method_lookup(lv, name, out);
+        if (rc == -ENOMEM)
+            return oom(e);
+        if (rc == 0)
             return 0;
         *out = mm_tpl_undef(name, "LoopContext");
         return 0;
@@ -200,6 +206,8 @@ int mm_tpl_getattr(mm_tpl_ectx *e, const mm_tpl_val *obj, const char *name, mm_t
     rc = mm_tpl_method_lookup(obj, name, out);
     if (rc == 0)
         return 0;
+    if (rc == -ENOMEM)
+        return oom(e);
     if (rc == -EPERM)
         return mm_tpl_fail(e, -EINVAL, "access to attribute '%s' of '%s' object is unsafe",
                            name, mm_tpl_typename(obj));
@@ -264,6 +272,8 @@ int mm_tpl_getitem(mm_tpl_ectx *e, const mm_tpl_val *obj, const mm_tpl_val *key,
         int rc = mm_tpl_method_lookup(obj, json_string_value(key->u.j), out);
         if (rc == 0)
             return 0;
+        if (rc == -ENOMEM)
+            return oom(e);
         if (rc == -EPERM)
             return mm_tpl_fail(e, -EINVAL, "access to attribute '%s' of 'dict' object is unsafe",
                                json_string_value(key->u.j));
@@ -892,6 +902,8 @@ int mm_tpl_call(mm_tpl_ectx *e, const mm_tpl_val *fn, size_t npos, mm_tpl_val *p
     switch (fn->u.fn->fkind) {
     case MM_FN_GLOBAL: return mm_tpl_call_global(e, fn->u.fn, &a, out);
     case MM_FN_METHOD: return mm_tpl_call_method(e, fn->u.fn, &a, out);
+    /* every mm_tpl_ectx is the first member of an evalctx (see
+     * mm_tpl_eval_render), and a macro body needs the evaluator's state */
     default: return call_macro((evalctx *)e, fn->u.fn, &a, out);
     }
 }
@@ -1136,7 +1148,10 @@ static int assign(evalctx *E, mm_tpl_frame *f, const mm_tpl_node *target, mm_tpl
         return frame_set(e, f, target->name, v);
     if (target->kind == MM_E_NSREF) {
         mm_tpl_val ns;
-        lookup(e, f, target->name, &ns);
+        if ((rc = lookup(e, f, target->name, &ns))) {
+            mm_tpl_unref(v);
+            return rc;
+        }
         if (ns.kind != MM_TV_NS) {
             mm_tpl_unref(&ns);
             mm_tpl_unref(v);
@@ -1421,10 +1436,7 @@ static int exec_stmt(evalctx *E, mm_tpl_frame *f, const mm_tpl_node *n)
         return rc;
     }
     default:
-        if (n->kind >= MM_E_CONST) {
-            /* the parser only puts statements in bodies */
-            return mm_tpl_fail(e, -ENOTSUP, "statement kind %d", n->kind);
-        }
+        /* the parser only puts statements in bodies */
         return mm_tpl_fail(e, -ENOTSUP, "statement kind %d", n->kind);
     }
     mm_tpl_unref(&v);

@@ -239,6 +239,8 @@ static int f_attr(mm_tpl_ectx *e, const mm_tpl_val *in, const mm_tpl_args *a, mm
         int rc = mm_tpl_method_lookup(in, SV(s[0]), out);
         if (rc == 0)
             return 0;
+        if (rc == -ENOMEM)
+            return oom(e);
         *out = mm_tpl_undef(SV(s[0]), "dict");
         return 0;
     }

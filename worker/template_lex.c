@@ -331,19 +331,15 @@ static int lex_tag(lexer *L, int block, int open_line)
         if (depth == 0) {
             char closer = block ? '%' : '}';
             size_t end = 0;
-            int sign = 0;
             if (block && c == '+' && i + 2 < n && s[i + 1] == '%' && s[i + 2] == '}') {
-                end = i + 3;
-                sign = '+';
+                end = i + 3;                        /* "+%}": keep the newline */
             } else if (c == '-' && i + 2 < n && s[i + 1] == closer && s[i + 2] == '}') {
-                end = skip_space(s, n, i + 3);
-                sign = '-';
+                end = skip_space(s, n, i + 3);      /* "-%}", "-}}": eat all */
             } else if (c == closer && i + 1 < n && s[i + 1] == '}') {
                 end = i + 2;
                 if (block && end < n && s[end] == '\n')
                     end++;      /* trim_blocks */
             }
-            (void)sign;
             if (end) {
                 if (!push(L, block ? MM_TK_BLOCK_END : MM_TK_VAR_END, L->line))
                     return oom(L);
@@ -478,7 +474,8 @@ static int lex_tag(lexer *L, int block, int open_line)
 }
 
 /* Match "{%[-+]?\s*<word>\s*(-%}\s*|+%}|%}\n?)" at i; the end offset or 0.
- * with_plus / with_nl: whether "+%}" and the trim_blocks newline apply. */
+ * end_rules: whether "+%}" and the trim_blocks newline apply (Jinja's raw
+ * begin has neither, its endraw both). */
 static size_t match_word_tag(const char *s, size_t n, size_t i, const char *word,
                              int *sign, int end_rules)
 {

@@ -370,6 +370,29 @@ TEST(dict_methods)
             "['x', 'y'] [1, [2]] [('x', 1), ('y', [2])] None 2");
 }
 
+TEST(python_corners)
+{
+    RENDERS("{% if true: %}a{% elif x: %}b{% else: %}c{% endif %}{% for i in [1]: %}{{ i }}{% endfor %}",
+            NULL,
+            "a1");
+    RENDERS("{% set caf\303\251 = '\303\274' %}{{ caf\303\251 }}{{ d[1, 2] is defined }}{{ 0x1F }}{{ 1_000 }}{{ 'a' 'b' }}",
+            "{\"d\": {\"a\": 1}}",
+            "\303\274False311000ab");
+    RENDERS("{{ s }}|{{ [s] }}|{{ s|tojson(ensure_ascii=true) }}",
+            "{\"s\": \"\177\302\240\342\200\213\357\277\277\360\237\230\200'\\\"\"}",
+            "\177\302\240\342\200\213\357\277\277\360\237\230\200'\"|['\\x7f\\xa0\\u200b\\uffff\360\237\230\200\\'\"']|\"\\u007f\\u00a0\\u200b\\uffff\\ud83d\\ude00'\\\"\"");
+    RENDERS("{{ '%s and %s' % ('a', [1]) }} {{ '%d%%' % 50 }} {{ 'no args' % [] }}",
+            NULL,
+            "a and [1] 50% no args");
+    RENDERS("{% set g = msgs|selectattr('role', 'eq', 'user') %}{{ g|list|length }}{{ g|list|length }}|{{ (msgs|map(attribute='role')|first) }}",
+            "{\"msgs\": [{\"role\": \"system\", \"content\": \"Be nice.\"}, {\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}]}",
+            "10|system");
+    RENDERS("{{ (1, 2) + (3,) }} {{ (1, 2)[1:] }} {{ d.items()|first }} {{ range(2, 8, 3)|list }} {{ range(3)[1] }}",
+            "{\"d\": {\"k\": \"v\"}}",
+            "(1, 2, 3) (2,) ('k', 'v') [2, 5] 1");
+}
+
+
 /* ---- errors name the construct and the line ---- */
 TEST(syntax_errors)
 {
@@ -814,6 +837,7 @@ int main(void)
     RUN(string_methods);
     RUN(indexing_and_slicing);
     RUN(dict_methods);
+    RUN(python_corners);
     RUN(syntax_errors);
     RUN(unsupported_constructs_refused_at_compile);
     RUN(runtime_errors);
