@@ -138,7 +138,7 @@ static json_t *stats_json(mm_admin *a)
     return out;
 }
 
-static void respond_json(mm_http_exchange *ex, int status, json_t *j)
+void mm_admin_reply_json(mm_http_exchange *ex, int status, json_t *j)
 {
     char *s = json_dumps(j, JSON_COMPACT);
     json_decref(j);
@@ -247,7 +247,7 @@ static void admin_handle(mm_http_exchange *ex, void *arg)
     const mm_http_request *q = &ex->req;
     int get = q->method_len == 3 && memcmp(q->method, "GET", 3) == 0;
     if (get && path_is(q, "/health")) {
-        respond_json(ex, 200, json_pack("{s:s}", "status", "ok"));
+        mm_admin_reply_json(ex, 200, json_pack("{s:s}", "status", "ok"));
         return;
     }
     if (get && path_is(q, "/dashboard")) {
@@ -261,12 +261,12 @@ static void admin_handle(mm_http_exchange *ex, void *arg)
     }
     if (get && path_is(q, "/admin/backends")) {
         mm_router *r = mm_runtime_acquire(a->rt);
-        respond_json(ex, 200, backends_json(r));
+        mm_admin_reply_json(ex, 200, backends_json(r));
         mm_router_unref(r);
         return;
     }
     if (get && path_is(q, "/admin/stats")) {
-        respond_json(ex, 200, stats_json(a));
+        mm_admin_reply_json(ex, 200, stats_json(a));
         return;
     }
     if (mm_admin_models_route(a->rt, a->workers, a->workers_arg, ex))

@@ -9,18 +9,6 @@
 #include "log.h"
 #include "router.h"
 
-static void reply(mm_http_exchange *ex, int status, json_t *j)
-{
-    char *s = json_dumps(j, JSON_COMPACT);
-    json_decref(j);
-    if (!s) {
-        mm_http_respond_error(ex, 500, NULL, NULL, "out of memory");
-        return;
-    }
-    mm_http_respond(ex, status, "Content-Type: application/json\r\nCache-Control: no-store\r\n", s,
-                    strlen(s));
-    free(s);
-}
 
 static json_t *backend_state(mm_pool *p, size_t i)
 {
@@ -79,7 +67,7 @@ static void list_models(mm_runtime *rt, mm_admin_workers_fn workers, void *warg,
     json_t *out = json_pack("{s:I, s:o}", "generation", (json_int_t)mm_runtime_generation(rt),
                             "models", arr);
     mm_router_unref(r);
-    reply(ex, 200, out);
+    mm_admin_reply_json(ex, 200, out);
 }
 
 /* The index of the model named name in doc's "models", or -1. */
@@ -109,7 +97,7 @@ static void apply_doc(mm_runtime *rt, json_t *doc, mm_http_exchange *ex, int sta
                               "configuration not changed: %s", err);
         return;
     }
-    reply(ex, status, ok);
+    mm_admin_reply_json(ex, status, ok);
 }
 
 static json_t *parse_body(mm_http_exchange *ex)
@@ -316,7 +304,7 @@ int mm_admin_models_route(mm_runtime *rt, mm_admin_workers_fn workers, void *war
                 found = model_json(r, i, workers, warg);
         mm_router_unref(r);
         if (found)
-            reply(ex, 200, found);
+            mm_admin_reply_json(ex, 200, found);
         else
             mm_http_respond_error(ex, 404, "name", NULL, "no model named %s", name);
         is = 1;

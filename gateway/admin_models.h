@@ -10,6 +10,9 @@
 #include "httpd.h"
 #include "runtime.h"
 
+/* Answer with j (reference taken) as JSON, not cached. */
+void mm_admin_reply_json(mm_http_exchange *ex, int status, json_t *j);
+
 /* Workers of a model, for GET (may be NULL): a new JSON array. */
 typedef json_t *(*mm_admin_workers_fn)(void *arg, const char *model);
 

@@ -36,6 +36,7 @@
 #include <cblas.h>
 #include <immintrin.h>
 
+#include "errmsg.h"
 #include "backend.h"
 #include "model.h"
 
@@ -58,17 +59,6 @@
  * would cost more than the work. */
 #define SPIN_NS 200000
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static uint64_t now_ns(void)
 {
@@ -936,35 +926,35 @@ static int cpu_forward(mm_backend *base, const mm_batch_seq *seqs, int nseqs, fl
     for (int i = 0; i < nseqs; i++) {
         const mm_batch_seq *q = &seqs[i];
         if (q->slot < 0 || q->slot >= base->max_seqs) {
-            seterr(err, errlen, "sequence %d: slot %d out of range [0, %d)", i, q->slot,
+            mm_errf(err, errlen, "sequence %d: slot %d out of range [0, %d)", i, q->slot,
                    base->max_seqs);
             return -EINVAL;
         }
         if (q->n_tokens < 0 || q->pos < 0 || q->pos > b->slot_len[q->slot] ||
             q->n_tokens > base->max_len - q->pos || (q->n_tokens && !q->tokens)) {
-            seterr(err, errlen, "sequence %d: %d tokens at position %d (slot %d holds %d, max %d)",
+            mm_errf(err, errlen, "sequence %d: %d tokens at position %d (slot %d holds %d, max %d)",
                    i, q->n_tokens, q->pos, q->slot, b->slot_len[q->slot], base->max_len);
             return -EINVAL;
         }
         if (q->want == MM_LOGITS_LAST && q->n_tokens == 0) {
-            seterr(err, errlen, "sequence %d: logits wanted for no tokens", i);
+            mm_errf(err, errlen, "sequence %d: logits wanted for no tokens", i);
             return -EINVAL;
         }
         for (int j = 0; j < i; j++)
             if (seqs[j].slot == q->slot) {
-                seterr(err, errlen, "sequences %d and %d share slot %d", j, i, q->slot);
+                mm_errf(err, errlen, "sequences %d and %d share slot %d", j, i, q->slot);
                 return -EINVAL;
             }
         for (int t = 0; t < q->n_tokens; t++)
             if (q->tokens[t] < 0 || q->tokens[t] >= c->vocab_size) {
-                seterr(err, errlen, "sequence %d: token %d out of range [0, %d)", i,
+                mm_errf(err, errlen, "sequence %d: token %d out of range [0, %d)", i,
                        (int)q->tokens[t], c->vocab_size);
                 return -EINVAL;
             }
     }
     step *s = malloc(sizeof *s);
     if (!s) {
-        seterr(err, errlen, "out of memory");
+        mm_errf(err, errlen, "out of memory");
         return -ENOMEM;
     }
     s->T = s->nseg = s->nout = 0;
@@ -1052,7 +1042,7 @@ static size_t place_all(cpu_backend *b, const mm_model *m, char *base)
 static int copy_weights(cpu_backend *b, const mm_model *m, char *err, size_t errlen)
 {
     if (!(b->w.layers = calloc((size_t)m->cfg.num_hidden_layers, sizeof *b->w.layers))) {
-        seterr(err, errlen, "out of memory");
+        mm_errf(err, errlen, "out of memory");
         return -ENOMEM;
     }
     size_t huge = (size_t)2 << 20;
@@ -1061,7 +1051,7 @@ static int copy_weights(cpu_backend *b, const mm_model *m, char *err, size_t err
                    0);
     if (p == MAP_FAILED) {
         int e = errno;
-        seterr(err, errlen, "weights: cannot map %zu bytes: %s", b->w.map_bytes, strerror(e));
+        mm_errf(err, errlen, "weights: cannot map %zu bytes: %s", b->w.map_bytes, strerror(e));
         return -e;
     }
     b->w.map = p;
@@ -1129,12 +1119,12 @@ int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_ba
     int rc = -EINVAL;
     *out = NULL;
     if (o->max_seqs < 1 || o->max_seqs > 4096 || o->max_len < 1 || o->max_len > (1 << 24)) {
-        seterr(err, errlen, "max_seqs %d / max_len %d out of range", o->max_seqs, o->max_len);
+        mm_errf(err, errlen, "max_seqs %d / max_len %d out of range", o->max_seqs, o->max_len);
         return -EINVAL;
     }
     cpu_backend *b = calloc(1, sizeof *b);
     if (!b) {
-        seterr(err, errlen, "out of memory");
+        mm_errf(err, errlen, "out of memory");
         return -ENOMEM;
     }
     b->base.ops = &cpu_ops;
@@ -1184,14 +1174,14 @@ int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_ba
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (b->kc == MAP_FAILED) {
         b->kc = NULL;
-        seterr(err, errlen, "KV cache: cannot map %zu bytes", b->cache_bytes);
+        mm_errf(err, errlen, "KV cache: cannot map %zu bytes", b->cache_bytes);
         goto fail;
     }
     b->vc = mmap(NULL, b->cache_bytes, PROT_READ | PROT_WRITE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (b->vc == MAP_FAILED) {
         b->vc = NULL;
-        seterr(err, errlen, "KV cache: cannot map %zu bytes", b->cache_bytes);
+        mm_errf(err, errlen, "KV cache: cannot map %zu bytes", b->cache_bytes);
         goto fail;
     }
     b->max_in = H > IS ? H : IS;
@@ -1218,18 +1208,18 @@ int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_ba
         !(b->xeo = falloc((size_t)STEP_TOKENS * b->xeo_ld)) ||
         !(b->wbuf = calloc((size_t)b->threads, sizeof *b->wbuf)) ||
         !(b->sbuf = calloc((size_t)b->threads, sizeof *b->sbuf))) {
-        seterr(err, errlen, "out of memory");
+        mm_errf(err, errlen, "out of memory");
         goto fail;
     }
     for (int i = 0; i < b->threads; i++)
         if (!(b->wbuf[i] = falloc((size_t)GEMM_CHUNK_ROWS * b->max_in)) ||
             !(b->sbuf[i] = falloc((size_t)ATT_QBLOCK * o->max_len))) {
-            seterr(err, errlen, "out of memory");
+            mm_errf(err, errlen, "out of memory");
             goto fail;
         }
     float *inv = falloc((size_t)half);
     if (!inv) {
-        seterr(err, errlen, "out of memory");
+        mm_errf(err, errlen, "out of memory");
         goto fail;
     }
     mm_model_rope_inv_freq(c, inv);
@@ -1245,7 +1235,7 @@ int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_ba
     if ((rc = copy_weights(b, m, err, errlen)) < 0)
         goto fail;
     if ((rc = pool_new(b->threads, &b->pool)) < 0) {
-        seterr(err, errlen, "thread pool: %s", strerror(-rc));
+        mm_errf(err, errlen, "thread pool: %s", strerror(-rc));
         goto fail;
     }
     *out = &b->base;

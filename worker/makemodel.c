@@ -5,6 +5,7 @@
  * sum of four uniforms (close enough to normal for logits that are not
  * degenerate), scaled to std. Norm weights sit near 1 with visible spread,
  * so a backend that forgot to apply them would disagree with a reference. */
+#include "errmsg.h"
 #include "makemodel.h"
 
 #include <errno.h>
@@ -16,17 +17,6 @@
 #include <string.h>
 #include <sys/stat.h>
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 void mm_makemodel_defaults(mm_makemodel_opts *o)
 {
@@ -91,7 +81,7 @@ int mm_makemodel_arg(mm_makemodel_opts *o, const char *flag, const char *value, 
         if (strcmp(flag, ints[i].flag))
             continue;
         if (parse_ll(value, ints[i].lo, ints[i].hi, &v) < 0) {
-            seterr(err, errlen, "%s: expected an integer in [%lld, %lld]", flag, ints[i].lo,
+            mm_errf(err, errlen, "%s: expected an integer in [%lld, %lld]", flag, ints[i].lo,
                    ints[i].hi);
             return -EINVAL;
         }
@@ -100,7 +90,7 @@ int mm_makemodel_arg(mm_makemodel_opts *o, const char *flag, const char *value, 
     }
     if (strcmp(flag, "--seed") == 0) {
         if (parse_ll(value, 0, INT64_MAX, &v) < 0) {
-            seterr(err, errlen, "--seed: expected a non-negative integer");
+            mm_errf(err, errlen, "--seed: expected a non-negative integer");
             return -EINVAL;
         }
         o->seed = (uint64_t)v;
@@ -108,7 +98,7 @@ int mm_makemodel_arg(mm_makemodel_opts *o, const char *flag, const char *value, 
     }
     if (strcmp(flag, "--arch") == 0) {
         if (!value || (strcmp(value, "llama") && strcmp(value, "qwen2") && strcmp(value, "mistral"))) {
-            seterr(err, errlen, "--arch: expected llama, qwen2 or mistral");
+            mm_errf(err, errlen, "--arch: expected llama, qwen2 or mistral");
             return -EINVAL;
         }
         snprintf(o->arch, sizeof o->arch, "%s", value);
@@ -122,7 +112,7 @@ int mm_makemodel_arg(mm_makemodel_opts *o, const char *flag, const char *value, 
         else if (value && strcmp(value, "f32") == 0)
             o->dtype = MM_DT_F32;
         else {
-            seterr(err, errlen, "--dtype: expected bf16, f16 or f32");
+            mm_errf(err, errlen, "--dtype: expected bf16, f16 or f32");
             return -EINVAL;
         }
         return 1;
@@ -131,13 +121,13 @@ int mm_makemodel_arg(mm_makemodel_opts *o, const char *flag, const char *value, 
         char *end;
         double d = value ? strtod(value, &end) : 0;
         if (!value || !*value || *end || !(d > 0 && d < 1e12)) {
-            seterr(err, errlen, "%s: expected a positive number", flag);
+            mm_errf(err, errlen, "%s: expected a positive number", flag);
             return -EINVAL;
         }
         *(flag[2] == 's' ? &o->std : &o->rope_theta) = d;
         return 1;
     }
-    seterr(err, errlen, "unknown option %s", flag);
+    mm_errf(err, errlen, "unknown option %s", flag);
     return -EINVAL;
 }
 
@@ -268,7 +258,7 @@ static int write_weights(const char *path, const mm_makemodel_opts *o, char *err
     unsigned char *out = malloc(CHUNK * 4);
     FILE *fp = NULL;
     if (!d || !sd || !buf || !out) {
-        seterr(err, errlen, "%s: out of memory", path);
+        mm_errf(err, errlen, "%s: out of memory", path);
         goto out;
     }
     list_weights(o, d);
@@ -281,7 +271,7 @@ static int write_weights(const char *path, const mm_makemodel_opts *o, char *err
     }
     if (!(fp = fopen(path, "wb"))) {
         rc = -errno;
-        seterr(err, errlen, "%s: %s", path, strerror(errno));
+        mm_errf(err, errlen, "%s: %s", path, strerror(errno));
         goto out;
     }
     if ((rc = mm_st_write_header(fp, sd, n, err, errlen)) < 0)
@@ -307,7 +297,7 @@ static int write_weights(const char *path, const mm_makemodel_opts *o, char *err
             }
             if (fwrite(out, es, m, fp) != m) {
                 rc = -EIO;
-                seterr(err, errlen, "%s: write failed", path);
+                mm_errf(err, errlen, "%s: write failed", path);
                 goto out;
             }
         }
@@ -316,7 +306,7 @@ static int write_weights(const char *path, const mm_makemodel_opts *o, char *err
 out:
     if (fp && fclose(fp) != 0 && rc == 0) {
         rc = -EIO;
-        seterr(err, errlen, "%s: write failed", path);
+        mm_errf(err, errlen, "%s: write failed", path);
     }
     free(d);
     free(sd);
@@ -462,7 +452,7 @@ static int train_bpe(bpe *t, int want, char *err, size_t errlen)
     rc = 0;
 out:
     if (rc < 0)
-        seterr(err, errlen, "tokenizer: out of memory");
+        mm_errf(err, errlen, "tokenizer: out of memory");
     free(sym);
     free(word);
     free(cnt);
@@ -493,7 +483,7 @@ static int dump(json_t *j, const char *dir, const char *name, char *err, size_t 
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     if (!j || json_dump_file(j, path, JSON_INDENT(2) | JSON_PRESERVE_ORDER) < 0) {
-        seterr(err, errlen, "%s: cannot write", path);
+        mm_errf(err, errlen, "%s: cannot write", path);
         json_decref(j);
         return -EIO;
     }
@@ -508,7 +498,7 @@ static int write_tokenizer(const char *dir, const mm_makemodel_opts *o, int *fir
     int rc = -ENOMEM;
     json_t *tok = NULL;
     if (!t) {
-        seterr(err, errlen, "tokenizer: out of memory");
+        mm_errf(err, errlen, "tokenizer: out of memory");
         return rc;
     }
     int room = o->vocab - 256 - 3;
@@ -583,7 +573,7 @@ static int write_tokenizer(const char *dir, const mm_makemodel_opts *o, int *fir
     rc = dump(cfg, dir, "tokenizer_config.json", err, errlen);
     goto out;
 fail_json:
-    seterr(err, errlen, "tokenizer: out of memory");
+    mm_errf(err, errlen, "tokenizer: out of memory");
 out:
     json_decref(tok);
     for (int i = 0; i < t->ntok; i++)
@@ -619,7 +609,7 @@ static int write_configs(const char *dir, const mm_makemodel_opts *o, int eot, c
         o->rope_theta, "tie_word_embeddings", arch_tied(o), "hidden_act", "silu", "torch_dtype",
         dt, "bos_token_id", eot, "eos_token_id", im_end, "attention_dropout", 0.0, "use_cache", 1);
     if (!c) {
-        seterr(err, errlen, "config.json: out of memory");
+        mm_errf(err, errlen, "config.json: out of memory");
         return -ENOMEM;
     }
     if (strcmp(o->arch, "llama") == 0 && o->llama3_rope)
@@ -650,13 +640,13 @@ int mm_makemodel(const char *dir, const mm_makemodel_opts *o, char *err, size_t 
 {
     int hd = head_dim(o);
     if (strcmp(o->arch, "llama") && strcmp(o->arch, "qwen2") && strcmp(o->arch, "mistral")) {
-        seterr(err, errlen, "unknown arch \"%s\" (llama, qwen2, mistral)", o->arch);
+        mm_errf(err, errlen, "unknown arch \"%s\" (llama, qwen2, mistral)", o->arch);
         return -EINVAL;
     }
     if (o->layers < 1 || o->hidden < 2 || o->heads < 1 || o->kv_heads < 1 ||
         o->heads % o->kv_heads || hd < 2 || hd % 2 || (!o->head_dim && o->hidden % o->heads) ||
         o->intermediate < 1 || o->vocab < 259 || o->max_pos < 1 || !(o->std > 0)) {
-        seterr(err, errlen,
+        mm_errf(err, errlen,
                "bad shape: layers %d hidden %d heads %d kv_heads %d head_dim %d intermediate %d "
                "vocab %d (>= 259) max_pos %d",
                o->layers, o->hidden, o->heads, o->kv_heads, hd, o->intermediate, o->vocab,
@@ -664,18 +654,18 @@ int mm_makemodel(const char *dir, const mm_makemodel_opts *o, char *err, size_t 
         return -EINVAL;
     }
     if (o->dtype != MM_DT_BF16 && o->dtype != MM_DT_F16 && o->dtype != MM_DT_F32) {
-        seterr(err, errlen, "dtype must be BF16, F16 or F32");
+        mm_errf(err, errlen, "dtype must be BF16, F16 or F32");
         return -EINVAL;
     }
     if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
         int e = errno;
-        seterr(err, errlen, "%s: %s", dir, strerror(e));
+        mm_errf(err, errlen, "%s: %s", dir, strerror(e));
         return -e;
     }
     int rc, eot = 0;
     char path[4096];
     if ((size_t)snprintf(path, sizeof path, "%s/model.safetensors", dir) >= sizeof path) {
-        seterr(err, errlen, "%s: path too long", dir);
+        mm_errf(err, errlen, "%s: path too long", dir);
         return -ENAMETOOLONG;
     }
     if ((rc = write_tokenizer(dir, o, &eot, err, errlen)) < 0 ||

@@ -2,6 +2,7 @@
  * loading a model directory's weights with every tensor checked up front,
  * so a bad checkpoint fails at start-up with one message instead of
  * crashing mid-request. */
+#include "errmsg.h"
 #include "model.h"
 
 #include <errno.h>
@@ -19,17 +20,6 @@
 /* config.json files are a few KB; anything near this is not one. */
 #define CONFIG_MAX (4u * 1024 * 1024)
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 const char *mm_arch_name(mm_arch a)
 {
@@ -50,13 +40,13 @@ static int get_int(json_t *o, const char *key, int required, long long lo, long 
     json_t *j = json_object_get(o, key);
     if (!j || json_is_null(j)) {
         if (required) {
-            seterr(err, errlen, "%s: missing %s", name, key);
+            mm_errf(err, errlen, "%s: missing %s", name, key);
             return -EINVAL;
         }
         return 0;
     }
     if (!json_is_integer(j) || json_integer_value(j) < lo || json_integer_value(j) > hi) {
-        seterr(err, errlen, "%s: %s must be an integer in [%lld, %lld]", name, key, lo, hi);
+        mm_errf(err, errlen, "%s: %s must be an integer in [%lld, %lld]", name, key, lo, hi);
         return -EINVAL;
     }
     *v = (int)json_integer_value(j);
@@ -70,7 +60,7 @@ static int get_num(json_t *o, const char *key, double lo, double hi, double *v, 
     if (!j || json_is_null(j))
         return 0;
     if (!json_is_number(j) || !(json_number_value(j) >= lo && json_number_value(j) <= hi)) {
-        seterr(err, errlen, "%s: %s must be a number in [%g, %g]", name, key, lo, hi);
+        mm_errf(err, errlen, "%s: %s must be a number in [%g, %g]", name, key, lo, hi);
         return -EINVAL;
     }
     *v = json_number_value(j);
@@ -84,7 +74,7 @@ static int get_bool(json_t *o, const char *key, int *v, const char *name, char *
     if (!j || json_is_null(j))
         return 0;
     if (!json_is_boolean(j)) {
-        seterr(err, errlen, "%s: %s must be true or false", name, key);
+        mm_errf(err, errlen, "%s: %s must be true or false", name, key);
         return -EINVAL;
     }
     *v = json_is_true(j);
@@ -111,7 +101,7 @@ static int parse_special_ids(json_t *root, mm_model_config *c, const char *name,
         json_integer_value(bos) <= INT32_MAX)
         c->bos_token_id = (int)json_integer_value(bos);
     else if (bos && !json_is_null(bos)) {
-        seterr(err, errlen, "%s: bos_token_id must be a non-negative integer", name);
+        mm_errf(err, errlen, "%s: bos_token_id must be a non-negative integer", name);
         return -EINVAL;
     }
     json_t *eos = json_object_get(root, "eos_token_id");
@@ -122,12 +112,12 @@ static int parse_special_ids(json_t *root, mm_model_config *c, const char *name,
         json_t *e = json_is_array(eos) ? json_array_get(eos, i) : eos;
         if (!json_is_integer(e) || json_integer_value(e) < 0 ||
             json_integer_value(e) > INT32_MAX) {
-            seterr(err, errlen, "%s: eos_token_id must be an integer or a list of integers",
+            mm_errf(err, errlen, "%s: eos_token_id must be an integer or a list of integers",
                    name);
             return -EINVAL;
         }
         if (add_stop(c, (int)json_integer_value(e)) < 0) {
-            seterr(err, errlen, "%s: more than %d eos_token_id values", name, MM_MODEL_MAX_STOP);
+            mm_errf(err, errlen, "%s: more than %d eos_token_id values", name, MM_MODEL_MAX_STOP);
             return -EINVAL;
         }
     }
@@ -147,11 +137,11 @@ static int parse_rope(json_t *root, mm_model_config *c, const char *name, char *
     if ((rc = get_num(root, "rope_theta", 1e-3, 1e12, &c->rope.theta, name, err, errlen)) < 0)
         return rc;
     if (rp && !json_is_null(rp) && !json_is_object(rp)) {
-        seterr(err, errlen, "%s: rope_parameters must be an object", name);
+        mm_errf(err, errlen, "%s: rope_parameters must be an object", name);
         return -EINVAL;
     }
     if (rs && !json_is_null(rs) && !json_is_object(rs)) {
-        seterr(err, errlen, "%s: rope_scaling must be an object or null", name);
+        mm_errf(err, errlen, "%s: rope_scaling must be an object or null", name);
         return -EINVAL;
     }
     c->rope.type = MM_ROPE_DEFAULT;
@@ -185,12 +175,12 @@ static int parse_rope(json_t *root, mm_model_config *c, const char *name, char *
                           &c->rope.original_max_position_embeddings, name, err, errlen)) < 0)
             return rc;
         if (!(c->rope.high_freq_factor > c->rope.low_freq_factor)) {
-            seterr(err, errlen, "%s: llama3 rope needs high_freq_factor > low_freq_factor", name);
+            mm_errf(err, errlen, "%s: llama3 rope needs high_freq_factor > low_freq_factor", name);
             return -EINVAL;
         }
         return 0;
     }
-    seterr(err, errlen, "%s: rope type \"%s\" not supported (default, linear, llama3)", name,
+    mm_errf(err, errlen, "%s: rope type \"%s\" not supported (default, linear, llama3)", name,
            type);
     return -EINVAL;
 }
@@ -217,7 +207,7 @@ static int parse_arch(json_t *root, mm_model_config *c, const char *name, char *
             snprintf(c->architecture, sizeof c->architecture, "%s", known[i].cls);
             return 0;
         }
-    seterr(err, errlen,
+    mm_errf(err, errlen,
            "%s: unsupported architecture \"%s\" (supported: LlamaForCausalLM, "
            "Qwen2ForCausalLM, MistralForCausalLM)",
            name, cls ? cls : type ? type : "(none given)");
@@ -234,7 +224,7 @@ static int parse_dtype(json_t *root, mm_model_config *c, const char *name, char 
         return 0;
     const char *s = json_string_value(d);
     if (!s || (strcmp(s, "bfloat16") && strcmp(s, "float16") && strcmp(s, "float32"))) {
-        seterr(err, errlen, "%s: dtype %s not supported (bfloat16, float16, float32)", name,
+        mm_errf(err, errlen, "%s: dtype %s not supported (bfloat16, float16, float32)", name,
                s ? s : "(not a string)");
         return -EINVAL;
     }
@@ -251,7 +241,7 @@ int mm_model_config_parse(const char *text, size_t len, const char *name, mm_mod
     c->bos_token_id = -1;
     json_t *root = json_loadb(text, len, 0, &je);
     if (!root || !json_is_object(root)) {
-        seterr(err, errlen, "%s: %s (line %d)", name, root ? "not a JSON object" : je.text,
+        mm_errf(err, errlen, "%s: %s (line %d)", name, root ? "not a JSON object" : je.text,
                root ? 0 : je.line);
         goto out;
     }
@@ -260,12 +250,12 @@ int mm_model_config_parse(const char *text, size_t len, const char *name, mm_mod
         goto out;
     rc = -EINVAL;
     if (json_object_get(root, "quantization_config")) {
-        seterr(err, errlen, "%s: quantized checkpoints are not supported", name);
+        mm_errf(err, errlen, "%s: quantized checkpoints are not supported", name);
         goto out;
     }
     json_t *act = json_object_get(root, "hidden_act");
     if (act && (!json_is_string(act) || strcmp(json_string_value(act), "silu") != 0)) {
-        seterr(err, errlen, "%s: hidden_act must be \"silu\"", name);
+        mm_errf(err, errlen, "%s: hidden_act must be \"silu\"", name);
         goto out;
     }
     c->max_position_embeddings = c->arch == MM_ARCH_LLAMA ? 2048 : 32768;
@@ -296,18 +286,18 @@ int mm_model_config_parse(const char *text, size_t len, const char *name, mm_mod
         c->num_key_value_heads = c->num_attention_heads;
     if (c->head_dim < 0) {
         if (c->hidden_size % c->num_attention_heads) {
-            seterr(err, errlen, "%s: hidden_size %d not divisible by num_attention_heads %d",
+            mm_errf(err, errlen, "%s: hidden_size %d not divisible by num_attention_heads %d",
                    name, c->hidden_size, c->num_attention_heads);
             goto out;
         }
         c->head_dim = c->hidden_size / c->num_attention_heads;
     }
     if (c->head_dim % 2) {
-        seterr(err, errlen, "%s: head_dim %d must be even for RoPE", name, c->head_dim);
+        mm_errf(err, errlen, "%s: head_dim %d must be even for RoPE", name, c->head_dim);
         goto out;
     }
     if (c->num_attention_heads % c->num_key_value_heads) {
-        seterr(err, errlen, "%s: num_attention_heads %d not a multiple of num_key_value_heads %d",
+        mm_errf(err, errlen, "%s: num_attention_heads %d not a multiple of num_key_value_heads %d",
                name, c->num_attention_heads, c->num_key_value_heads);
         goto out;
     }
@@ -318,13 +308,13 @@ int mm_model_config_parse(const char *text, size_t len, const char *name, mm_mod
         goto out;
     rc = -EINVAL;
     if (mlp_bias) {
-        seterr(err, errlen, "%s: mlp_bias is not supported", name);
+        mm_errf(err, errlen, "%s: mlp_bias is not supported", name);
         goto out;
     }
     if (c->arch == MM_ARCH_QWEN2) {
         c->qkv_bias = 1;
         if (use_sw) {
-            seterr(err, errlen, "%s: use_sliding_window is not supported for Qwen2", name);
+            mm_errf(err, errlen, "%s: use_sliding_window is not supported for Qwen2", name);
             goto out;
         }
     } else if (c->arch == MM_ARCH_LLAMA) {
@@ -347,7 +337,7 @@ int mm_model_generation_config_parse(const char *text, size_t len, const char *n
     int rc = -EINVAL;
     json_t *root = json_loadb(text, len, 0, &je);
     if (!root || !json_is_object(root)) {
-        seterr(err, errlen, "%s: %s (line %d)", name, root ? "not a JSON object" : je.text,
+        mm_errf(err, errlen, "%s: %s (line %d)", name, root ? "not a JSON object" : je.text,
                root ? 0 : je.line);
         goto out;
     }
@@ -406,18 +396,18 @@ static int read_text(const char *path, char **out, size_t *len, char *err, size_
     *out = NULL;
     if (!fp) {
         rc = -errno;
-        seterr(err, errlen, "%s: %s", path, strerror(errno));
+        mm_errf(err, errlen, "%s: %s", path, strerror(errno));
         return rc;
     }
     if (!(buf = malloc(CONFIG_MAX + 1))) {
         rc = -ENOMEM;
-        seterr(err, errlen, "%s: out of memory", path);
+        mm_errf(err, errlen, "%s: out of memory", path);
         goto out;
     }
     *len = fread(buf, 1, CONFIG_MAX + 1, fp);
     if (ferror(fp) || *len > CONFIG_MAX) {
         rc = ferror(fp) ? -EIO : -EFBIG;
-        seterr(err, errlen, "%s: %s", path, ferror(fp) ? "read error" : "too large");
+        mm_errf(err, errlen, "%s: %s", path, ferror(fp) ? "read error" : "too large");
         goto out;
     }
     buf[*len] = 0;
@@ -452,11 +442,11 @@ static int bind(loader *L, mm_weight *w, const char *name, int64_t rows, int64_t
 {
     const mm_st_tensor *t = mm_st_set_find(L->m->st, name);
     if (!t) {
-        seterr(L->err, L->errlen, "%s: tensor %s not found", mm_st_set_origin(L->m->st), name);
+        mm_errf(L->err, L->errlen, "%s: tensor %s not found", mm_st_set_origin(L->m->st), name);
         return -ENOENT;
     }
     if (t->dtype != MM_DT_BF16 && t->dtype != MM_DT_F16 && t->dtype != MM_DT_F32) {
-        seterr(L->err, L->errlen, "%s: tensor %s: dtype %s not supported (BF16, F16, F32)",
+        mm_errf(L->err, L->errlen, "%s: tensor %s: dtype %s not supported (BF16, F16, F32)",
                t->file, name, mm_dtype_name(t->dtype));
         return -EINVAL;
     }
@@ -472,14 +462,14 @@ static int bind(loader *L, mm_weight *w, const char *name, int64_t rows, int64_t
             snprintf(want, sizeof want, "%lld, %lld", (long long)rows, (long long)cols);
         else
             snprintf(want, sizeof want, "%lld", (long long)rows);
-        seterr(L->err, L->errlen, "%s: tensor %s: shape [%s], expected [%s]", t->file, name, got,
+        mm_errf(L->err, L->errlen, "%s: tensor %s: shape [%s], expected [%s]", t->file, name, got,
                want);
         return -EINVAL;
     }
     /* The kernels read elements in place; safetensors writers align the
      * data section, so a misaligned tensor means a malformed file. */
     if ((uintptr_t)t->data % mm_dtype_size(t->dtype)) {
-        seterr(L->err, L->errlen, "%s: tensor %s: data not aligned to its element size",
+        mm_errf(L->err, L->errlen, "%s: tensor %s: data not aligned to its element size",
                t->file, name);
         return -EINVAL;
     }
@@ -610,7 +600,7 @@ int mm_model_load(const char *dir, const mm_model_load_opts *o, mm_model **out, 
     if (err && errlen)
         err[0] = 0;
     if (!m || !(m->dir = strdup(dir)) || !(path = path_join(dir, "config.json"))) {
-        seterr(err, errlen, "%s: out of memory", dir);
+        mm_errf(err, errlen, "%s: out of memory", dir);
         goto fail;
     }
     if ((rc = read_text(path, &text, &len, err, errlen)) < 0 ||
@@ -651,7 +641,7 @@ int mm_model_load(const char *dir, const mm_model_load_opts *o, mm_model **out, 
     return 0;
 fail:
     if (rc == -ENOMEM && err && !err[0])
-        seterr(err, errlen, "%s: out of memory", dir);
+        mm_errf(err, errlen, "%s: out of memory", dir);
     free(path);
     free(text);
     mm_model_free(m);

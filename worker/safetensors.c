@@ -1,6 +1,7 @@
 /* safetensors.c: open, validate and index .safetensors files (mmap'd, so the
  * weights are paged in on demand and shared with the page cache), plus the
  * sharded layout that model.safetensors.index.json describes. */
+#include "errmsg.h"
 #include "safetensors.h"
 
 #include <errno.h>
@@ -53,17 +54,6 @@ struct mm_st_file {
     size_t        n;
 };
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static int cmp_name(const void *a, const void *b)
 {
@@ -92,19 +82,19 @@ static int parse_entry(const char *path, const char *name, json_t *v, const char
     json_t *joff = json_object_get(v, "data_offsets");
     if (!json_is_object(v) || !json_is_string(jdt) || !json_is_array(jshape) ||
         !json_is_array(joff)) {
-        seterr(err, errlen, "%s: tensor %s: header entry needs dtype, shape and data_offsets",
+        mm_errf(err, errlen, "%s: tensor %s: header entry needs dtype, shape and data_offsets",
                path, name);
         return -EINVAL;
     }
     int dt = mm_dtype_parse(json_string_value(jdt));
     if (dt < 0) {
-        seterr(err, errlen, "%s: tensor %s: unknown dtype \"%s\"", path, name,
+        mm_errf(err, errlen, "%s: tensor %s: unknown dtype \"%s\"", path, name,
                json_string_value(jdt));
         return -EINVAL;
     }
     size_t nd = json_array_size(jshape);
     if (nd > MM_ST_MAX_DIMS) {
-        seterr(err, errlen, "%s: tensor %s: %zu dimensions (at most %d)", path, name, nd,
+        mm_errf(err, errlen, "%s: tensor %s: %zu dimensions (at most %d)", path, name, nd,
                MM_ST_MAX_DIMS);
         return -EINVAL;
     }
@@ -114,12 +104,12 @@ static int parse_entry(const char *path, const char *name, json_t *v, const char
         json_t *d = json_array_get(jshape, i);
         if (!json_is_integer(d) || json_integer_value(d) < 0 ||
             json_integer_value(d) > ((int64_t)1 << 48)) {
-            seterr(err, errlen, "%s: tensor %s: bad shape entry %zu", path, name, i);
+            mm_errf(err, errlen, "%s: tensor %s: bad shape entry %zu", path, name, i);
             return -EINVAL;
         }
         t->shape[i] = json_integer_value(d);
         if (t->shape[i] && numel > ((int64_t)1 << 56) / t->shape[i]) {
-            seterr(err, errlen, "%s: tensor %s: shape too large", path, name);
+            mm_errf(err, errlen, "%s: tensor %s: shape too large", path, name);
             return -EINVAL;
         }
         numel *= t->shape[i];
@@ -127,13 +117,13 @@ static int parse_entry(const char *path, const char *name, json_t *v, const char
     json_t *jb = json_array_get(joff, 0), *je = json_array_get(joff, 1);
     if (json_array_size(joff) != 2 || !json_is_integer(jb) || !json_is_integer(je) ||
         json_integer_value(jb) < 0 || json_integer_value(je) < json_integer_value(jb)) {
-        seterr(err, errlen, "%s: tensor %s: data_offsets must be [begin, end] with begin <= end",
+        mm_errf(err, errlen, "%s: tensor %s: data_offsets must be [begin, end] with begin <= end",
                path, name);
         return -EINVAL;
     }
     uint64_t b = (uint64_t)json_integer_value(jb), e = (uint64_t)json_integer_value(je);
     if (e > data_len) {
-        seterr(err, errlen,
+        mm_errf(err, errlen,
                "%s: tensor %s: data_offsets [%llu, %llu) beyond the end of the data (%zu bytes; "
                "file truncated?)",
                path, name, (unsigned long long)b, (unsigned long long)e, data_len);
@@ -141,7 +131,7 @@ static int parse_entry(const char *path, const char *name, json_t *v, const char
     }
     uint64_t want = (uint64_t)numel * dtypes[dt].size;
     if (e - b != want) {
-        seterr(err, errlen, "%s: tensor %s: %llu bytes of data but shape and %s need %llu", path,
+        mm_errf(err, errlen, "%s: tensor %s: %llu bytes of data but shape and %s need %llu", path,
                name, (unsigned long long)(e - b), dtypes[dt].name, (unsigned long long)want);
         return -EINVAL;
     }
@@ -163,7 +153,7 @@ static int parse_header(mm_st_file *f, const char *hdr, size_t hlen, char *err, 
     int rc = -EINVAL;
     json_t *root = json_loadb(hdr, hlen, JSON_REJECT_DUPLICATES, &je);
     if (!root || !json_is_object(root)) {
-        seterr(err, errlen, "%s: header is not a JSON object%s%s", f->path, root ? "" : ": ",
+        mm_errf(err, errlen, "%s: header is not a JSON object%s%s", f->path, root ? "" : ": ",
                root ? "" : je.text);
         goto out;
     }
@@ -171,7 +161,7 @@ static int parse_header(mm_st_file *f, const char *hdr, size_t hlen, char *err, 
     f->t = calloc(cap ? cap : 1, sizeof *f->t);
     if (!f->t) {
         rc = -ENOMEM;
-        seterr(err, errlen, "%s: out of memory", f->path);
+        mm_errf(err, errlen, "%s: out of memory", f->path);
         goto out;
     }
     const char *key;
@@ -179,7 +169,7 @@ static int parse_header(mm_st_file *f, const char *hdr, size_t hlen, char *err, 
     json_object_foreach(root, key, v) {
         if (strcmp(key, "__metadata__") == 0) {
             if (!json_is_object(v)) {
-                seterr(err, errlen, "%s: __metadata__ is not an object", f->path);
+                mm_errf(err, errlen, "%s: __metadata__ is not an object", f->path);
                 goto out;
             }
             continue;
@@ -189,14 +179,14 @@ static int parse_header(mm_st_file *f, const char *hdr, size_t hlen, char *err, 
             goto out;
         if (!(t->name = strdup(key))) {
             rc = -ENOMEM;
-            seterr(err, errlen, "%s: out of memory", f->path);
+            mm_errf(err, errlen, "%s: out of memory", f->path);
             goto out;
         }
         f->n++;
     }
     rc = -ENOMEM;
     if (!(byoff = malloc((f->n ? f->n : 1) * sizeof *byoff))) {
-        seterr(err, errlen, "%s: out of memory", f->path);
+        mm_errf(err, errlen, "%s: out of memory", f->path);
         goto out;
     }
     for (size_t i = 0; i < f->n; i++)
@@ -206,7 +196,7 @@ static int parse_header(mm_st_file *f, const char *hdr, size_t hlen, char *err, 
     for (size_t i = 1; i < f->n; i++) {
         const mm_st_tensor *p = byoff[i - 1], *q = byoff[i];
         if ((const char *)p->data + p->nbytes > (const char *)q->data) {
-            seterr(err, errlen, "%s: tensor %s: data overlaps tensor %s", f->path, q->name,
+            mm_errf(err, errlen, "%s: tensor %s: data overlaps tensor %s", f->path, q->name,
                    p->name);
             goto out;
         }
@@ -226,27 +216,27 @@ int mm_st_open(const char *path, mm_st_file **out, char *err, size_t errlen)
     *out = NULL;
     if (!f || !(f->path = strdup(path))) {
         rc = -ENOMEM;
-        seterr(err, errlen, "%s: out of memory", path);
+        mm_errf(err, errlen, "%s: out of memory", path);
         goto fail;
     }
     if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
         rc = -errno;
-        seterr(err, errlen, "%s: %s", path, strerror(errno));
+        mm_errf(err, errlen, "%s: %s", path, strerror(errno));
         goto fail;
     }
     struct stat st;
     if (fstat(fd, &st) < 0) {
         rc = -errno;
-        seterr(err, errlen, "%s: %s", path, strerror(errno));
+        mm_errf(err, errlen, "%s: %s", path, strerror(errno));
         goto fail;
     }
     rc = -EINVAL;
     if (!S_ISREG(st.st_mode)) {
-        seterr(err, errlen, "%s: not a regular file", path);
+        mm_errf(err, errlen, "%s: not a regular file", path);
         goto fail;
     }
     if (st.st_size < 8) {
-        seterr(err, errlen, "%s: file too short (%lld bytes) for a safetensors header", path,
+        mm_errf(err, errlen, "%s: file too short (%lld bytes) for a safetensors header", path,
                (long long)st.st_size);
         goto fail;
     }
@@ -255,7 +245,7 @@ int mm_st_open(const char *path, mm_st_file **out, char *err, size_t errlen)
     if (f->map == MAP_FAILED) {
         f->map = NULL;
         rc = -errno;
-        seterr(err, errlen, "%s: mmap: %s", path, strerror(errno));
+        mm_errf(err, errlen, "%s: mmap: %s", path, strerror(errno));
         goto fail;
     }
     const unsigned char *p = f->map;
@@ -263,12 +253,12 @@ int mm_st_open(const char *path, mm_st_file **out, char *err, size_t errlen)
     for (int i = 7; i >= 0; i--)
         hlen = hlen << 8 | p[i];
     if (hlen > MM_ST_HEADER_MAX) {
-        seterr(err, errlen, "%s: header length %llu over the %u-byte cap", path,
+        mm_errf(err, errlen, "%s: header length %llu over the %u-byte cap", path,
                (unsigned long long)hlen, MM_ST_HEADER_MAX);
         goto fail;
     }
     if (hlen > f->size - 8) {
-        seterr(err, errlen, "%s: header length %llu beyond the end of the file (%zu bytes; "
+        mm_errf(err, errlen, "%s: header length %llu beyond the end of the file (%zu bytes; "
                "truncated?)", path, (unsigned long long)hlen, f->size);
         goto fail;
     }
@@ -340,13 +330,13 @@ static int set_add_file(mm_st_set *s, const char *dir, const char *name, char *e
 {
     char *path = join(dir, name);
     if (!path) {
-        seterr(err, errlen, "%s: out of memory", dir);
+        mm_errf(err, errlen, "%s: out of memory", dir);
         return -ENOMEM;
     }
     mm_st_file **nf = realloc(s->files, (s->nfiles + 1) * sizeof *nf);
     int rc = -ENOMEM;
     if (!nf) {
-        seterr(err, errlen, "%s: out of memory", dir);
+        mm_errf(err, errlen, "%s: out of memory", dir);
         goto out;
     }
     s->files = nf;
@@ -364,7 +354,7 @@ static int set_index(mm_st_set *s, char *err, size_t errlen)
     for (size_t i = 0; i < s->nfiles; i++)
         total += mm_st_file_count(s->files[i]);
     if (!(s->idx = malloc((total ? total : 1) * sizeof *s->idx))) {
-        seterr(err, errlen, "%s: out of memory", s->origin);
+        mm_errf(err, errlen, "%s: out of memory", s->origin);
         return -ENOMEM;
     }
     for (size_t i = 0; i < s->nfiles; i++)
@@ -373,7 +363,7 @@ static int set_index(mm_st_set *s, char *err, size_t errlen)
     qsort(s->idx, s->n, sizeof *s->idx, cmp_pname);
     for (size_t i = 1; i < s->n; i++)
         if (strcmp(s->idx[i - 1]->name, s->idx[i]->name) == 0) {
-            seterr(err, errlen, "%s: tensor %s in both %s and %s", s->origin, s->idx[i]->name,
+            mm_errf(err, errlen, "%s: tensor %s in both %s and %s", s->origin, s->idx[i]->name,
                    s->idx[i - 1]->file, s->idx[i]->file);
             return -EINVAL;
         }
@@ -393,18 +383,18 @@ static int open_sharded(mm_st_set *s, const char *dir, char *err, size_t errlen)
     json_t *root = json_load_file(s->origin, JSON_REJECT_DUPLICATES, &je);
     json_t *map = root ? json_object_get(root, "weight_map") : NULL;
     if (!root) {
-        seterr(err, errlen, "%s: %s (line %d)", s->origin, je.text, je.line);
+        mm_errf(err, errlen, "%s: %s (line %d)", s->origin, je.text, je.line);
         goto out;
     }
     if (!json_is_object(map)) {
-        seterr(err, errlen, "%s: no weight_map object", s->origin);
+        mm_errf(err, errlen, "%s: no weight_map object", s->origin);
         goto out;
     }
     const char *key;
     json_t *v;
     json_object_foreach(map, key, v) {
         if (!json_is_string(v) || !shard_name_ok(json_string_value(v))) {
-            seterr(err, errlen, "%s: tensor %s: bad shard file name", s->origin, key);
+            mm_errf(err, errlen, "%s: tensor %s: bad shard file name", s->origin, key);
             goto out;
         }
         const char *shard = json_string_value(v);
@@ -419,7 +409,7 @@ static int open_sharded(mm_st_set *s, const char *dir, char *err, size_t errlen)
             goto out;
         rc = -EINVAL;
         if (!mm_st_file_find(s->files[i], key)) {
-            seterr(err, errlen, "%s: tensor %s (listed in %s) not found", mm_st_file_path(s->files[i]),
+            mm_errf(err, errlen, "%s: tensor %s (listed in %s) not found", mm_st_file_path(s->files[i]),
                    key, s->origin);
             goto out;
         }
@@ -436,7 +426,7 @@ int mm_st_set_open(const char *dir, mm_st_set **out, char *err, size_t errlen)
     mm_st_set *s = calloc(1, sizeof *s);
     *out = NULL;
     if (!s || !(s->origin = join(dir, "model.safetensors.index.json"))) {
-        seterr(err, errlen, "%s: out of memory", dir);
+        mm_errf(err, errlen, "%s: out of memory", dir);
         goto fail;
     }
     if (access(s->origin, F_OK) == 0) {
@@ -445,7 +435,7 @@ int mm_st_set_open(const char *dir, mm_st_set **out, char *err, size_t errlen)
     } else {
         free(s->origin);
         if (!(s->origin = join(dir, "model.safetensors"))) {
-            seterr(err, errlen, "%s: out of memory", dir);
+            mm_errf(err, errlen, "%s: out of memory", dir);
             goto fail;
         }
         if ((rc = set_add_file(s, dir, "model.safetensors", err, errlen)) < 0)
@@ -537,9 +527,9 @@ int mm_st_write_header(FILE *fp, const mm_st_desc *d, size_t n, char *err, size_
     rc = 0;
 out:
     if (rc == -ENOMEM)
-        seterr(err, errlen, "safetensors header: out of memory");
+        mm_errf(err, errlen, "safetensors header: out of memory");
     else if (rc < 0)
-        seterr(err, errlen, "safetensors header: write failed");
+        mm_errf(err, errlen, "safetensors header: write failed");
     free(txt);
     json_decref(root);
     return rc;

@@ -56,7 +56,11 @@ async function fleetGateway(extra = {}, extraModels = []) {
     const n = 3 + extraModels.length;
     await waitFor(async () => (await listedModels(gw.port)).length === n, 20000,
         { intervalMs: 50, what: `the ${n} launched models published` });
-    const kids = childrenOf(gw.proc.pid);
+    // Published means a worker answered /health; /proc may lag a moment
+    // behind on a loaded machine, so poll for the children too.
+    let kids = [];
+    await waitFor(() => (kids = childrenOf(gw.proc.pid)).length === n, 5000,
+        { intervalMs: 20, what: `one child per worker: ${JSON.stringify(kids)}` });
     assert.equal(kids.length, n, `one child per worker: ${JSON.stringify(kids)}`);
     // Every process the fleet owns: each worker's whole group.
     const all = kids.flatMap((k) => processGroup(k.pid).map((x) => x.pid));
