@@ -616,6 +616,14 @@ static int render_chat(mm_api *a, json_t *b, mm_buf *out, api_err *e)
         fail(e, 400, "messages", "%s", err);
         goto out;
     }
+    if (r == -ENOTSUP) {
+        /* The template is valid Jinja our engine does not implement: the
+         * request is fine, the server falls short, so not a 400 (a client
+         * must not "fix" its request; an operator must see it). */
+        mm_warn("chat template: %s", err);
+        fail(e, 500, NULL, "the chat template cannot be rendered by this server: %s", err);
+        goto out;
+    }
     if (r < 0) {
         fail(e, 400, "messages", "chat template error: %s", err);
         goto out;

@@ -342,7 +342,10 @@ static void load_template(loader *L, const char *dir)
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
     if (read_file(path, &text, &len, err, sizeof err) == 0) {
         json_error_t je;
-        cfg = json_loadb(text, len, 0, &je);
+        /* Llama-3 writes model_max_length as 1e30 in integer notation,
+         * beyond json_int_t: read integers as doubles (only strings are
+         * used from this file) so such a file still parses. */
+        cfg = json_loadb(text, len, JSON_DECODE_INT_AS_REAL, &je);
         if (!cfg)
             mm_warn("%s: %s (line %d)", path, je.text, je.line);
         free(text);
