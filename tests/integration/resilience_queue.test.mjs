@@ -44,8 +44,15 @@ function check429(res) {
 }
 
 // The slot holder is in flight at A, as the gateway counts it for `name`.
-const holding = (name) => waitFor(async () => (await gw.backend(name, A.url)).inflight === 1, 3000,
-    { what: `a request of ${name} in flight at A` });
+// In flight at the gateway (picked) and arrived at A: the gateway counts a
+// request at pick time, before its connection reaches A, so both are waited
+// for before a test compares A's counters.
+const holding = async (name) => {
+    await waitFor(async () => (await gw.backend(name, A.url)).inflight === 1, 3000,
+        { what: `a request of ${name} in flight at A` });
+    await waitFor(async () => (await A.stats()).requests >= 1, 3000,
+        { what: `the request of ${name} arrived at A` });
+};
 
 function timed(p) {
     const t0 = Date.now();
