@@ -101,3 +101,25 @@ void mm_buf_free(mm_buf *b)
     b->data = NULL;
     b->len = b->cap = 0;
 }
+
+int mm_buf_read_file(mm_buf *b, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        int e = errno;
+        if (err && errlen)
+            snprintf(err, errlen, "%s: %s", path, strerror(e));
+        return -e;
+    }
+    char chunk[65536];
+    size_t n;
+    int rc = 0;
+    while (rc == 0 && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        rc = mm_buf_append(b, chunk, n);
+    if (rc == 0 && ferror(f))
+        rc = -EIO;
+    fclose(f);
+    if (rc && err && errlen)
+        snprintf(err, errlen, "%s: %s", path, rc == -E2BIG ? "file too large" : strerror(-rc));
+    return rc;
+}

@@ -24,4 +24,7 @@ void  mm_buf_consume(mm_buf *b, size_t n);
 void  mm_buf_reset(mm_buf *b);
 const char *mm_buf_cstr(mm_buf *b);
 void  mm_buf_free(mm_buf *b);
+/* Append the whole file at path (up to b->max). 0, or -errno with
+ * "path: reason" in err (-E2BIG: larger than the cap). */
+int   mm_buf_read_file(mm_buf *b, const char *path, char *err, size_t errlen);
 #endif

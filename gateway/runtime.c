@@ -27,25 +27,12 @@ struct mm_runtime {
 
 static int read_file(const char *path, char **out, char *err, size_t errlen)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        int e = errno;
-        snprintf(err, errlen, "%s: %s", path, strerror(e));
-        return -e;
-    }
     mm_buf b;
     mm_buf_init(&b, RUNTIME_MAX_CONFIG);
-    char chunk[65536];
-    size_t n;
-    int rc = 0;
-    while (rc == 0 && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        rc = mm_buf_append(&b, chunk, n);
-    int rerr = ferror(f);
-    fclose(f);
-    if (rc || rerr) {
-        snprintf(err, errlen, "%s: %s", path, rc == -E2BIG ? "larger than 16 MiB" : "read error");
+    int rc = mm_buf_read_file(&b, path, err, errlen);
+    if (rc) {
         mm_buf_free(&b);
-        return rc ? rc : -EIO;
+        return rc;
     }
     *out = b.data ? b.data : strdup("");
     return *out ? 0 : -ENOMEM;

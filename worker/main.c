@@ -303,25 +303,11 @@ typedef struct loader {
 
 static int read_file(const char *path, char **out, size_t *len, char *err, size_t errlen)
 {
-    *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        int e = errno;
-        snprintf(err, errlen, "%s: %s", path, strerror(e));
-        return -e;
-    }
     mm_buf b;
     mm_buf_init(&b, META_MAX);
-    char chunk[65536];
-    size_t n;
-    int rc = 0;
-    while (rc == 0 && (n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        rc = mm_buf_append(&b, chunk, n);
-    if (rc == 0 && ferror(f))
-        rc = -EIO;
-    fclose(f);
+    *out = NULL;
+    int rc = mm_buf_read_file(&b, path, err, errlen);
     if (rc) {
-        snprintf(err, errlen, "%s: %s", path, rc == -E2BIG ? "file too large" : strerror(-rc));
         mm_buf_free(&b);
         return rc;
     }
