@@ -4,7 +4,7 @@
  *
  * Each filter follows the Jinja 3.1 source's behaviour, including how it
  * treats undefined input (most convert it to "" like str() does).  Filters
- * that exist in Jinja but are not implemented here are compile errors. */
+ * that exist in Jinja but are unsupported here are compile errors. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>

@@ -112,7 +112,7 @@ int mm_tpl_scope(mm_template *t, char *err, size_t errlen);
 /* Filter and test names this engine implements (compile-time checks). */
 int mm_tpl_has_filter(const char *name);
 int mm_tpl_has_test(const char *name);
-/* Names of Jinja filters and tests that exist but are not implemented. */
+/* Names of Jinja filters and tests that exist but are unsupported here. */
 int mm_tpl_known_filter(const char *name);
 int mm_tpl_known_test(const char *name);
 

@@ -811,20 +811,20 @@ TEST(drain_timeout_stops_anyway)
  * group), nothing left behind, nothing restarted. */
 TEST(stop_all_terms_then_kills)
 {
-    const char *stubborn = script("stubborn.sh", "trap '' TERM\nsleep 1000 &\n"
-                                                 "echo $! > \"$MM_TEST_DIR/stubborn_child\"\n"
+    const char *term_ignoring = script("term_ignoring.sh", "trap '' TERM\nsleep 1000 &\n"
+                                                 "echo $! > \"$MM_TEST_DIR/term_ignoring_child\"\n"
                                                  "while :; do wait; done");
     char p[160];
-    snprintf(p, sizeof p, "%s/stubborn_child", dir);
+    snprintf(p, sizeof p, "%s/term_ignoring_child", dir);
     unlink(p);
     mm_fleet *f = fleet_new(NULL);
     ASSERT_TRUE(f != NULL);
     ASSERT_EQ(sync_cfg(f, cfg_fmt("{'models':[{'name':'st','backends':["
                                   "{'launch':{'command':['sleep','60'],'port':41101}},"
-                                  "{'launch':{'command':['%s'],'port':41102}}]}]}", stubborn)),
+                                  "{'launch':{'command':['%s'],'port':41102}}]}]}", term_ignoring)),
               0);
-    WAIT(execd(snap(f, 41101).pid, "sleep") && read_pid_file("stubborn_child") > 0, 5000);
-    int a = snap(f, 41101).pid, b = snap(f, 41102).pid, gc = read_pid_file("stubborn_child");
+    WAIT(execd(snap(f, 41101).pid, "sleep") && read_pid_file("term_ignoring_child") > 0, 5000);
+    int a = snap(f, 41101).pid, b = snap(f, 41102).pid, gc = read_pid_file("term_ignoring_child");
     ASSERT_TRUE(a > 0 && b > 0 && gc > 0);
     int64_t t0 = now_ms();
     ASSERT_EQ(mm_fleet_stop_all(f, 400), 0);
