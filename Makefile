@@ -20,16 +20,41 @@ LDFLAGS  += -fsanitize=$(SANITIZE)
 BUILD    := build/san
 endif
 
+# The CUDA backend is built whenever nvcc is found (CUDA=0 leaves it out);
+# without it backend_nocuda.c answers --device cuda with a clear error.
+NVCC     ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
+CUDA     ?= $(if $(NVCC),1,0)
+# sm_90a: H100/H200 (the GPU machine); compute_80 PTX lets the driver JIT
+# for any other card from Ampere on.
+NVCC_ARCH ?= -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_80,code=compute_80
+NVCCFLAGS ?= -O3 -g -lineinfo
+NVCCFLAGS += -std=c++17 $(NVCC_ARCH) -Xcompiler -Wall,-Wextra,-Werror,-fno-strict-aliasing \
+             --Werror all-warnings -Iworker -Iworker/kernels
+
 COMMON_SRC  := $(wildcard common/*.c)
 GATEWAY_SRC := $(filter-out gateway/main.c,$(wildcard gateway/*.c))
-WORKER_SRC  := $(filter-out worker/main.c,$(wildcard worker/*.c))
+WORKER_SRC  := $(filter-out worker/main.c worker/backend_cuda.c worker/backend_nocuda.c,$(wildcard worker/*.c))
+ifeq ($(CUDA),1)
+CUDA_HOME   ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+CU_SRC      := $(wildcard worker/kernels/*.cu)
+WORKER_SRC  += worker/backend_cuda.c
+CU_OBJ      := $(CU_SRC:%.cu=$(BUILD)/%.o)
+# cudart is linked statically (no libcudart.so to find at run time); cuBLAS
+# is a shared library of the toolkit, found through the rpath or ld.so.conf.
+WORKER_LIBS_CUDA := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcublasLt \
+                    -lcudart_static -ldl -lrt -lstdc++
+$(BUILD)/worker/backend_cuda.o: CFLAGS += -I$(CUDA_HOME)/include
+else
+WORKER_SRC  += worker/backend_nocuda.c
+endif
 UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 FAKE_SRC    := $(wildcard tests/fakes/*.c)
 BENCH_SRC   := $(wildcard tests/bench/*.c)
 
 COMMON_OBJ  := $(COMMON_SRC:%.c=$(BUILD)/%.o)
 GATEWAY_OBJ := $(GATEWAY_SRC:%.c=$(BUILD)/%.o)
-WORKER_OBJ  := $(WORKER_SRC:%.c=$(BUILD)/%.o)
+WORKER_OBJ  := $(WORKER_SRC:%.c=$(BUILD)/%.o) $(CU_OBJ)
+WORKER_LIBS += $(WORKER_LIBS_CUDA)
 UNIT_BIN    := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 FAKE_BIN    := $(FAKE_SRC:tests/fakes/%.c=$(BUILD)/tests/%)
 BENCH_BIN   := $(BENCH_SRC:tests/bench/%.c=$(BUILD)/tests/%)
@@ -45,6 +70,12 @@ all: $(BUILD)/modelmux-gateway $(WORKER_BIN) $(UNIT_BIN) $(FAKE_BIN) $(BENCH_BIN
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+
+# CUDA kernels; host-side code stays in C (backend_cuda.c), these export
+# extern "C" launchers declared in worker/kernels/kernels.h.
+$(BUILD)/worker/kernels/%.o: worker/kernels/%.cu worker/kernels/kernels.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
 $(DASHBOARD_C): gateway/dashboard.html tools/embed.sh
 	@mkdir -p $(dir $@)
@@ -119,6 +150,8 @@ fuzz: $(BUILD)/fuzz/fuzz_http
 $(BUILD)/fuzz/fuzz_http: tests/fuzz/fuzz_http.c $(COMMON_SRC)
 	@mkdir -p $(dir $@) $(BUILD)/fuzz/corpus
 	clang -std=c11 -D_GNU_SOURCE -g -O1 -Icommon -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -o $@ tests/fuzz/fuzz_http.c common/http_parse.c common/buf.c
+
+include tests/gpu/gpu.mk
 
 clean:
 	rm -rf build

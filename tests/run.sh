@@ -1,7 +1,8 @@
 #!/bin/sh
-# The test runner: unit binaries, then integration tests (node:test against
-# real processes). Its last line is "N passed, N failed".
-#   tests/run.sh [unit|integration]
+# The test runner: unit binaries, the GPU harness's gpu_check, then
+# integration tests (node:test against real processes). Its last line is
+# "N passed, N failed".
+#   tests/run.sh [unit|gpu|integration]
 BUILD=${BUILD:-build}
 what=${1:-all}
 passed=0
@@ -29,6 +30,27 @@ if [ "$what" = all ] || [ "$what" = unit ]; then
         [ -x "$t" ] || continue
         echo "== unit: $(basename "$t")"
         "$t" >"$log" 2>&1
+        rc=$?
+        grep -v '^ok ' "$log"
+        count
+        if [ $rc -ne 0 ] && ! grep -qE '^[0-9]+ passed, [1-9][0-9]* failed' "$log"; then
+            echo "  exit status $rc"
+            failed=$((failed + 1))
+        fi
+    done
+fi
+
+if [ "$what" = all ] || [ "$what" = unit ] || [ "$what" = gpu ]; then
+    # The GPU harness (tests/gpu): on the CPU backend it is a real test of
+    # the harness itself; on cuda it prints "skipped: ..." where there is
+    # no GPU, which counts as neither a pass nor a failure. OUT is emptied
+    # so a run here never overwrites a GPU run's $OUT/check.json.
+    for backend in cpu cuda; do
+        [ -x "$BUILD/tests/gpu_check" ] || break
+        echo "== gpu: gpu_check --backend $backend"
+        quick=""
+        [ "$backend" = cpu ] && quick=--quick
+        OUT="" "$BUILD/tests/gpu_check" --backend "$backend" $quick >"$log" 2>&1
         rc=$?
         grep -v '^ok ' "$log"
         count

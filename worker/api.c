@@ -1399,13 +1399,19 @@ static void handle_metrics(mm_api *a, mm_http_exchange *ex)
         {"modelmux_worker_requests_running", "gauge", "Sequences in the running batch."},
         {"modelmux_worker_requests_waiting", "gauge", "Sequences waiting for a free slot."},
         {"modelmux_worker_kv_cache_usage_perc", "gauge",
-         "KV-cache use: cached positions over max_num_seqs x max_model_len (0..1)."},
+         "KV-cache use: blocks in use over the blocks of the pool (0..1)."},
         {"modelmux_worker_prompt_tokens_total", "counter", "Prompt tokens prefilled."},
         {"modelmux_worker_generation_tokens_total", "counter", "Tokens generated."},
         {"modelmux_worker_engine_steps_total", "counter", "Forward steps run."},
+        {"modelmux_worker_num_preemptions_total", "counter",
+         "Sequences preempted (to be recomputed) because the KV pool ran out."},
+        /* vLLM's own name too, for dashboards built on vLLM's metrics */
+        {"vllm:num_preemptions_total", "counter",
+         "Cumulative number of preemptions from the engine."},
     };
     double v[] = {a->ready, st.running, st.waiting, st.kv_usage, (double)st.prompt_tokens,
-                  (double)st.generation_tokens, (double)st.steps};
+                  (double)st.generation_tokens, (double)st.steps, (double)st.preemptions,
+                  (double)st.preemptions};
     for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
         mm_buf_printf(&b, "# HELP %s %s\n# TYPE %s %s\n%s{%s} %.9g\n", g[i].name, g[i].help,
                       g[i].name, g[i].type, g[i].name, l, v[i]);

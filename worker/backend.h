@@ -15,14 +15,20 @@
 
 struct mm_model;
 
-enum { MM_LOGITS_NONE = 0, MM_LOGITS_LAST = 1, MM_LOGITS_ALL = 2 };
+/* What a sequence wants back from a step. ARGMAX is for plain greedy
+ * decoding: the backend picks the last token's largest logit itself (on the
+ * GPU, so no vocabulary-wide row crosses the bus) and reports only its id. */
+enum { MM_LOGITS_NONE = 0, MM_LOGITS_LAST = 1, MM_LOGITS_ALL = 2, MM_LOGITS_ARGMAX = 3 };
 
 typedef struct mm_batch_seq {
     int            slot;       /* KV-cache slot owned by this sequence */
     const int32_t *tokens;     /* tokens to process this step */
     int            n_tokens;
     int            pos;        /* position of tokens[0] = tokens already cached */
-    int            want;       /* MM_LOGITS_*: none, last token's row, or every token's row */
+    int            want;       /* MM_LOGITS_*: none, last token's row, every token's row, argmax */
+    int32_t        argmax;     /* out (want == ARGMAX): id of the last token's largest logit
+                                * among ids < mm_backend.n_valid, the lowest id on ties;
+                                * -1 when none is finite (NaN and -inf never win) */
 } mm_batch_seq;
 
 typedef struct mm_backend mm_backend;
@@ -31,10 +37,18 @@ typedef struct mm_backend_ops {
     const char *name;   /* "cpu", "cuda" */
     /* Run one step. logits receives, in batch order, 1 row per sequence with
      * want == LAST and n_tokens rows with want == ALL, each row vocab_size
-     * floats (the model's config vocab_size). Returns 0 or -errno. */
-    int  (*forward)(mm_backend *b, const mm_batch_seq *seqs, int nseqs, float *logits,
+     * floats (the model's config vocab_size); ARGMAX sequences take no row
+     * and get seqs[i].argmax instead. Every slot in the batch must have been
+     * reserve()d for pos + n_tokens positions. Returns 0 or -errno. */
+    int  (*forward)(mm_backend *b, mm_batch_seq *seqs, int nseqs, float *logits,
                     char *err, size_t errlen);
-    /* Forget a slot's cache from position pos on (0 = reuse the slot). */
+    /* Make a slot's cache able to hold n positions (n <= max_len), taking
+     * blocks from the shared pool. 0, or -ENOSPC when the pool is out of
+     * free blocks: the scheduler then preempts a sequence (truncate(slot, 0)
+     * gives its blocks back) and tries again. */
+    int  (*reserve)(mm_backend *b, int slot, int n);
+    /* Forget a slot's cache from position pos on (0 = free the slot and give
+     * all its blocks back). */
     void (*truncate)(mm_backend *b, int slot, int pos);
     void (*free)(mm_backend *b);
 } mm_backend_ops;
@@ -44,6 +58,13 @@ struct mm_backend {
     const struct mm_model *model;
     int max_seqs;
     int max_len;
+    int n_valid;        /* ARGMAX looks at ids below this (set by the engine) */
+    /* The KV pool: num_blocks blocks of block_size positions shared by all
+     * slots (a slot of n positions holds ceil(n / block_size) blocks);
+     * blocks_used is kept by reserve/truncate. Read by the engine thread. */
+    int block_size;
+    int num_blocks;
+    int blocks_used;
 };
 
 typedef struct mm_backend_opts {
@@ -52,6 +73,9 @@ typedef struct mm_backend_opts {
     int threads;         /* --threads (CPU) */
     float gpu_memory_utilization;
     int tensor_parallel;
+    int block_size;      /* --block-size (positions per KV block) */
+    int num_blocks;      /* --num-gpu-blocks-override: 0 = sized by the backend (CPU:
+                          * max_seqs * max_len positions; CUDA: from free memory) */
 } mm_backend_opts;
 
 /* The CPU backend: float32 math over the model's bf16/f16/f32 weights
@@ -60,4 +84,14 @@ typedef struct mm_backend_opts {
  * CPU). The model must outlive the backend (it reads the config). */
 int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_backend **out,
                        char *err, size_t errlen);
+
+/* The CUDA backend (backend_cuda.c, kernels in worker/kernels/): weights in
+ * one device allocation, a paged KV pool sized from
+ * o->gpu_memory_utilization, cuBLAS GEMMs, CUDA graphs for decode steps.
+ * Built when nvcc is found (make CUDA=0 leaves it out); without it this
+ * returns -ENOTSUP with a message. */
+int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_backend **out,
+                        char *err, size_t errlen);
+/* 1 when this build has the CUDA backend. */
+int mm_backend_cuda_built(void);
 #endif

@@ -18,8 +18,12 @@
  *
  * KV cache: float32, one region per (layer, slot, kv head) holding max_len
  * positions contiguously, so attention reads each head's keys as one
- * matrix. It is an anonymous mapping: untouched slots cost no memory. */
+ * matrix. It is an anonymous mapping: untouched slots cost no memory.
+ * The block pool of backend.h is bookkeeping only here (blocks held per
+ * slot against num_blocks): the layout needs no blocks, but the scheduler
+ * must meet the same limits as on a GPU, so preemption runs in CI. */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -546,6 +550,9 @@ typedef struct cpu_backend {
     float      *kc, *vc;          /* KV cache mappings */
     size_t      cache_bytes;
     int        *slot_len;         /* positions cached per slot */
+    int        *slot_blocks;      /* pool blocks reserved per slot */
+    float      *head;             /* head_rows logits rows for MM_LOGITS_ARGMAX steps */
+    int         head_rows;
     float      *rope_cos, *rope_sin;   /* [max_len][head_dim/2] */
     /* activations for one sub-step of up to STEP_TOKENS tokens */
     float      *x, *xn, *q, *k, *v, *att, *gate, *up;
@@ -739,7 +746,9 @@ typedef struct step {
     int     nseg;
     int     out_first;        /* first logits row produced, -1 if none */
     int     out_tok[STEP_TOKENS];   /* tokens whose logits are wanted, in row order */
-    int     nout;
+    int     out_row[STEP_TOKENS];   /* their row in logits, -1 for an argmax */
+    int32_t *out_amx[STEP_TOKENS];  /* where an argmax goes */
+    int     nout, namx;
 } step;
 
 static void rmsnorm(const float *x, const mm_weight *w, int H, double eps, float *y)
@@ -850,6 +859,17 @@ static void att_task(void *ctx, int task, int tid)
                     V + (size_t)jmin * hd, hd, 0.0f, O, ldq);
 }
 
+/* The sampler's greedy choice (sampler.c): the largest logit that is not
+ * -inf or NaN, the lowest id on ties; -1 when there is none. */
+static int32_t row_argmax(const float *x, int n)
+{
+    int32_t best = -1;
+    for (int i = 0; i < n; i++)
+        if (x[i] > -INFINITY && (best < 0 || x[i] > x[best]))
+            best = i;
+    return best;
+}
+
 static void run_step(cpu_backend *b, const cpu_weights *m, step *s, float *logits)
 {
     const mm_model_config *c = b->cfg;
@@ -909,15 +929,47 @@ static void run_step(cpu_backend *b, const cpu_weights *m, step *s, float *logit
     }
     if (!s->nout)
         return;
-    for (int r = 0; r < s->nout; r++)
-        rmsnorm(b->x + (size_t)s->out_tok[r] * H, &m->norm, H, eps, b->xn + (size_t)r * H);
-    lin_job head = {.x = b->xn, .ldx = H, .n = s->nout, .nm = 1,
-                    .m = {{&m->lm_head, NULL, logits + (size_t)s->out_first * c->vocab_size,
-                           c->vocab_size}}};
-    lin_run(b, &head);
+    if (!s->namx) {
+        for (int r = 0; r < s->nout; r++)
+            rmsnorm(b->x + (size_t)s->out_tok[r] * H, &m->norm, H, eps, b->xn + (size_t)r * H);
+        lin_job head = {.x = b->xn, .ldx = H, .n = s->nout, .nm = 1,
+                        .m = {{&m->lm_head, NULL, logits + (size_t)s->out_first * c->vocab_size,
+                               c->vocab_size}}};
+        lin_run(b, &head);
+        return;
+    }
+    /* Some rows are argmaxes: every row goes through the scratch rows, in
+     * one product per head_rows (a decode step's rows all fit), so each row
+     * comes out of the same kernel, bit for bit, as without the argmax. */
+    size_t V = (size_t)c->vocab_size;
+    int n_valid = b->base.n_valid > 0 && b->base.n_valid < c->vocab_size ? b->base.n_valid
+                                                                         : c->vocab_size;
+    for (int r0 = 0; r0 < s->nout; r0 += b->head_rows) {
+        int n = s->nout - r0 < b->head_rows ? s->nout - r0 : b->head_rows;
+        for (int r = 0; r < n; r++)
+            rmsnorm(b->x + (size_t)s->out_tok[r0 + r] * H, &m->norm, H, eps,
+                    b->xn + (size_t)r * H);
+        lin_job head = {.x = b->xn, .ldx = H, .n = n, .nm = 1,
+                        .m = {{&m->lm_head, NULL, b->head, c->vocab_size}}};
+        lin_run(b, &head);
+        for (int r = 0; r < n; r++) {
+            const float *y = b->head + (size_t)r * V;
+            if (s->out_row[r0 + r] < 0)
+                *s->out_amx[r0 + r] = row_argmax(y, n_valid);
+            else
+                memcpy(logits + (size_t)s->out_row[r0 + r] * V, y, V * sizeof *y);
+        }
+    }
 }
 
-static int cpu_forward(mm_backend *base, const mm_batch_seq *seqs, int nseqs, float *logits,
+/* Positions a slot may hold: its reserved blocks, at most max_len. */
+static int slot_room(const cpu_backend *b, int slot)
+{
+    long long n = (long long)b->slot_blocks[slot] * b->base.block_size;
+    return n < b->base.max_len ? (int)n : b->base.max_len;
+}
+
+static int cpu_forward(mm_backend *base, mm_batch_seq *seqs, int nseqs, float *logits,
                        char *err, size_t errlen)
 {
     cpu_backend *b = (cpu_backend *)base;
@@ -936,8 +988,20 @@ static int cpu_forward(mm_backend *base, const mm_batch_seq *seqs, int nseqs, fl
                    i, q->n_tokens, q->pos, q->slot, b->slot_len[q->slot], base->max_len);
             return -EINVAL;
         }
-        if (q->want == MM_LOGITS_LAST && q->n_tokens == 0) {
+        if (q->want < MM_LOGITS_NONE || q->want > MM_LOGITS_ARGMAX) {
+            mm_errf(err, errlen, "sequence %d: unknown want %d", i, q->want);
+            return -EINVAL;
+        }
+        if ((q->want == MM_LOGITS_LAST || q->want == MM_LOGITS_ARGMAX) && q->n_tokens == 0) {
             mm_errf(err, errlen, "sequence %d: logits wanted for no tokens", i);
+            return -EINVAL;
+        }
+        /* A scheduler that forgot to reserve would, on a paged GPU cache,
+         * write into blocks it does not own: refuse it here too. */
+        if (q->pos + q->n_tokens > slot_room(b, q->slot)) {
+            mm_errf(err, errlen, "sequence %d: slot %d is reserved for %d positions, the step "
+                    "needs %d (reserve() first)", i, q->slot, slot_room(b, q->slot),
+                    q->pos + q->n_tokens);
             return -EINVAL;
         }
         for (int j = 0; j < i; j++)
@@ -957,29 +1021,35 @@ static int cpu_forward(mm_backend *base, const mm_batch_seq *seqs, int nseqs, fl
         mm_errf(err, errlen, "out of memory");
         return -ENOMEM;
     }
-    s->T = s->nseg = s->nout = 0;
+    s->T = s->nseg = s->nout = s->namx = 0;
     s->out_first = -1;
     int row = 0;
     /* Walk the batch's tokens in order, cutting a sub-step whenever it is
      * full; a sequence split across two sub-steps finds its first part in
      * the cache when the second runs. */
     for (int i = 0; i < nseqs; i++) {
-        const mm_batch_seq *q = &seqs[i];
+        mm_batch_seq *q = &seqs[i];
         for (int t = 0; t < q->n_tokens; t++) {
             if (s->T == STEP_TOKENS) {
                 run_step(b, m, s, logits);
-                s->T = s->nseg = s->nout = 0;
+                s->T = s->nseg = s->nout = s->namx = 0;
                 s->out_first = -1;
             }
             if (t == 0 || s->nseg == 0 || s->segs[s->nseg - 1].slot != q->slot)
                 s->segs[s->nseg++] = (seg){q->slot, q->pos + t, s->T, 0, 0, 0};
             s->segs[s->nseg - 1].n++;
-            int want = q->want == MM_LOGITS_ALL || (q->want == MM_LOGITS_LAST && t == q->n_tokens - 1);
-            if (want) {
+            int want = q->want == MM_LOGITS_ALL ||
+                       (q->want != MM_LOGITS_NONE && t == q->n_tokens - 1);
+            if (want && q->want == MM_LOGITS_ARGMAX) {
+                s->out_row[s->nout] = -1;
+                s->out_amx[s->nout] = &q->argmax;
+                s->out_tok[s->nout++] = s->T;
+                s->namx++;
+            } else if (want) {
                 if (s->out_first < 0)
                     s->out_first = row;
+                s->out_row[s->nout] = row++;
                 s->out_tok[s->nout++] = s->T;
-                row++;
             }
             s->tok[s->T] = q->tokens[t];
             s->T++;
@@ -1060,6 +1130,23 @@ static int copy_weights(cpu_backend *b, const mm_model *m, char *err, size_t err
     return 0;
 }
 
+static int cpu_reserve(mm_backend *base, int slot, int n)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    if (slot < 0 || slot >= base->max_seqs || n < 0 || n > base->max_len)
+        return -EINVAL;
+    int need = (int)(((long long)n + base->block_size - 1) / base->block_size);
+    int have = b->slot_blocks[slot];
+    if (need <= have)
+        return 0;
+    if (need - have > base->num_blocks - base->blocks_used)
+        return -ENOSPC;
+    base->blocks_used += need - have;
+    b->slot_blocks[slot] = need;
+    return 0;
+}
+
+/* Blocks wholly past pos go back to the pool (all of them for pos 0). */
 static void cpu_truncate(mm_backend *base, int slot, int pos)
 {
     cpu_backend *b = (cpu_backend *)base;
@@ -1067,6 +1154,11 @@ static void cpu_truncate(mm_backend *base, int slot, int pos)
         return;
     if (b->slot_len[slot] > pos)
         b->slot_len[slot] = pos;
+    int keep = (int)(((long long)pos + base->block_size - 1) / base->block_size);
+    if (keep < b->slot_blocks[slot]) {
+        base->blocks_used -= b->slot_blocks[slot] - keep;
+        b->slot_blocks[slot] = keep;
+    }
 }
 
 static void cpu_free(mm_backend *base)
@@ -1089,6 +1181,8 @@ static void cpu_free(mm_backend *base)
     free(b->wbuf);
     free(b->sbuf);
     free(b->slot_len);
+    free(b->slot_blocks);
+    free(b->head);
     free(b->rope_cos);
     free(b->rope_sin);
     free(b->x);
@@ -1106,6 +1200,7 @@ static void cpu_free(mm_backend *base)
 static const mm_backend_ops cpu_ops = {
     .name = "cpu",
     .forward = cpu_forward,
+    .reserve = cpu_reserve,
     .truncate = cpu_truncate,
     .free = cpu_free,
 };
@@ -1122,6 +1217,11 @@ int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_ba
         mm_errf(err, errlen, "max_seqs %d / max_len %d out of range", o->max_seqs, o->max_len);
         return -EINVAL;
     }
+    if (o->block_size < 0 || o->block_size > 256 || o->num_blocks < 0) {
+        mm_errf(err, errlen, "block_size %d (1..256) / num_blocks %d out of range", o->block_size,
+                o->num_blocks);
+        return -EINVAL;
+    }
     cpu_backend *b = calloc(1, sizeof *b);
     if (!b) {
         mm_errf(err, errlen, "out of memory");
@@ -1131,6 +1231,13 @@ int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_ba
     b->base.model = m;
     b->base.max_seqs = o->max_seqs;
     b->base.max_len = o->max_len;
+    b->base.n_valid = c->vocab_size;
+    b->base.block_size = o->block_size ? o->block_size : 16;
+    /* Default: a full max_len for every slot, so the pool never runs short
+     * (the cache is reserved per slot anyway). */
+    long long per_slot = ((long long)o->max_len + b->base.block_size - 1) / b->base.block_size;
+    long long nb = o->num_blocks ? o->num_blocks : per_slot * o->max_seqs;
+    b->base.num_blocks = nb < INT_MAX ? (int)nb : INT_MAX;
     b->cfg = c;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     b->threads = o->threads > 0 ? o->threads : ncpu > 0 ? (int)ncpu : 1;
@@ -1199,7 +1306,10 @@ int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_ba
         }
     }
     size_t T = STEP_TOKENS;
+    b->head_rows = o->max_seqs < STEP_TOKENS ? o->max_seqs : STEP_TOKENS;
     if (!(b->slot_len = calloc((size_t)o->max_seqs, sizeof *b->slot_len)) ||
+        !(b->slot_blocks = calloc((size_t)o->max_seqs, sizeof *b->slot_blocks)) ||
+        !(b->head = falloc((size_t)b->head_rows * (size_t)c->vocab_size)) ||
         !(b->rope_cos = falloc((size_t)o->max_len * half)) ||
         !(b->rope_sin = falloc((size_t)o->max_len * half)) ||
         !(b->x = falloc(T * H)) || !(b->xn = falloc(T * H)) || !(b->q = falloc(T * qd)) ||

@@ -6,7 +6,15 @@
  *   e->stats_lock  counters and histograms
  * Everything else about a sequence admitted to the engine (slot, cache
  * position, generated ids, decoder, stop matcher) is touched only by the
- * engine thread. */
+ * engine thread.
+ *
+ * KV blocks: before each step every sequence in the batch reserves the
+ * positions it is about to write (backend->reserve). When the shared pool
+ * runs dry the youngest running sequence is preempted: its slot and blocks
+ * are given back and it waits again, first in line, to recompute its cache
+ * (prompt + generated tokens but the last) and carry on decoding where it
+ * stopped. Its output does not change: the recompute samples nothing, and
+ * the sequence's generator is its own. */
 #include "engine.h"
 
 #include <errno.h>
@@ -18,6 +26,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "errmsg.h"
 #include "httpd.h"
 #include "log.h"
 #include "stopstr.h"
@@ -60,8 +69,14 @@ struct mm_seq {
 
     /* engine thread */
     enum seq_state state;
+    int            admitted;  /* the one-time setup of the first admission is done */
+    int            recompute; /* prefilling ctx after a preemption: no logits, no sampling */
     int            slot;
     size_t         n_cached;
+    const int32_t *pf;       /* what prefill runs over: the prompt, or ctx */
+    size_t         n_pf;
+    int32_t       *ctx;      /* prompt + generated tokens but the last (recompute) */
+    size_t         ctx_cap;
     int32_t       *out;
     size_t         n_out, out_cap;
     mm_xrng         rng;
@@ -105,6 +120,7 @@ struct mm_engine {
     mm_tok_lp       top[MM_MAX_LOGPROBS];
     mm_buf          piece, text;
     int             published;    /* this step published something */
+    int             preempted;    /* this step preempted a sequence */
 
     pthread_mutex_t stats_lock;
     mm_engine_stats stats;
@@ -232,6 +248,8 @@ int mm_seq_new(const int32_t *prompt, size_t n_prompt, const mm_seq_params *p, m
     if (n_prompt)
         memcpy(s->prompt, prompt, n_prompt * sizeof *prompt);
     s->n_prompt = n_prompt;
+    s->pf = s->prompt;
+    s->n_pf = n_prompt;
     size_t off = 0;
     for (int i = 0; i < p->n_stop; i++) {
         memcpy(s->stop_mem + off, p->stop[i], p->stop_len[i]);
@@ -264,6 +282,7 @@ void mm_seq_release(mm_seq *s)
     free(s->bias_ids);
     free(s->bias_val);
     free(s->out);
+    free(s->ctx);
     free(s->plp);
     free(s->plp_top);
     free(s);
@@ -366,25 +385,31 @@ static void hist_add(mm_hist *h, const double *bounds, double v)
 
 /* The sequence leaves the engine: slot freed, outcome published, the
  * engine's reference dropped. */
+/* Take s off the running list and give its slot and KV blocks back. */
+static void seq_unslot(mm_engine *e, mm_seq *s)
+{
+    e->be->ops->truncate(e->be, s->slot, 0);
+    e->slots[s->slot] = NULL;
+    s->slot = -1;
+    mm_seq **pp = &e->run_head;
+    mm_seq *prev = NULL;
+    while (*pp && *pp != s) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (*pp) {
+        *pp = s->next;
+        if (e->run_tail == s)
+            e->run_tail = prev;
+        e->n_running--;
+    }
+    s->next = NULL;
+}
+
 static void seq_finish(mm_engine *e, mm_seq *s, mm_finish why, const char *msg)
 {
-    if (s->slot >= 0) {
-        e->slots[s->slot] = NULL;
-        s->slot = -1;
-        mm_seq **pp = &e->run_head;
-        mm_seq *prev = NULL;
-        while (*pp && *pp != s) {
-            prev = *pp;
-            pp = &(*pp)->next;
-        }
-        if (*pp) {
-            *pp = s->next;
-            if (e->run_tail == s)
-                e->run_tail = prev;
-            e->n_running--;
-        }
-        s->next = NULL;
-    }
+    if (s->slot >= 0)
+        seq_unslot(e, s);
     s->state = SEQ_DONE;
     pthread_mutex_lock(&s->lock);
     s->pub.finish = why;
@@ -451,20 +476,41 @@ static int feed_text(mm_engine *e, mm_seq *s, const char *p, size_t n)
     return stopped;
 }
 
+/* The ids sampling must not pick now: EOS and the stop ids while fewer
+ * than min_tokens were generated. Returns their count. */
+static size_t seq_banned(const mm_engine *e, const mm_seq *s,
+                         int32_t banned[MM_MODEL_MAX_STOP + MM_SEQ_MAX_STOP_IDS])
+{
+    size_t nb = 0;
+    if ((int)s->n_out >= s->p.min_tokens)
+        return 0;
+    for (int i = 0; i < e->cfg->n_stop && !s->p.ignore_eos; i++)
+        banned[nb++] = e->cfg->stop_ids[i];
+    for (int i = 0; i < s->p.n_stop_ids; i++)
+        banned[nb++] = s->p.stop_ids[i];
+    return nb;
+}
+
+/* Whether s's next token is the plain argmax of its logits row and nothing
+ * else reads the row, so the backend may pick it (MM_LOGITS_ARGMAX). */
+static int seq_plain_greedy(const mm_engine *e, const mm_seq *s)
+{
+    if (s->p.logprobs >= 0)
+        return 0;
+    int32_t banned[MM_MODEL_MAX_STOP + MM_SEQ_MAX_STOP_IDS];
+    mm_sample_hist h = {s->prompt, s->n_prompt, s->out, s->n_out, banned,
+                        seq_banned(e, s, banned)};
+    return mm_sampling_plain_greedy(&s->p.samp, &h);
+}
+
+static void seq_emit(mm_engine *e, mm_seq *s, const mm_gen_tok *gt);
+
 /* Sample the next token of s from one row of logits and publish it. */
 static void seq_sample(mm_engine *e, mm_seq *s, const float *row)
 {
-    mm_sample_hist h = {s->prompt, s->n_prompt, s->out, s->n_out, NULL, 0};
     int32_t banned[MM_MODEL_MAX_STOP + MM_SEQ_MAX_STOP_IDS];
-    size_t nb = 0;
-    if ((int)s->n_out < s->p.min_tokens) {
-        for (int i = 0; i < e->cfg->n_stop && !s->p.ignore_eos; i++)
-            banned[nb++] = e->cfg->stop_ids[i];
-        for (int i = 0; i < s->p.n_stop_ids; i++)
-            banned[nb++] = s->p.stop_ids[i];
-        h.banned = banned;
-        h.n_banned = nb;
-    }
+    mm_sample_hist h = {s->prompt, s->n_prompt, s->out, s->n_out, banned,
+                        seq_banned(e, s, banned)};
     int32_t t = mm_sample(row, e->n_vocab, e->n_valid, &s->p.samp, &h, &s->rng, &e->ws);
     if (t < 0) {
         seq_finish(e, s, MM_FINISH_ERROR, "no token can be sampled: every id is masked");
@@ -474,6 +520,33 @@ static void seq_sample(mm_engine *e, mm_seq *s, const float *row)
     if (s->p.logprobs >= 0)
         g.ntop = (uint32_t)mm_sampler_logprobs(row, e->n_valid, t, s->p.logprobs, &e->ws, &g.lp,
                                                e->top);
+    seq_emit(e, s, &g);
+}
+
+/* The backend's pick for a plain greedy sequence: what seq_sample would
+ * have chosen from the same row (same tie rule, same id bound). */
+static void seq_take_argmax(mm_engine *e, mm_seq *s, int32_t t)
+{
+    if (t < 0) {
+        seq_finish(e, s, MM_FINISH_ERROR, "no token can be sampled: every id is masked");
+        return;
+    }
+    if (t >= e->n_valid) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "backend argmax %d out of range [0, %d)", (int)t, e->n_valid);
+        mm_error("engine: %s", msg);
+        seq_finish(e, s, MM_FINISH_ERROR, msg);
+        return;
+    }
+    mm_gen_tok g = {t, NAN, 0, 0};
+    seq_emit(e, s, &g);
+}
+
+/* Append a chosen token: stop checks, detokenize, publish. */
+static void seq_emit(mm_engine *e, mm_seq *s, const mm_gen_tok *gt)
+{
+    mm_gen_tok g = *gt;
+    int32_t t = g.id;
     if (grow((void **)&s->out, &s->out_cap, s->n_out + 1, sizeof *s->out) < 0) {
         seq_finish(e, s, MM_FINISH_ERROR, "out of memory");
         return;
@@ -554,11 +627,16 @@ static void seq_prompt_lp(mm_engine *e, mm_seq *s, size_t pos, int n, const floa
     }
 }
 
-static int seq_admit(mm_engine *e, mm_seq *s, int slot)
+/* The first admission's setup, once per sequence (a preempted one keeps
+ * its decoder, prompt log-probabilities and accounting). Returns 0, or
+ * -1 when the sequence was finished instead. */
+static int seq_setup(mm_engine *e, mm_seq *s)
 {
+    if (s->admitted)
+        return 0;
     if (s->n_prompt == 0 || s->n_prompt > (size_t)e->max_len) {
         seq_finish(e, s, MM_FINISH_ERROR, "prompt length out of range");
-        return 0;
+        return -1;
     }
     if (s->p.prompt_logprobs >= 0) {
         int k = s->p.prompt_logprobs > MM_MAX_LOGPROBS ? MM_MAX_LOGPROBS : s->p.prompt_logprobs;
@@ -566,14 +644,23 @@ static int seq_admit(mm_engine *e, mm_seq *s, int slot)
         s->plp_top = malloc((s->n_prompt * (size_t)k + 1) * sizeof *s->plp_top);
         if (!s->plp || !s->plp_top) {
             seq_finish(e, s, MM_FINISH_ERROR, "out of memory");
-            return 0;
+            return -1;
         }
         s->plp[0].id = s->prompt[0];
         s->plp[0].lp = NAN;
     }
     mm_tok_stream_init(&s->dec, e->tok, s->p.skip_special);
     s->dec_live = 1;
-    e->be->ops->truncate(e->be, slot, 0);
+    s->admitted = 1;
+    pthread_mutex_lock(&e->stats_lock);
+    e->stats.prompt_tokens += s->n_prompt;
+    pthread_mutex_unlock(&e->stats_lock);
+    return 0;
+}
+
+/* Give s a slot (whose blocks the caller reserved) at the running tail. */
+static void seq_admit(mm_engine *e, mm_seq *s, int slot)
+{
     s->slot = slot;
     s->n_cached = 0;
     s->state = SEQ_PREFILL;
@@ -585,10 +672,225 @@ static int seq_admit(mm_engine *e, mm_seq *s, int slot)
         e->run_head = s;
     e->run_tail = s;
     e->n_running++;
+}
+
+static mm_seq *wait_pop(mm_engine *e)
+{
+    mm_seq *s = e->wait_head;
+    e->wait_head = s->next;
+    if (!e->wait_head)
+        e->wait_tail = NULL;
+    s->next = NULL;
+    e->n_waiting--;
+    return s;
+}
+
+/* Preemption by recompute: s gives its slot and blocks back and waits at
+ * the front of the line. Once admitted again it prefills its prompt and
+ * every generated token but the last, with no logits, then decodes on
+ * from that last token; a sequence still in its prompt simply starts over
+ * (prompt log-probabilities are published only once complete, so they are
+ * recomputed from scratch). */
+static void seq_preempt(mm_engine *e, mm_seq *s)
+{
+    seq_unslot(e, s);
+    s->n_cached = 0;
+    s->recompute = 0;
+    s->pf = s->prompt;
+    s->n_pf = s->n_prompt;
+    s->plp_ntop = 0;
+    if (s->n_out > 0) {
+        size_t n = s->n_prompt + s->n_out - 1;
+        if (grow((void **)&s->ctx, &s->ctx_cap, n, sizeof *s->ctx) < 0) {
+            seq_finish(e, s, MM_FINISH_ERROR, "out of memory");
+            return;
+        }
+        memcpy(s->ctx, s->prompt, s->n_prompt * sizeof *s->ctx);
+        memcpy(s->ctx + s->n_prompt, s->out, (s->n_out - 1) * sizeof *s->ctx);
+        s->pf = s->ctx;
+        s->n_pf = n;
+        s->recompute = 1;
+    }
+    s->state = SEQ_WAITING;
+    s->next = e->wait_head;
+    e->wait_head = s;
+    if (!e->wait_tail)
+        e->wait_tail = s;
+    e->n_waiting++;
+    e->preempted = 1;
+    mm_debug("engine: preempted a sequence at %zu cached positions (%d of %d KV blocks in use)",
+             s->n_pf, e->be->blocks_used, e->be->num_blocks);
     pthread_mutex_lock(&e->stats_lock);
-    e->stats.prompt_tokens += s->n_prompt;
+    e->stats.preemptions++;
     pthread_mutex_unlock(&e->stats_lock);
-    return 1;
+}
+
+/* Reserve n positions for the running sequence s, preempting the youngest
+ * running sequences while the pool is short. 1: reserved; 0: s itself was
+ * preempted (it was the youngest) or finished. */
+static int reserve_or_preempt(mm_engine *e, mm_seq *s, size_t n)
+{
+    for (;;) {
+        int rc = e->be->ops->reserve(e->be, s->slot, (int)n);
+        if (rc == 0)
+            return 1;
+        if (rc != -ENOSPC) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "KV cache: cannot reserve %zu positions: %s", n,
+                     strerror(-rc));
+            mm_error("engine: %s", msg);
+            seq_finish(e, s, MM_FINISH_ERROR, msg);
+            return 0;
+        }
+        mm_seq *v = e->run_tail;
+        seq_preempt(e, v);
+        if (v == s)
+            return 0;
+    }
+}
+
+/* How much of s's prefill runs this step and what it wants back. */
+static int plan_prefill(const mm_engine *e, const mm_seq *s, int budget, int all_left, int *want)
+{
+    int remain = (int)(s->n_pf - s->n_cached);
+    int take = remain < budget ? remain : budget;
+    if (s->recompute) {
+        *want = MM_LOGITS_NONE;
+    } else if (s->p.prompt_logprobs >= 0) {
+        if (take > all_left)
+            take = all_left;
+        *want = MM_LOGITS_ALL;
+    } else if (take == remain && s->p.max_tokens > 0) {
+        *want = seq_plain_greedy(e, s) ? MM_LOGITS_ARGMAX : MM_LOGITS_LAST;
+    } else {
+        *want = MM_LOGITS_NONE;
+    }
+    return take;
+}
+
+static void batch_add(mm_engine *e, int *nb, mm_seq *s, const int32_t *tok, int n, int want)
+{
+    e->batch[*nb] = (mm_batch_seq){s->slot, tok, n, (int)s->n_cached, want, -1};
+    e->batch_seq[(*nb)++] = s;
+}
+
+static int free_slot(const mm_engine *e)
+{
+    for (int i = 0; i < e->max_seqs; i++)
+        if (!e->slots[i])
+            return i;
+    return -1;
+}
+
+/* Build the step's batch; returns its size. Decodes come first, oldest
+ * first, each reserving one more position (and preempting the youngest
+ * when the pool is dry); then prompt slices of running sequences in
+ * admission order; then new admissions in arrival order. A prompt slice
+ * that does not fit waits for a later step when the batch already has
+ * work; one that does not fit an empty batch preempts younger sequences. */
+static int build_batch(mm_engine *e)
+{
+    int nb = 0, budget = e->o.step_tokens, all_left = ALL_ROWS_MAX;
+    e->preempted = 0;
+    mm_seq *s = e->run_head;
+    while (s) {
+        if (s->state != SEQ_DECODE) {
+            s = s->next;
+            continue;
+        }
+        mm_seq *n = s->next;
+        if (!reserve_or_preempt(e, s, s->n_cached + 1)) {
+            if (s->state == SEQ_WAITING)
+                break;   /* s was the youngest: nothing runs after it */
+            s = n;
+            continue;
+        }
+        batch_add(e, &nb, s, &s->out[s->n_out - 1], 1,
+                  seq_plain_greedy(e, s) ? MM_LOGITS_ARGMAX : MM_LOGITS_LAST);
+        budget--;
+        s = s->next;
+    }
+
+    int blocked = 0;
+    for (s = e->run_head; s && budget > 0 && !blocked;) {
+        if (s->state != SEQ_PREFILL) {
+            s = s->next;
+            continue;
+        }
+        int want, take = plan_prefill(e, s, budget, all_left, &want);
+        if (take == 0) {
+            s = s->next;
+            continue;
+        }
+        size_t need = s->n_cached + (size_t)take;
+        int rc;
+        while ((rc = e->be->ops->reserve(e->be, s->slot, (int)need)) == -ENOSPC && nb == 0 &&
+               e->run_tail != s)
+            seq_preempt(e, e->run_tail);
+        if (rc == -ENOSPC && nb > 0) {
+            blocked = 1;
+            break;
+        }
+        if (rc < 0) {
+            /* Alone and still short: the pool is smaller than one sequence,
+             * which mm_engine_new refuses, so this is a backend fault. */
+            mm_seq *n = s->next;
+            char msg[160];
+            snprintf(msg, sizeof msg, "KV cache: cannot reserve %zu positions: %s", need,
+                     strerror(-rc));
+            mm_error("engine: %s", msg);
+            seq_finish(e, s, MM_FINISH_ERROR, msg);
+            s = n;
+            continue;
+        }
+        if (want == MM_LOGITS_ALL)
+            all_left -= take;
+        batch_add(e, &nb, s, s->pf + s->n_cached, take, want);
+        budget -= take;
+        s = s->next;
+    }
+
+    /* Admissions, unless this step had to preempt (the pool is tight: a
+     * newcomer would only be preempted in turn). With an empty batch
+     * nothing runs and the whole pool is free, so the first in line
+     * always fits. */
+    while (e->wait_head && budget > 0 && !blocked && !e->preempted) {
+        int slot = free_slot(e);
+        if (slot < 0)
+            break;
+        s = e->wait_head;
+        if (!s->admitted && (s->n_prompt == 0 || s->n_prompt > (size_t)e->max_len)) {
+            wait_pop(e);
+            seq_finish(e, s, MM_FINISH_ERROR, "prompt length out of range");
+            continue;
+        }
+        int want, take = plan_prefill(e, s, budget, all_left, &want);
+        if (take == 0)
+            break;
+        int rc = e->be->ops->reserve(e->be, slot, take);
+        if (rc == -ENOSPC && nb > 0)
+            break;
+        wait_pop(e);
+        if (rc < 0) {
+            e->be->ops->truncate(e->be, slot, 0);
+            char msg[160];
+            snprintf(msg, sizeof msg, "KV cache: cannot reserve %d positions: %s", take,
+                     strerror(-rc));
+            mm_error("engine: %s", msg);
+            seq_finish(e, s, MM_FINISH_ERROR, msg);
+            continue;
+        }
+        if (seq_setup(e, s) < 0) {
+            e->be->ops->truncate(e->be, slot, 0);
+            continue;
+        }
+        seq_admit(e, s, slot);
+        if (want == MM_LOGITS_ALL)
+            all_left -= take;
+        batch_add(e, &nb, s, s->pf, take, want);
+        budget -= take;
+    }
+    return nb;
 }
 
 static void engine_step(mm_engine *e)
@@ -613,51 +915,8 @@ static void engine_step(mm_engine *e)
         e->n_waiting--;
         seq_finish(e, s, MM_FINISH_ABORT, NULL);
     }
-    /* Admit in arrival order while slots are free. */
-    for (int slot = 0; slot < e->max_seqs && e->wait_head; slot++) {
-        if (e->slots[slot])
-            continue;
-        mm_seq *s = e->wait_head;
-        e->wait_head = s->next;
-        if (!e->wait_head)
-            e->wait_tail = NULL;
-        s->next = NULL;
-        e->n_waiting--;
-        if (!seq_admit(e, s, slot))
-            slot--;
-    }
 
-    /* The batch: every decode, then prompt slices in admission order. */
-    int nb = 0, budget = e->o.step_tokens, all_left = ALL_ROWS_MAX;
-    for (mm_seq *s = e->run_head; s; s = s->next) {
-        if (s->state != SEQ_DECODE)
-            continue;
-        e->batch[nb] = (mm_batch_seq){s->slot, &s->out[s->n_out - 1], 1, (int)s->n_cached,
-                                      MM_LOGITS_LAST};
-        e->batch_seq[nb++] = s;
-        budget--;
-    }
-    for (mm_seq *s = e->run_head; s && budget > 0; s = s->next) {
-        if (s->state != SEQ_PREFILL)
-            continue;
-        int remain = (int)(s->n_prompt - s->n_cached);
-        int take = remain < budget ? remain : budget;
-        int want;
-        if (s->p.prompt_logprobs >= 0) {
-            if (take > all_left)
-                take = all_left;
-            if (take == 0)
-                continue;
-            all_left -= take;
-            want = MM_LOGITS_ALL;
-        } else {
-            want = take == remain && s->p.max_tokens > 0 ? MM_LOGITS_LAST : MM_LOGITS_NONE;
-        }
-        e->batch[nb] = (mm_batch_seq){s->slot, s->prompt + s->n_cached, take, (int)s->n_cached,
-                                      want};
-        e->batch_seq[nb++] = s;
-        budget -= take;
-    }
+    int nb = build_batch(e);
     if (nb == 0)
         return;
 
@@ -690,8 +949,15 @@ static void engine_step(mm_engine *e)
         }
         s->n_cached += (size_t)q->n_tokens;
         if (s->state == SEQ_PREFILL) {
-            if (s->n_cached < s->n_prompt)
+            if (s->n_cached < s->n_pf)
                 continue;
+            if (s->recompute) {
+                /* The cache is back; the last generated token is the next
+                 * decode's input, as before the preemption. */
+                s->recompute = 0;
+                s->state = SEQ_DECODE;
+                continue;
+            }
             if (s->plp) {
                 pthread_mutex_lock(&s->lock);
                 s->pub.prompt_lp_ready = 1;
@@ -706,14 +972,13 @@ static void engine_step(mm_engine *e)
         }
         if (last)
             seq_sample(e, s, last);
+        else if (q->want == MM_LOGITS_ARGMAX)
+            seq_take_argmax(e, s, q->argmax);
     }
 }
 
 static void publish_gauges(mm_engine *e)
 {
-    size_t cached = 0;
-    for (mm_seq *s = e->run_head; s; s = s->next)
-        cached += s->n_cached;
     pthread_mutex_lock(&e->lock);
     int submitted = 0;
     for (mm_seq *s = e->sub_head; s; s = s->next)
@@ -722,7 +987,7 @@ static void publish_gauges(mm_engine *e)
     pthread_mutex_lock(&e->stats_lock);
     e->stats.running = e->n_running;
     e->stats.waiting = e->n_waiting + submitted;
-    e->stats.kv_usage = (double)cached / ((double)e->max_seqs * (double)e->max_len);
+    e->stats.kv_usage = (double)e->be->blocks_used / (double)e->be->num_blocks;
     pthread_mutex_unlock(&e->stats_lock);
 }
 
@@ -766,6 +1031,17 @@ int mm_engine_new(mm_backend *b, const mm_tokenizer *tok, const mm_model_config 
                   const mm_engine_opts *o, mm_engine **out, char *err, size_t errlen)
 {
     *out = NULL;
+    /* The longest sequence must fit the pool alone, or it could never
+     * finish however many others were preempted. */
+    if (b->block_size < 1 || b->num_blocks < 1 ||
+        (long long)b->num_blocks * b->block_size < (long long)b->max_len) {
+        mm_errf(err, errlen, "the KV cache holds %lld positions (%d blocks of %d), fewer than one "
+                "sequence of --max-model-len %d: lower --max-model-len or give the cache more "
+                "blocks (--num-gpu-blocks-override, --gpu-memory-utilization)",
+                (long long)b->num_blocks * b->block_size, b->num_blocks, b->block_size,
+                b->max_len);
+        return -EINVAL;
+    }
     mm_engine *e = calloc(1, sizeof *e);
     if (!e) {
         seterr(err, errlen, "out of memory");
@@ -780,6 +1056,8 @@ int mm_engine_new(mm_backend *b, const mm_tokenizer *tok, const mm_model_config 
     e->n_vocab = cfg->vocab_size;
     size_t tv = mm_tokenizer_vocab_size(tok);
     e->n_valid = tv < (size_t)e->n_vocab ? (int)tv : e->n_vocab;
+    /* The backend's argmax must choose among the ids the sampler would. */
+    b->n_valid = e->n_valid;
     if (e->o.step_tokens < e->max_seqs)
         e->o.step_tokens = e->max_seqs;
     pthread_mutex_init(&e->lock, NULL);

@@ -3,8 +3,11 @@
  * One engine thread runs the step loop: take new sequences from the submit
  * queue, give waiting ones a free KV-cache slot (0..max_seqs-1), build one
  * batch of every running sequence's next token plus prefill slices of new
- * prompts (a token budget per step), run backend->forward, sample, detokenize,
- * check stops, and publish what each sequence produced to its outbox.
+ * prompts (a token budget per step), reserve the KV blocks the batch will
+ * write (preempting the youngest sequences when the backend's pool runs
+ * out; they recompute later), run backend->forward, sample (or take the
+ * backend's argmax for plain greedy rows), detokenize, check stops, and
+ * publish what each sequence produced to its outbox.
  *
  * Threads: mm_engine_submit / mm_seq_cancel / mm_seq_take / mm_engine_drain
  * may be called from any one other thread (the HTTP loop); everything else
@@ -121,9 +124,10 @@ typedef struct mm_engine_opts {
     void    *notify_ud;
 } mm_engine_opts;
 
-/* The engine samples ids below min(tokenizer vocabulary, model vocabulary);
- * stop ids are the model config's EOS set. The backend gives max_seqs and
- * max_len. */
+/* The engine samples ids below min(tokenizer vocabulary, model vocabulary)
+ * and sets b->n_valid to that bound; stop ids are the model config's EOS
+ * set. The backend gives max_seqs, max_len and the KV pool, which must hold
+ * at least max_len positions (-EINVAL otherwise, naming the flags). */
 int  mm_engine_new(mm_backend *b, const mm_tokenizer *tok, const mm_model_config *cfg,
                    const mm_engine_opts *o, mm_engine **out, char *err, size_t errlen);
 int  mm_engine_start(mm_engine *e, char *err, size_t errlen);
@@ -151,7 +155,8 @@ extern const double mm_engine_e2e_bounds[MM_HIST_BUCKETS];
 typedef struct mm_engine_stats {
     int      running, waiting;
     int      max_seqs, max_len;
-    double   kv_usage;              /* cached positions / (max_seqs * max_len) */
+    double   kv_usage;              /* KV blocks in use / blocks in the pool */
+    uint64_t preemptions;           /* sequences preempted (to recompute) when blocks ran out */
     uint64_t prompt_tokens, generation_tokens;
     uint64_t finished[MM_FINISH_ERROR + 1];
     uint64_t steps;

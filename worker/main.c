@@ -41,8 +41,10 @@ typedef struct worker_opts {
     const char *device;
     const char *dtype;
     int         max_model_len;   /* 0: the model's max_position_embeddings */
-    int         max_num_seqs;
-    int         max_batched;     /* --max-num-batched-tokens */
+    int         max_num_seqs;    /* 0 until given: the device picks the default */
+    int         max_batched;     /* --max-num-batched-tokens, likewise */
+    int         block_size;      /* --block-size: positions per KV block */
+    int         num_blocks;      /* --num-gpu-blocks-override; 0 = the backend sizes the pool */
     int         tp;
     double      gpu_util;
     long long   seed;
@@ -65,10 +67,18 @@ static void usage(FILE *f)
         "  --device cpu|cuda              (default cpu)\n"
         "  --dtype auto|bfloat16|float16|float32   (default auto)\n"
         "  --max-model-len N              context length (default: the model's)\n"
-        "  --max-num-seqs N               sequences in a batch at once (default 16)\n"
-        "  --max-num-batched-tokens N     tokens per forward step (default 512)\n"
-        "  --tensor-parallel-size N       (1 on cpu)\n"
-        "  --gpu-memory-utilization F     (0, 1] (default 0.9; unused on cpu)\n"
+        "  --max-num-seqs N               sequences in a batch at once (default 16 on cpu,\n"
+        "                                 256 on cuda)\n"
+        "  --max-num-batched-tokens N     tokens per forward step (default 512 on cpu,\n"
+        "                                 2048 on cuda)\n"
+        "  --block-size N                 positions per KV-cache block, 1..256 (default 16)\n"
+        "  --num-gpu-blocks-override N    KV-cache blocks in the pool (default: cpu, enough for\n"
+        "                                 every sequence at --max-model-len; cuda, what\n"
+        "                                 --gpu-memory-utilization leaves); fewer means\n"
+        "                                 preemption when the pool runs out\n"
+        "  --tensor-parallel-size N       1 (more is not supported yet)\n"
+        "  --gpu-memory-utilization F     (0, 1] share of GPU memory to use (default 0.9;\n"
+        "                                 unused on cpu)\n"
         "  --seed N                       seeds requests that bring no seed (default 0)\n"
         "  --threads N                    CPU threads (default: one per core)\n"
         "  --trust-remote-code, --disable-log-requests, --disable-log-stats   accepted, no effect\n"
@@ -133,8 +143,7 @@ static int parse_args(int argc, char **argv, worker_opts *w)
     w->port = 8000;
     w->device = "cpu";
     w->dtype = "auto";
-    w->max_num_seqs = 16;
-    w->max_batched = 512;
+    w->block_size = 16;
     w->tp = 1;
     w->gpu_util = 0.9;
     for (int i = 1; i < argc; i++) {
@@ -173,7 +182,8 @@ static int parse_args(int argc, char **argv, worker_opts *w)
         static const char *const valued[] = {
             "--model", "--served-model-name", "--host", "--port", "--device", "--dtype",
             "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
-            "--tensor-parallel-size", "-tp", "--gpu-memory-utilization", "--seed", "--threads"};
+            "--tensor-parallel-size", "-tp", "--gpu-memory-utilization", "--seed",
+            "--block-size", "--num-gpu-blocks-override", "--threads"};
         size_t k = 0;
         while (k < sizeof valued / sizeof valued[0] && strcmp(a, valued[k]))
             k++;
@@ -243,6 +253,15 @@ static int parse_args(int argc, char **argv, worker_opts *w)
             if (parse_ll(v, 0, INT64_MAX, &x))
                 return bad_flag("--seed: expected a non-negative integer, got '%s'%s", v, "");
             w->seed = x;
+        } else if (strcmp(a, "--block-size") == 0) {
+            if (parse_ll(v, 1, 256, &x))
+                return bad_flag("--block-size: expected 1..256, got '%s'%s", v, "");
+            w->block_size = (int)x;
+        } else if (strcmp(a, "--num-gpu-blocks-override") == 0) {
+            if (parse_ll(v, 1, 1 << 30, &x))
+                return bad_flag("--num-gpu-blocks-override: expected 1..1073741824, got '%s'%s",
+                                v, "");
+            w->num_blocks = (int)x;
         } else {  /* --threads: the last of the valued flags */
             if (parse_ll(v, 0, 1024, &x))
                 return bad_flag("--threads: expected 0..1024, got '%s'%s", v, "");
@@ -251,8 +270,14 @@ static int parse_args(int argc, char **argv, worker_opts *w)
     }
     if (!w->model)
         return bad_flag("--model DIR is required%s%s", "", "");
-    if (strcmp(w->device, "cuda") == 0) {
+    int cuda = strcmp(w->device, "cuda") == 0;
+    if (cuda && !mm_backend_cuda_built()) {
         fprintf(stderr, PROG ": --device cuda: CUDA backend not available in this build\n");
+        return 2;
+    }
+    if (w->tp > 1 && cuda) {
+        fprintf(stderr, PROG ": --tensor-parallel-size %d: tensor parallelism is not supported "
+                "yet\n", w->tp);
         return 2;
     }
     if (w->tp > 1) {
@@ -260,6 +285,12 @@ static int parse_args(int argc, char **argv, worker_opts *w)
                 "(tensor parallelism needs the CUDA backend)\n", w->tp);
         return 2;
     }
+    /* vLLM's defaults on a GPU; the CPU backend computes a step's tokens
+     * far more slowly, so it batches fewer. */
+    if (!w->max_num_seqs)
+        w->max_num_seqs = cuda ? 256 : 16;
+    if (!w->max_batched)
+        w->max_batched = cuda ? 2048 : 512;
     return -1;
 }
 
@@ -384,8 +415,13 @@ static void *load_main(void *arg)
     load_template(L, w->model);
     mm_backend_opts bo = {.max_seqs = w->max_num_seqs, .max_len = L->max_model_len,
                           .threads = w->threads, .gpu_memory_utilization = (float)w->gpu_util,
-                          .tensor_parallel = w->tp};
-    if ((L->rc = mm_backend_cpu_new(L->model, &bo, &L->be, L->err, sizeof L->err)) < 0)
+                          .tensor_parallel = w->tp, .block_size = w->block_size,
+                          .num_blocks = w->num_blocks};
+    if (strcmp(w->device, "cuda") == 0)
+        L->rc = mm_backend_cuda_new(L->model, &bo, &L->be, L->err, sizeof L->err);
+    else
+        L->rc = mm_backend_cpu_new(L->model, &bo, &L->be, L->err, sizeof L->err);
+    if (L->rc < 0)
         goto out;
     mm_engine_opts eo = {.step_tokens = w->max_batched, .seed = (uint64_t)w->seed,
                          .notify = mm_api_notify, .notify_ud = L->api};
@@ -394,9 +430,11 @@ static void *load_main(void *arg)
         (L->rc = mm_engine_start(L->engine, L->err, sizeof L->err)) < 0)
         goto out;
     mm_info("model ready in %.2f s: %s, %d layers, hidden %d, vocab %d, max_model_len %d, "
-            "max_num_seqs %d", (double)(mm_now_ns() - t0) / 1e9, L->model->cfg.architecture,
+            "max_num_seqs %d, %s backend, KV cache %d blocks of %d positions",
+            (double)(mm_now_ns() - t0) / 1e9, L->model->cfg.architecture,
             L->model->cfg.num_hidden_layers, L->model->cfg.hidden_size,
-            L->model->cfg.vocab_size, L->max_model_len, w->max_num_seqs);
+            L->model->cfg.vocab_size, L->max_model_len, w->max_num_seqs, L->be->ops->name,
+            L->be->num_blocks, L->be->block_size);
 out:
     event_active(L->done_ev, EV_READ, 1);
     return NULL;
@@ -474,7 +512,7 @@ static int check_model_dir(worker_opts *w, int *max_len)
         return 2;
     }
     *max_len = w->max_model_len ? w->max_model_len : limit;
-    if (strcmp(w->dtype, "auto") != 0)
+    if (strcmp(w->dtype, "auto") != 0 && strcmp(w->device, "cpu") == 0)
         mm_info("--dtype %s: the cpu backend computes in float32 over the stored %s weights",
                 w->dtype, c.dtype[0] ? c.dtype : "(unknown)");
     return -1;

@@ -312,6 +312,25 @@ int32_t mm_sample(const float *logits, int n_vocab, int n_valid, const mm_sampli
     return ws->ids[n - 1];
 }
 
+/* Mirrors mm_sampler_process and mm_sample above: each condition is one
+ * step that could move a logit or skip the argmax. */
+int mm_sampling_plain_greedy(const mm_sampling *sp, const mm_sample_hist *h)
+{
+    if (sp->temperature >= MM_GREEDY_EPS)   /* NaN is greedy there too */
+        return 0;
+    if (sp->n_bias > 0)
+        return 0;
+    if (!h)
+        return 1;
+    if (h->n_banned > 0)
+        return 0;
+    if (sp->repetition_penalty != 1.0f && sp->repetition_penalty > 0)
+        return 0;
+    if (sp->presence_penalty != 0.0f || sp->frequency_penalty != 0.0f)
+        return 0;
+    return 1;
+}
+
 /* ---- log-probabilities ---- */
 
 int mm_sampler_logprobs(const float *logits, int n_valid, int32_t chosen, int k,

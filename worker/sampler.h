@@ -95,6 +95,16 @@ int  mm_sampler_dist(const mm_sampling *sp, mm_sampler_ws *ws);
 int32_t mm_sample(const float *logits, int n_vocab, int n_valid, const mm_sampling *sp,
                   const mm_sample_hist *h, mm_xrng *rng, mm_sampler_ws *ws);
 
+/* 1 when mm_sample(logits, n_vocab, n_valid, sp, h, ...) is, whatever the
+ * logits, the plain argmax of the raw row over [0, n_valid): the largest
+ * value that is neither -inf nor NaN, the lowest id on ties, -1 if none,
+ * with no draw taken. That is greedy (temperature < MM_GREEDY_EPS) with no
+ * logit_bias entry, no repetition / frequency / presence penalty and no
+ * banned id in h (min_tokens not reached yet). top_p, top_k and min_p do
+ * not matter to greedy. Then a backend may pick the token itself
+ * (MM_LOGITS_ARGMAX), when nothing else needs the row (logprobs). */
+int mm_sampling_plain_greedy(const mm_sampling *sp, const mm_sample_hist *h);
+
 /* log_softmax of the raw logits over [0, n_valid): the chosen token's
  * log-probability into *chosen_lp, and the k (<= MM_MAX_LOGPROBS) most
  * likely tokens, best first (ties by id), into top. Returns k actually

@@ -190,7 +190,12 @@ static int bench_backend(const char *dir, int threads, int batch, int prompt, in
     /* Prefill each sequence on its own, the way a scheduler would admit them. */
     double tp = now_s();
     for (int s = 0; s < batch; s++) {
-        seqs[0] = (mm_batch_seq){s, toks + (size_t)s * prompt, prompt, 0, MM_LOGITS_LAST};
+        seqs[0] = (mm_batch_seq){.slot = s, .tokens = toks + (size_t)s * prompt,
+                                 .n_tokens = prompt, .pos = 0, .want = MM_LOGITS_LAST};
+        if (b->ops->reserve(b, s, prompt + gen) < 0) {
+            snprintf(err, sizeof err, "KV pool too small for %d sequences", batch);
+            goto out;
+        }
         if (b->ops->forward(b, seqs, 1, logits + (size_t)s * V, err, sizeof err) < 0)
             goto out;
     }
@@ -203,7 +208,8 @@ static int bench_backend(const char *dir, int threads, int batch, int prompt, in
             for (int v = 1; v < V; v++)
                 best = l[v] > l[best] ? v : best;
             next[s] = best;
-            seqs[s] = (mm_batch_seq){s, &next[s], 1, prompt + g, MM_LOGITS_LAST};
+            seqs[s] = (mm_batch_seq){.slot = s, .tokens = &next[s], .n_tokens = 1,
+                                     .pos = prompt + g, .want = MM_LOGITS_LAST};
         }
         if (b->ops->forward(b, seqs, batch, logits, err, sizeof err) < 0)
             goto out;

@@ -1,7 +1,8 @@
 /* test_backend_cpu.c: the CPU forward pass against a plain reference
  * written here (straight loops, double accumulation, the formulas as
  * transformers documents them), against itself (decode vs prefill, batched
- * vs alone, truncated vs fresh), and against transformers' goldens in
+ * vs alone, truncated vs fresh, argmax rows vs the sampler's pick, the KV
+ * block accounting), and against transformers' goldens in
  * tests/fixtures/models/<arch>/golden.json once those are committed. */
 #include <dirent.h>
 #include <errno.h>
@@ -15,6 +16,7 @@
 #include "backend.h"
 #include "makemodel.h"
 #include "model.h"
+#include "sampler.h"
 #include "test.h"
 
 static char root[64];
@@ -74,6 +76,16 @@ static mm_backend *new_backend(const mm_model *m, int max_seqs, int max_len, int
     if (mm_backend_cpu_new(m, &bo, &b, err, sizeof err) < 0)
         printf("  backend: %s\n", err);
     return b;
+}
+
+/* forward() after reserving what each sequence is about to write, as the
+ * scheduler does (the backend refuses unreserved positions). A reserve
+ * that fails leaves forward to report the bad input. */
+static int fwd(mm_backend *b, mm_batch_seq *s, int n, float *lg, char *err, size_t errlen)
+{
+    for (int i = 0; i < n; i++)
+        b->ops->reserve(b, s[i].slot, s[i].pos + s[i].n_tokens);
+    return b->ops->forward(b, s, n, lg, err, errlen);
 }
 
 /* ---- the reference ---- */
@@ -278,8 +290,8 @@ static double prefill_vs_ref(const mm_model *m, int n, int threads, double *scal
     double *ref = ref_forward(m, tok, n), d = 1e9;
     mm_backend *b = new_backend(m, 2, n + 8, threads);
     char err[256];
-    mm_batch_seq s = {0, tok, n, 0, MM_LOGITS_ALL};
-    if (b && b->ops->forward(b, &s, 1, lg, err, sizeof err) == 0)
+    mm_batch_seq s = {0, tok, n, 0, MM_LOGITS_ALL, 0};
+    if (b && fwd(b, &s, 1, lg, err, sizeof err) == 0)
         d = max_diff_fd(lg, ref, (size_t)n * V);
     else if (b)
         printf("  forward: %s\n", err);
@@ -411,13 +423,13 @@ TEST(sliding_window_matches_reference)
     mm_backend *b = new_backend(m, 1, 64, 2);
     ASSERT_TRUE(b);
     char err[256];
-    mm_batch_seq s = {0, tok, n, 0, MM_LOGITS_ALL};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), 0);
+    mm_batch_seq s = {0, tok, n, 0, MM_LOGITS_ALL, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), 0);
     ASSERT_LT(max_diff_fd(lg, ref, (size_t)n * V), 1e-4);
     b->ops->truncate(b, 0, 0);
     for (int t = 0; t < n; t++) {
-        s = (mm_batch_seq){0, tok + t, 1, t, MM_LOGITS_LAST};
-        ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), 0);
+        s = (mm_batch_seq){0, tok + t, 1, t, MM_LOGITS_LAST, 0};
+        ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), 0);
         ASSERT_LT(max_diff_fd(lg, ref + (size_t)t * V, V), 1e-4);
     }
     b->ops->free(b);
@@ -438,12 +450,12 @@ TEST(decode_one_token_at_a_time_equals_prefill)
     mm_backend *b = new_backend(m, 2, 64, 2);
     ASSERT_TRUE(b);
     char err[256];
-    mm_batch_seq s = {1, tok, n, 0, MM_LOGITS_ALL};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, all, err, sizeof err), 0);
+    mm_batch_seq s = {1, tok, n, 0, MM_LOGITS_ALL, 0};
+    ASSERT_EQ(fwd(b, &s, 1, all, err, sizeof err), 0);
     double worst = 0;
     for (int t = 0; t < n; t++) {
-        s = (mm_batch_seq){0, tok + t, 1, t, MM_LOGITS_LAST};
-        ASSERT_EQ(b->ops->forward(b, &s, 1, one, err, sizeof err), 0);
+        s = (mm_batch_seq){0, tok + t, 1, t, MM_LOGITS_LAST, 0};
+        ASSERT_EQ(fwd(b, &s, 1, one, err, sizeof err), 0);
         double d = max_diff_ff(one, all + (size_t)t * V, V);
         worst = d > worst ? d : worst;
     }
@@ -452,8 +464,8 @@ TEST(decode_one_token_at_a_time_equals_prefill)
     /* a mixed step: prefill a chunk of 5 on top of the 24 cached */
     int32_t more[5];
     prompt_ids(more, 5, V, 4);
-    s = (mm_batch_seq){0, more, 5, n, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, one, err, sizeof err), 0);
+    s = (mm_batch_seq){0, more, 5, n, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, one, err, sizeof err), 0);
     int32_t cat[29];
     memcpy(cat, tok, sizeof tok);
     memcpy(cat + 24, more, sizeof more);
@@ -480,25 +492,25 @@ TEST(batched_sequences_equal_separate_runs)
     float *sep = malloc(sizeof *sep * (size_t)V * 12);
     mm_backend *b = new_backend(m, 4, 64, 2);
     ASSERT_TRUE(b);
-    mm_batch_seq s = {0, a, 9, 0, MM_LOGITS_ALL};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, sep, err, sizeof err), 0);
-    s = (mm_batch_seq){1, bb, 14, 0, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, sep + (size_t)9 * V, err, sizeof err), 0);
-    s = (mm_batch_seq){2, c, 5, 0, MM_LOGITS_NONE};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, NULL, err, sizeof err), 0);
-    s = (mm_batch_seq){2, c + 5, 1, 5, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, sep + (size_t)10 * V, err, sizeof err), 0);
+    mm_batch_seq s = {0, a, 9, 0, MM_LOGITS_ALL, 0};
+    ASSERT_EQ(fwd(b, &s, 1, sep, err, sizeof err), 0);
+    s = (mm_batch_seq){1, bb, 14, 0, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, sep + (size_t)9 * V, err, sizeof err), 0);
+    s = (mm_batch_seq){2, c, 5, 0, MM_LOGITS_NONE, 0};
+    ASSERT_EQ(fwd(b, &s, 1, NULL, err, sizeof err), 0);
+    s = (mm_batch_seq){2, c + 5, 1, 5, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, sep + (size_t)10 * V, err, sizeof err), 0);
     b->ops->free(b);
     /* together: one step with a decode between two prefills */
     b = new_backend(m, 4, 64, 3);
     ASSERT_TRUE(b);
-    s = (mm_batch_seq){3, c, 5, 0, MM_LOGITS_NONE};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, NULL, err, sizeof err), 0);
+    s = (mm_batch_seq){3, c, 5, 0, MM_LOGITS_NONE, 0};
+    ASSERT_EQ(fwd(b, &s, 1, NULL, err, sizeof err), 0);
     float *tog = malloc(sizeof *tog * (size_t)V * 12);
-    mm_batch_seq batch[3] = {{1, a, 9, 0, MM_LOGITS_ALL},
-                             {3, c + 5, 1, 5, MM_LOGITS_LAST},
-                             {0, bb, 14, 0, MM_LOGITS_LAST}};
-    ASSERT_EQ(b->ops->forward(b, batch, 3, tog, err, sizeof err), 0);
+    mm_batch_seq batch[3] = {{1, a, 9, 0, MM_LOGITS_ALL, 0},
+                             {3, c + 5, 1, 5, MM_LOGITS_LAST, 0},
+                             {0, bb, 14, 0, MM_LOGITS_LAST, 0}};
+    ASSERT_EQ(fwd(b, batch, 3, tog, err, sizeof err), 0);
     /* rows in batch order: a's 9, then c's 1, then b's 1 */
     ASSERT_LT(max_diff_ff(tog, sep, (size_t)9 * V), 1e-5);
     ASSERT_LT(max_diff_ff(tog + (size_t)9 * V, sep + (size_t)10 * V, V), 1e-5);
@@ -523,8 +535,8 @@ TEST(long_prompt_spans_substeps)
     mm_backend *b = new_backend(m, 1, 512, 2);
     ASSERT_TRUE(b);
     char err[256];
-    mm_batch_seq s = {0, tok, n, 0, MM_LOGITS_ALL};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), 0);
+    mm_batch_seq s = {0, tok, n, 0, MM_LOGITS_ALL, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), 0);
     double d = max_diff_fd(lg, ref, (size_t)n * V);
     printf("  300-token prefill: max diff %.2g\n", d);
     ASSERT_LT(d, 2e-4);
@@ -549,14 +561,14 @@ TEST(truncate_then_refill_equals_fresh)
     mm_backend *b = new_backend(m, 1, 32, 2);
     ASSERT_TRUE(b);
     char err[256];
-    mm_batch_seq s = {0, a, 10, 0, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), 0);
+    mm_batch_seq s = {0, a, 10, 0, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), 0);
     b->ops->truncate(b, 0, 4);
     /* position 10 is no longer reachable: the slot holds 4 */
-    s = (mm_batch_seq){0, bb, 1, 10, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), -EINVAL);
-    s = (mm_batch_seq){0, bb, 6, 4, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), 0);
+    s = (mm_batch_seq){0, bb, 1, 10, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), -EINVAL);
+    s = (mm_batch_seq){0, bb, 6, 4, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), 0);
     double *ref = ref_forward(m, cat, 10);
     ASSERT_LT(max_diff_fd(lg, ref + (size_t)9 * V, V), 1e-4);
     b->ops->free(b);
@@ -575,18 +587,18 @@ TEST(forward_rejects_bad_input)
     char err[256];
     float *lg = malloc(sizeof *lg * (size_t)m->cfg.vocab_size * 2);
     int32_t ok[2] = {1, 2}, bad[1] = {m->cfg.vocab_size};
-    mm_batch_seq s = {2, ok, 1, 0, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), -EINVAL);
+    mm_batch_seq s = {2, ok, 1, 0, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), -EINVAL);
     ASSERT_CONTAINS(err, "slot 2");
-    s = (mm_batch_seq){0, bad, 1, 0, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), -EINVAL);
+    s = (mm_batch_seq){0, bad, 1, 0, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), -EINVAL);
     ASSERT_CONTAINS(err, "token 512");
-    s = (mm_batch_seq){0, ok, 1, 3, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), -EINVAL);
-    s = (mm_batch_seq){0, ok, 2, 15, MM_LOGITS_LAST};
-    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), -EINVAL);
-    mm_batch_seq two[2] = {{1, ok, 1, 0, MM_LOGITS_LAST}, {1, ok + 1, 1, 0, MM_LOGITS_LAST}};
-    ASSERT_EQ(b->ops->forward(b, two, 2, lg, err, sizeof err), -EINVAL);
+    s = (mm_batch_seq){0, ok, 1, 3, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), -EINVAL);
+    s = (mm_batch_seq){0, ok, 2, 15, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), -EINVAL);
+    mm_batch_seq two[2] = {{1, ok, 1, 0, MM_LOGITS_LAST, 0}, {1, ok + 1, 1, 0, MM_LOGITS_LAST, 0}};
+    ASSERT_EQ(fwd(b, two, 2, lg, err, sizeof err), -EINVAL);
     ASSERT_CONTAINS(err, "share slot 1");
     b->ops->free(b);
     free(lg);
@@ -639,13 +651,175 @@ TEST(thread_counts_agree)
     char err[256];
     mm_backend *b1 = new_backend(m, 1, 64, 1), *b4 = new_backend(m, 1, 64, 4);
     ASSERT_TRUE(b1 && b4);
-    mm_batch_seq s = {0, tok, n, 0, MM_LOGITS_ALL};
-    ASSERT_EQ(b1->ops->forward(b1, &s, 1, l1, err, sizeof err), 0);
-    ASSERT_EQ(b4->ops->forward(b4, &s, 1, l4, err, sizeof err), 0);
+    mm_batch_seq s = {0, tok, n, 0, MM_LOGITS_ALL, 0};
+    ASSERT_EQ(fwd(b1, &s, 1, l1, err, sizeof err), 0);
+    ASSERT_EQ(fwd(b4, &s, 1, l4, err, sizeof err), 0);
     ASSERT_LT(max_diff_ff(l1, l4, (size_t)n * V), 1e-5);
     b1->ops->free(b1);
     b4->ops->free(b4);
     free(l1), free(l4);
+    mm_model_free(m);
+}
+
+/* ---- the KV block pool and the argmax rows ---- */
+
+TEST(reserve_accounts_blocks)
+{
+    mm_makemodel_opts o;
+    test_opts(&o, "qwen2");
+    mm_model *m = gen_model("qwen2_pool", &o);
+    ASSERT_TRUE(m);
+    char err[256];
+    mm_backend *b = NULL;
+    /* the default pool: every slot at max_len, in blocks of 16 */
+    mm_backend_opts bo = {.max_seqs = 2, .max_len = 40, .threads = 1};
+    ASSERT_EQ(mm_backend_cpu_new(m, &bo, &b, err, sizeof err), 0);
+    ASSERT_EQ(b->block_size, 16);
+    ASSERT_EQ(b->num_blocks, 2 * 3);
+    ASSERT_EQ(b->blocks_used, 0);
+    b->ops->free(b);
+    bo.block_size = 300;
+    ASSERT_EQ(mm_backend_cpu_new(m, &bo, &b, err, sizeof err), -EINVAL);
+    bo = (mm_backend_opts){.max_seqs = 2, .max_len = 64, .threads = 1, .block_size = 8,
+                           .num_blocks = 10};
+    ASSERT_EQ(mm_backend_cpu_new(m, &bo, &b, err, sizeof err), 0);
+    ASSERT_EQ(b->block_size, 8);
+    ASSERT_EQ(b->num_blocks, 10);
+    ASSERT_EQ(b->ops->reserve(b, 0, 17), 0);
+    ASSERT_EQ(b->blocks_used, 3);
+    ASSERT_EQ(b->ops->reserve(b, 0, 10), 0);      /* already held */
+    ASSERT_EQ(b->blocks_used, 3);
+    ASSERT_EQ(b->ops->reserve(b, 1, 57), -ENOSPC); /* 8 blocks, 7 free */
+    ASSERT_EQ(b->blocks_used, 3);
+    ASSERT_EQ(b->ops->reserve(b, 1, 56), 0);
+    ASSERT_EQ(b->blocks_used, 10);
+    ASSERT_EQ(b->ops->reserve(b, 0, 25), -ENOSPC);
+    ASSERT_EQ(b->ops->reserve(b, 0, 65), -EINVAL); /* beyond max_len */
+    ASSERT_EQ(b->ops->reserve(b, 2, 1), -EINVAL);  /* no such slot */
+    /* forward writes only what was reserved */
+    int32_t tok[25];
+    prompt_ids(tok, 25, m->cfg.vocab_size, 12);
+    float *lg = malloc(sizeof *lg * (size_t)m->cfg.vocab_size);
+    mm_batch_seq s = {0, tok, 25, 0, MM_LOGITS_LAST, 0};   /* 3 blocks hold 24 */
+    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), -EINVAL);
+    ASSERT_CONTAINS(err, "reserve");
+    s.n_tokens = 17;
+    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), 0);
+    /* truncate gives back the blocks wholly past pos, all of them at 0 */
+    b->ops->truncate(b, 0, 9);
+    ASSERT_EQ(b->blocks_used, 9);
+    s = (mm_batch_seq){0, tok + 9, 8, 9, MM_LOGITS_LAST, 0};   /* needs 17 again */
+    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), -EINVAL);
+    b->ops->truncate(b, 1, 0);
+    ASSERT_EQ(b->blocks_used, 2);
+    ASSERT_EQ(b->ops->reserve(b, 0, 17), 0);
+    ASSERT_EQ(b->ops->forward(b, &s, 1, lg, err, sizeof err), 0);
+    b->ops->truncate(b, 0, 0);
+    ASSERT_EQ(b->blocks_used, 0);
+    b->ops->free(b);
+    free(lg);
+    mm_model_free(m);
+}
+
+/* The sampler's greedy pick from a row (what the argmax rows must match). */
+static int32_t sampler_greedy(const float *row, int V, int n_valid)
+{
+    mm_sampler_ws ws;
+    if (mm_sampler_ws_init(&ws, V) < 0)
+        return -2;
+    mm_sampling sp;
+    mm_sampling_defaults(&sp);
+    sp.temperature = 0;
+    mm_xrng rng;
+    mm_xrng_seed(&rng, 1);
+    int32_t t = mm_sample(row, V, n_valid, &sp, NULL, &rng, &ws);
+    mm_sampler_ws_free(&ws);
+    return t;
+}
+
+TEST(argmax_rows_match_the_sampler)
+{
+    mm_makemodel_opts o;
+    test_opts(&o, "qwen2");
+    mm_model *m = gen_model("qwen2_argmax", &o);
+    ASSERT_TRUE(m);
+    int V = m->cfg.vocab_size;
+    int32_t a[11], c[7];
+    prompt_ids(a, 11, V, 13);
+    prompt_ids(c, 7, V, 14);
+    float *sep = malloc(sizeof *sep * (size_t)V * 8), *tog = malloc(sizeof *tog * (size_t)V * 8);
+    char err[256];
+    mm_backend *b = new_backend(m, 4, 64, 2);
+    ASSERT_TRUE(b);
+    /* rows without any argmax: a's last, c's all */
+    mm_batch_seq s[3] = {{0, a, 11, 0, MM_LOGITS_LAST, 0}, {1, c, 7, 0, MM_LOGITS_ALL, 0}};
+    ASSERT_EQ(fwd(b, s, 2, sep, err, sizeof err), 0);
+    b->ops->truncate(b, 0, 0);
+    b->ops->truncate(b, 1, 0);
+    /* the same with a's twin asking for the argmax in between: it takes no
+     * row, the others' rows are unchanged */
+    s[0] = (mm_batch_seq){0, a, 11, 0, MM_LOGITS_LAST, 0};
+    s[1] = (mm_batch_seq){2, a, 11, 0, MM_LOGITS_ARGMAX, -7};
+    s[2] = (mm_batch_seq){1, c, 7, 0, MM_LOGITS_ALL, 0};
+    ASSERT_EQ(fwd(b, s, 3, tog, err, sizeof err), 0);
+    ASSERT_LT(max_diff_ff(tog, sep, (size_t)8 * V), 1e-5);
+    int32_t want = sampler_greedy(tog, V, V);
+    ASSERT_TRUE(want >= 0);
+    ASSERT_EQ(s[1].argmax, want);
+    /* a decode step of the twin with the valid ids cut below its pick */
+    int n_valid = want > 1 ? want : 2;
+    b->n_valid = n_valid;
+    s[0] = (mm_batch_seq){0, &want, 1, 11, MM_LOGITS_LAST, 0};
+    s[1] = (mm_batch_seq){2, &want, 1, 11, MM_LOGITS_ARGMAX, -7};
+    ASSERT_EQ(fwd(b, s, 2, tog, err, sizeof err), 0);
+    ASSERT_EQ(s[1].argmax, sampler_greedy(tog, V, n_valid));
+    ASSERT_TRUE(s[1].argmax < n_valid);
+    /* argmax for no tokens is refused like logits for none */
+    s[0] = (mm_batch_seq){3, a, 0, 0, MM_LOGITS_ARGMAX, 0};
+    ASSERT_EQ(fwd(b, s, 1, tog, err, sizeof err), -EINVAL);
+    b->ops->free(b);
+    free(sep), free(tog);
+    mm_model_free(m);
+}
+
+TEST(argmax_ties_go_to_the_lowest_id)
+{
+    mm_makemodel_opts o;
+    test_opts(&o, "llama");   /* untied: lm_head is its own matrix */
+    mm_model *m = gen_model("llama_ties", &o);
+    ASSERT_TRUE(m);
+    int V = m->cfg.vocab_size;
+    int32_t a[9];
+    prompt_ids(a, 9, V, 15);
+    float *lg = malloc(sizeof *lg * (size_t)V);
+    char err[256];
+    mm_backend *b = new_backend(m, 2, 32, 2);
+    ASSERT_TRUE(b);
+    mm_batch_seq s = {0, a, 9, 0, MM_LOGITS_LAST, 0};
+    ASSERT_EQ(fwd(b, &s, 1, lg, err, sizeof err), 0);
+    int32_t best = sampler_greedy(lg, V, V);
+    b->ops->free(b);
+    ASSERT_TRUE(best > 3);
+    /* Copy the winner's lm_head row onto id 3: both logits are now equal
+     * (the backend copies the weights when it starts). */
+    const mm_weight saved = m->lm_head;
+    size_t es = saved.dtype == MM_DT_F32 ? 4 : 2, rowb = (size_t)saved.cols * es;
+    char *w = malloc((size_t)saved.rows * rowb);
+    ASSERT_TRUE(w);
+    memcpy(w, saved.data, (size_t)saved.rows * rowb);
+    memcpy(w + 3 * rowb, w + (size_t)best * rowb, rowb);
+    m->lm_head.data = w;
+    b = new_backend(m, 2, 32, 2);
+    m->lm_head = saved;
+    ASSERT_TRUE(b);
+    mm_batch_seq two[2] = {{0, a, 9, 0, MM_LOGITS_LAST, 0}, {1, a, 9, 0, MM_LOGITS_ARGMAX, 0}};
+    ASSERT_EQ(fwd(b, two, 2, lg, err, sizeof err), 0);
+    ASSERT_TRUE(lg[3] == lg[best]);
+    ASSERT_EQ(sampler_greedy(lg, V, V), 3);
+    ASSERT_EQ(two[1].argmax, 3);
+    b->ops->free(b);
+    free(w);
+    free(lg);
     mm_model_free(m);
 }
 
@@ -706,8 +880,8 @@ static int check_golden(const char *arch)
     for (int i = 0; i < n; i++)
         seq[i] = (int32_t)json_integer_value(json_array_get(jp, i));
     b = new_backend(m, 1, n + ng + 1, 2);
-    mm_batch_seq s = {0, seq, n, 0, MM_LOGITS_ALL};
-    if (!b || b->ops->forward(b, &s, 1, lg, err, sizeof err) < 0) {
+    mm_batch_seq s = {0, seq, n, 0, MM_LOGITS_ALL, 0};
+    if (!b || fwd(b, &s, 1, lg, err, sizeof err) < 0) {
         printf("  forward failed\n");
         goto out;
     }
@@ -747,8 +921,8 @@ static int check_golden(const char *arch)
             break;   /* a near tie: the rest of the continuation may differ */
         }
         seq[n + gi] = best;
-        s = (mm_batch_seq){0, &seq[n + gi], 1, n + gi, MM_LOGITS_LAST};
-        if (b->ops->forward(b, &s, 1, lg, err, sizeof err) < 0) {
+        s = (mm_batch_seq){0, &seq[n + gi], 1, n + gi, MM_LOGITS_LAST, 0};
+        if (fwd(b, &s, 1, lg, err, sizeof err) < 0) {
             printf("  forward failed: %s\n", err);
             goto out;
         }
@@ -788,6 +962,9 @@ int main(void)
     RUN(forward_rejects_bad_input);
     RUN(rope_inv_freq_default_linear_llama3);
     RUN(thread_counts_agree);
+    RUN(reserve_accounts_blocks);
+    RUN(argmax_rows_match_the_sampler);
+    RUN(argmax_ties_go_to_the_lowest_id);
     RUN(golden_llama);
     RUN(golden_qwen2);
     RUN(golden_mistral);

@@ -2,7 +2,9 @@
  * backend: batching must not change greedy or seeded outputs, queued
  * sequences wait for slots, a cancelled one frees its slot, stops and
  * lengths end sequences where they should, and the streamed text equals
- * the tokenizer's decode of the same ids. */
+ * the tokenizer's decode of the same ids. With a KV pool far too small,
+ * preemption and recompute must not change any output either; the greedy
+ * fast path (the backend's argmax) must pick what the sampler picks. */
 #include <dirent.h>
 #include <errno.h>
 #include <math.h>
@@ -65,13 +67,17 @@ typedef struct rig {
     mm_engine    *e;
 } rig;
 
-static int rig_new(rig *r, int max_seqs, int max_len, int step_tokens)
+/* block_size / num_blocks 0: the backend's defaults (a pool that never
+ * runs short). */
+static int rig_new_pool(rig *r, int max_seqs, int max_len, int step_tokens, int block_size,
+                        int num_blocks)
 {
     char err[512], path[256];
     memset(r, 0, sizeof *r);
     mm_model_load_opts lo = {.quiet = 1};
     snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
-    mm_backend_opts bo = {.max_seqs = max_seqs, .max_len = max_len, .threads = 2};
+    mm_backend_opts bo = {.max_seqs = max_seqs, .max_len = max_len, .threads = 2,
+                          .block_size = block_size, .num_blocks = num_blocks};
     mm_engine_opts eo = {.step_tokens = step_tokens, .seed = 1, .notify = notify};
     if (mm_model_load(model_dir, &lo, &r->m, err, sizeof err) < 0 ||
         mm_tokenizer_load(path, &r->tok, err, sizeof err) < 0 ||
@@ -82,6 +88,11 @@ static int rig_new(rig *r, int max_seqs, int max_len, int step_tokens)
         return -1;
     }
     return 0;
+}
+
+static int rig_new(rig *r, int max_seqs, int max_len, int step_tokens)
+{
+    return rig_new_pool(r, max_seqs, max_len, step_tokens, 0, 0);
 }
 
 static void rig_free(rig *r)
@@ -533,6 +544,254 @@ TEST(drain_while_the_engine_publishes)
     rig_free(&r);
 }
 
+/* ---- the KV pool: preemption and recompute ---- */
+
+static int same_text(const mm_seq_outbox *a, const mm_seq_outbox *b)
+{
+    return a->text.len == b->text.len &&
+           (a->text.len == 0 || memcmp(a->text.data, b->text.data, a->text.len) == 0);
+}
+
+/* Run each sequence alone (one at a time) on r. */
+static int run_alone(rig *r, tseq *t, const char *const *text, const mm_seq_params *p, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (tseq_new(r, &t[i], text[i], &p[i]) < 0 || mm_engine_submit(r->e, t[i].s) < 0 ||
+            wait_all(r, &t[i], 1, 20000) < 0)
+            return -1;
+    return 0;
+}
+
+/* The engine is stopped (its thread joined) before reading the pool. */
+static int blocks_left(rig *r)
+{
+    mm_engine_free(r->e);
+    r->e = NULL;
+    return r->be->blocks_used;
+}
+
+#define NPRE 16
+
+TEST(preemption_keeps_every_output)
+{
+    /* 16 sequences of 9..54 positions each against a pool of 128 positions
+     * (the least a max_len of 128 allows): most steps must preempt. Some
+     * take the argmax path, some the sampler (logprobs, a penalty). */
+    const char *text[NPRE];
+    mm_seq_params p[NPRE];
+    size_t prompt_sum = 0;
+    for (int i = 0; i < NPRE; i++) {
+        text[i] = prompts[i % NPROMPTS];
+        p[i] = greedy(30 + i);
+        if (i % 4 == 3)
+            p[i].logprobs = 2;
+        if (i % 4 == 2)
+            p[i].samp.repetition_penalty = 1.3f;
+    }
+    rig big, tight;
+    ASSERT_EQ(rig_new(&big, 16, 128, 512), 0);
+    tseq alone[NPRE], t[NPRE];
+    ASSERT_EQ(run_alone(&big, alone, text, p, NPRE), 0);
+    rig_free(&big);
+
+    ASSERT_EQ(rig_new_pool(&tight, 16, 128, 512, 4, 32), 0);
+    ASSERT_EQ(tight.be->num_blocks, 32);
+    for (int i = 0; i < NPRE; i++) {
+        ASSERT_EQ(tseq_new(&tight, &t[i], text[i], &p[i]), 0);
+        prompt_sum += mm_seq_prompt_len(t[i].s);
+        ASSERT_EQ(mm_engine_submit(tight.e, t[i].s), 0);
+    }
+    ASSERT_EQ(wait_all(&tight, t, NPRE, 60000), 0);
+    for (int i = 0; i < NPRE; i++) {
+        if (!same_ids(&alone[i].got, &t[i].got) || !same_text(&alone[i].got, &t[i].got))
+            printf("  sequence %d differs\n", i);
+        ASSERT_EQ(t[i].got.finish, MM_FINISH_LENGTH);
+        ASSERT_EQ(t[i].got.n_gen, 30 + i);
+        ASSERT_TRUE(same_ids(&alone[i].got, &t[i].got));
+        ASSERT_TRUE(same_text(&alone[i].got, &t[i].got));
+        for (size_t k = 0; k < t[i].got.ntoks && p[i].logprobs >= 0; k++)
+            ASSERT_LT(fabsf(t[i].got.toks[k].lp - alone[i].got.toks[k].lp), 1e-3);
+    }
+    mm_engine_stats st;
+    mm_engine_get_stats(tight.e, &st);
+    printf("  %llu preemptions in %llu steps\n", (unsigned long long)st.preemptions,
+           (unsigned long long)st.steps);
+    ASSERT_TRUE(st.preemptions > 0);
+    /* counted once per sequence, however often it was recomputed */
+    ASSERT_EQ(st.prompt_tokens, prompt_sum);
+    ASSERT_EQ(st.ttft.n, NPRE);
+    ASSERT_EQ(st.finished[MM_FINISH_LENGTH], NPRE);
+    ASSERT_EQ(st.finished[MM_FINISH_ERROR], 0);
+    ASSERT_EQ(blocks_left(&tight), 0);
+    for (int i = 0; i < NPRE; i++) {
+        tseq_free(&alone[i]);
+        tseq_free(&t[i]);
+    }
+    rig_free(&tight);
+}
+
+TEST(preemption_keeps_seeded_sampling)
+{
+    /* g (older) and s (younger) decode side by side until the pool of 96
+     * positions is full: then s, the youngest, is preempted part way and
+     * recomputes once g is done. Its draws must not move. */
+    mm_seq_params pg = greedy(80), ps;
+    mm_seq_params_defaults(&ps);
+    ps.samp.temperature = 0.9f;
+    ps.samp.top_k = 40;
+    ps.samp.presence_penalty = 0.3f;
+    ps.max_tokens = 60;
+    ps.ignore_eos = 1;
+    ps.has_seed = 1;
+    ps.seed = 4242;
+    rig big, tight;
+    tseq alone, g, s;
+    ASSERT_EQ(rig_new(&big, 2, 96, 512), 0);
+    ASSERT_EQ(tseq_new(&big, &alone, prompts[2], &ps), 0);
+    ASSERT_EQ(mm_engine_submit(big.e, alone.s), 0);
+    ASSERT_EQ(wait_all(&big, &alone, 1, 20000), 0);
+    rig_free(&big);
+
+    ASSERT_EQ(rig_new_pool(&tight, 2, 96, 512, 4, 24), 0);
+    ASSERT_EQ(tseq_new(&tight, &g, prompts[1], &pg), 0);
+    ASSERT_EQ(tseq_new(&tight, &s, prompts[2], &ps), 0);
+    ASSERT_TRUE(mm_seq_prompt_len(g.s) + 80 <= 96);
+    ASSERT_TRUE(mm_seq_prompt_len(g.s) + mm_seq_prompt_len(s.s) + 80 + 60 > 96 + 40);
+    ASSERT_EQ(mm_engine_submit(tight.e, g.s), 0);
+    ASSERT_EQ(mm_engine_submit(tight.e, s.s), 0);
+    ASSERT_EQ(wait_all(&tight, &g, 1, 20000), 0);
+    ASSERT_EQ(wait_all(&tight, &s, 1, 20000), 0);
+    mm_engine_stats st;
+    mm_engine_get_stats(tight.e, &st);
+    ASSERT_TRUE(st.preemptions > 0);
+    ASSERT_EQ(g.got.n_gen, 80);
+    ASSERT_EQ(s.got.finish, MM_FINISH_LENGTH);
+    ASSERT_EQ(s.got.n_gen, 60);
+    ASSERT_TRUE(same_ids(&alone.got, &s.got));
+    ASSERT_TRUE(same_text(&alone.got, &s.got));
+    ASSERT_EQ(blocks_left(&tight), 0);
+    tseq_free(&alone);
+    tseq_free(&g);
+    tseq_free(&s);
+    rig_free(&tight);
+}
+
+TEST(pool_smaller_than_one_sequence_is_refused)
+{
+    char err[512], path[256];
+    mm_model *m = NULL;
+    mm_tokenizer *tok = NULL;
+    mm_backend *be = NULL;
+    mm_engine *e = NULL;
+    mm_model_load_opts lo = {.quiet = 1};
+    snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
+    ASSERT_EQ(mm_model_load(model_dir, &lo, &m, err, sizeof err), 0);
+    ASSERT_EQ(mm_tokenizer_load(path, &tok, err, sizeof err), 0);
+    mm_backend_opts bo = {.max_seqs = 4, .max_len = 100, .threads = 1, .block_size = 8,
+                          .num_blocks = 12};
+    ASSERT_EQ(mm_backend_cpu_new(m, &bo, &be, err, sizeof err), 0);
+    mm_engine_opts eo = {.step_tokens = 64};
+    ASSERT_EQ(mm_engine_new(be, tok, &m->cfg, &eo, &e, err, sizeof err), -EINVAL);
+    ASSERT_CONTAINS(err, "--max-model-len 100");
+    ASSERT_CONTAINS(err, "--num-gpu-blocks-override");
+    be->ops->free(be);
+    bo.num_blocks = 13;   /* 104 positions */
+    ASSERT_EQ(mm_backend_cpu_new(m, &bo, &be, err, sizeof err), 0);
+    ASSERT_EQ(mm_engine_new(be, tok, &m->cfg, &eo, &e, err, sizeof err), 0);
+    /* the engine bounds the backend's argmax as it bounds sampling */
+    ASSERT_EQ(be->n_valid, mm_engine_valid_vocab(e));
+    ASSERT_TRUE(be->n_valid < m->cfg.vocab_size);
+    mm_engine_free(e);
+    be->ops->free(be);
+    mm_tokenizer_free(tok);
+    mm_model_free(m);
+}
+
+/* ---- the greedy fast path ---- */
+
+TEST(plain_greedy_predicate)
+{
+    mm_sampling sp;
+    mm_sampling_defaults(&sp);
+    int32_t ban = 2, bias_id = 5;
+    float bias_val = 1.0f;
+    mm_sample_hist h = {NULL, 0, NULL, 0, NULL, 0};
+    ASSERT_EQ(mm_sampling_plain_greedy(&sp, &h), 0);        /* temperature 1 */
+    sp.temperature = 0;
+    ASSERT_EQ(mm_sampling_plain_greedy(&sp, &h), 1);
+    ASSERT_EQ(mm_sampling_plain_greedy(&sp, NULL), 1);
+    sp.top_p = 0.5f, sp.top_k = 3, sp.min_p = 0.2f;         /* no effect on greedy */
+    ASSERT_EQ(mm_sampling_plain_greedy(&sp, &h), 1);
+    sp.repetition_penalty = 0;                             /* ignored by the sampler */
+    ASSERT_EQ(mm_sampling_plain_greedy(&sp, &h), 1);
+    mm_sampling q = sp;
+    q.repetition_penalty = 1.1f;
+    ASSERT_EQ(mm_sampling_plain_greedy(&q, &h), 0);
+    ASSERT_EQ(mm_sampling_plain_greedy(&q, NULL), 1);        /* no history: not applied */
+    q = sp;
+    q.presence_penalty = 0.5f;
+    ASSERT_EQ(mm_sampling_plain_greedy(&q, &h), 0);
+    q = sp;
+    q.frequency_penalty = -0.5f;
+    ASSERT_EQ(mm_sampling_plain_greedy(&q, &h), 0);
+    q = sp;
+    q.bias_ids = &bias_id, q.bias_val = &bias_val, q.n_bias = 1;
+    ASSERT_EQ(mm_sampling_plain_greedy(&q, &h), 0);
+    ASSERT_EQ(mm_sampling_plain_greedy(&q, NULL), 0);
+    mm_sample_hist hb = {NULL, 0, NULL, 0, &ban, 1};        /* min_tokens not reached */
+    ASSERT_EQ(mm_sampling_plain_greedy(&sp, &hb), 0);
+    /* where it says plain, mm_sample is the first best finite id below n_valid */
+    mm_sampler_ws ws;
+    ASSERT_EQ(mm_sampler_ws_init(&ws, 8), 0);
+    mm_xrng rng;
+    mm_xrng_seed(&rng, 3);
+    float row[8] = {1, 3, NAN, 3, -INFINITY, 3, 9, 2};
+    ASSERT_EQ(mm_sample(row, 8, 6, &sp, &h, &rng, &ws), 1);
+    ASSERT_EQ(mm_sample(row, 8, 8, &sp, &h, &rng, &ws), 6);
+    mm_sampler_ws_free(&ws);
+}
+
+TEST(argmax_path_picks_what_the_sampler_picks)
+{
+    /* Plain greedy goes through the backend's argmax; logprobs = 0 makes
+     * the same choice go through the logits row and the sampler. Together
+     * in one batch and each alone, the tokens agree. */
+    rig r;
+    ASSERT_EQ(rig_new(&r, 12, 256, 512), 0);
+    tseq fast[NPROMPTS], full[NPROMPTS];
+    mm_seq_params pf = greedy(40), pl = greedy(40);
+    pl.logprobs = 0;
+    for (int i = 0; i < NPROMPTS; i++) {
+        ASSERT_EQ(tseq_new(&r, &fast[i], prompts[i], &pf), 0);
+        ASSERT_EQ(tseq_new(&r, &full[i], prompts[i], &pl), 0);
+        ASSERT_EQ(mm_engine_submit(r.e, fast[i].s), 0);
+        ASSERT_EQ(mm_engine_submit(r.e, full[i].s), 0);
+    }
+    ASSERT_EQ(wait_all(&r, fast, NPROMPTS, 20000), 0);
+    ASSERT_EQ(wait_all(&r, full, NPROMPTS, 20000), 0);
+    for (int i = 0; i < NPROMPTS; i++) {
+        ASSERT_EQ(fast[i].got.ntoks, 40);
+        ASSERT_TRUE(same_ids(&fast[i].got, &full[i].got));
+        ASSERT_TRUE(same_text(&fast[i].got, &full[i].got));
+        ASSERT_TRUE(isnan(fast[i].got.toks[0].lp));     /* no row was read */
+        ASSERT_TRUE(full[i].got.toks[0].lp <= 0);
+        tseq_free(&fast[i]);
+        tseq_free(&full[i]);
+    }
+    for (int i = 0; i < NPROMPTS; i++) {
+        ASSERT_EQ(tseq_new(&r, &fast[0], prompts[i], &pf), 0);
+        ASSERT_EQ(tseq_new(&r, &full[0], prompts[i], &pl), 0);
+        ASSERT_EQ(mm_engine_submit(r.e, fast[0].s), 0);
+        ASSERT_EQ(wait_all(&r, &fast[0], 1, 20000), 0);
+        ASSERT_EQ(mm_engine_submit(r.e, full[0].s), 0);
+        ASSERT_EQ(wait_all(&r, &full[0], 1, 20000), 0);
+        ASSERT_TRUE(same_ids(&fast[0].got, &full[0].got));
+        tseq_free(&fast[0]);
+        tseq_free(&full[0]);
+    }
+    rig_free(&r);
+}
+
 int main(void)
 {
     snprintf(root, sizeof root, "/tmp/mm_test_engine_XXXXXX");
@@ -559,6 +818,11 @@ int main(void)
     RUN(prompt_logprobs_agree_with_generation);
     RUN(context_limit_ends_with_length);
     RUN(drain_while_the_engine_publishes);
+    RUN(preemption_keeps_every_output);
+    RUN(preemption_keeps_seeded_sampling);
+    RUN(pool_smaller_than_one_sequence_is_refused);
+    RUN(plain_greedy_predicate);
+    RUN(argmax_path_picks_what_the_sampler_picks);
     rm_tree(root);
     return test_summary();
 }

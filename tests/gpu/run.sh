@@ -1,0 +1,363 @@
+#!/bin/sh
+# tests/gpu/run.sh [check|bench|all|libs]: the CUDA backend's tests and
+# benchmarks on the GPU machine, from the repository root, with $BUILD
+# (build) already built here and carried there (missing binaries are built
+# when make can).
+#
+#   check (~2 min): gpu_check --backend cuda --require-gpu (tests/gpu/check.c),
+#     then end to end: a generated small model behind modelmux-worker
+#     --device cuda, 8 greedy /v1/completions at once against the same one
+#     at a time (texts must match up to near ties, judged by the sequential
+#     run's top-2 logprobs), and against a --device cpu worker (reported).
+#   bench (~6 min): gpu_bw, gpu_gemm, then for generated bf16 models of
+#     Qwen2.5-1.5B's and Qwen2.5-7B's shapes gpu_bench (decode single and
+#     batched, prefill, TTFT) and streaming HTTP load through the worker at
+#     1/8/32/64/256 concurrent requests (128-token prompts, 128 tokens).
+#
+# Output under $OUT (default $BUILD/gpu-results; at most 8 files, the
+# device tool's limit): gpu.txt (nvidia-smi), check.json, check.log,
+# bench.json, bench.log, summary.txt (with the decode roofline). The last
+# line is "N passed, N failed"; exit 1 when anything failed.
+#
+#   libs (run HERE, before carrying): copy the shared libraries our binaries
+#     need beyond glibc, libstdc++/libgcc and CUDA's into $BUILD/lib, for a
+#     GPU machine that lacks them (its ldd says which); run.sh then puts
+#     $BUILD/lib on LD_LIBRARY_PATH for our binaries alone (not for curl or
+#     python3, which keep the machine's own libraries).
+#
+# Knobs (for trying this on a CPU-only machine too): CHECK_BACKEND (cuda),
+# E2E_DEVICE (cuda), BENCH_BACKEND (cuda), BENCH_MODELS ("q15 q7"),
+# BENCH_ARGS (extra gpu_bench flags), BENCH_VERIFY ("q15": models whose
+# gpu_bench first checks 16 greedy tokens against the CPU backend),
+# HTTP_CONC ("1 8 32 64 256"),
+# HTTP_MODELS ("q15 q7"), HTTP_MAX_TOKENS (128), BENCH_BUDGET_S (330: later
+# steps are skipped once the bench has run this long), BENCH_DIR
+# (/tmp/mm-gpu-bench, generated models, kept for a second run).
+# $RUNENV, $CLIENT and a few flag lists are split into words on purpose:
+# shellcheck disable=SC2086
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+
+BUILD=${BUILD:-build}
+what=${1:-all}
+case $what in check|bench|all|libs) ;; *) echo "usage: tests/gpu/run.sh [check|bench|all|libs]" >&2; exit 2 ;; esac
+OUT=${OUT:-$BUILD/gpu-results}
+CHECK_BACKEND=${CHECK_BACKEND:-cuda}
+E2E_DEVICE=${E2E_DEVICE:-cuda}
+BENCH_BACKEND=${BENCH_BACKEND:-cuda}
+BENCH_MODELS=${BENCH_MODELS:-q15 q7}
+BENCH_ARGS=${BENCH_ARGS:-}
+BENCH_VERIFY=${BENCH_VERIFY:-q15}
+HTTP_CONC=${HTTP_CONC:-1 8 32 64 256}
+HTTP_MODELS=${HTTP_MODELS:-q15 q7}
+HTTP_MAX_TOKENS=${HTTP_MAX_TOKENS:-128}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-330}
+BENCH_DIR=${BENCH_DIR:-/tmp/mm-gpu-bench}
+WORKER=$BUILD/modelmux-worker
+T=$BUILD/tests
+CLIENT="python3 tests/gpu/client.py"
+
+if [ "$what" = libs ]; then
+    mkdir -p "$BUILD/lib" || exit 1
+    for b in "$WORKER" "$T/gpu_check" "$T/gpu_bench"; do [ -x "$b" ] && ldd "$b"; done |
+        awk '/=> \// { print $3 }' | sort -u | while read -r p; do
+            case ${p##*/} in
+                libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libstdc++.so*|libgcc_s.so*|libcublas*|libcudart*|libcuda.so*) ;;
+                *) cp -L "$p" "$BUILD/lib/" && echo "copied $p" ;;
+            esac
+        done
+    du -sh "$BUILD/lib"
+    exit 0
+fi
+# Libraries carried in $BUILD/lib (see libs above) for our binaries only.
+RUNENV="env"
+[ -d "$BUILD/lib" ] && RUNENV="env LD_LIBRARY_PATH=$(cd "$BUILD/lib" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+mkdir -p "$OUT" || exit 1
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/mmgpu.XXXXXX") || exit 1
+WPID=""
+GENPID=""
+passed=0
+failed=0
+
+say() { echo "$*"; }
+ok() { passed=$((passed + 1)); say "ok - $*"; }
+notok() { failed=$((failed + 1)); say "not ok - $*"; }
+now() { date +%s; }
+
+stop_worker() {
+    [ -n "$WPID" ] || return 0
+    kill -TERM "$WPID" 2>/dev/null
+    i=0
+    while kill -0 "$WPID" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    kill -KILL "$WPID" 2>/dev/null
+    wait "$WPID" 2>/dev/null
+    WPID=""
+}
+cleanup() {
+    stop_worker
+    [ -n "$GENPID" ] && kill "$GENPID" 2>/dev/null
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------- the machine
+
+{
+    echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(uname -srm), $(nproc) CPUs"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm,clocks.max.memory,power.limit,pstate --format=csv
+        timeout 30 nvidia-smi -L
+    else
+        echo "nvidia-smi: not found"
+    fi
+    command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2
+    mkdir -p "$BENCH_DIR" && df -h "$BENCH_DIR" | tail -n 1 | awk '{ print "# disk for generated models: " $4 " free of " $2 }'
+    printf '# binaries (%s):' "$BUILD"
+    for b in "$WORKER" "$T"/gpu_*; do [ -x "$b" ] && printf ' %s' "${b##*/}"; done
+    echo
+} >"$OUT/gpu.txt" 2>&1
+say "== $(sed -n 2,3p "$OUT/gpu.txt" | tr '\n' ' ')"
+
+# ------------------------------------------------------------- binaries
+
+# Build what is missing, when make can (the GPU machine may lack headers
+# the worker needs; the CUDA-only tools need nvcc alone).
+MAKEF=""
+grep -q 'tests/gpu/gpu.mk' Makefile 2>/dev/null || MAKEF="-f Makefile -f tests/gpu/gpu.mk"
+ensure() {
+    for b in "$@"; do
+        [ -x "$b" ] && continue
+        say "# $b is missing: trying make"
+        timeout 600 make $MAKEF BUILD="$BUILD" -j"$(nproc)" "$b" >"$TMP/make.log" 2>&1 ||
+            { say "# make $b failed:"; tail -n 15 "$TMP/make.log"; }
+    done
+    for b in "$@"; do
+        [ -x "$b" ] || continue
+        missing=$($RUNENV ldd "$b" 2>/dev/null | grep 'not found' | awk '{ print $1 }' | tr '\n' ' ')
+        [ -z "$missing" ] || say "# WARNING: $b: shared libraries not found: $missing"
+    done
+}
+
+# start_worker DEVICE MODEL LOG [flags...]: WPID and URL, or return 1.
+start_worker() {
+    dev=$1 model=$2 wlog=$3
+    shift 3
+    $RUNENV "$WORKER" --model "$model" --device "$dev" --host 127.0.0.1 --port 0 \
+        --served-model-name bench --disable-log-requests "$@" >"$wlog" 2>&1 &
+    WPID=$!
+    port=""
+    i=0
+    while [ -z "$port" ]; do
+        kill -0 "$WPID" 2>/dev/null || { say "# the worker exited:"; tail -n 20 "$wlog"; WPID=""; return 1; }
+        port=$(sed -n 's/.*serving .* on http:\/\/[^:]*:\([0-9][0-9]*\).*/\1/p' "$wlog" | head -n 1)
+        i=$((i + 1))
+        [ "$i" -lt 300 ] || { say "# the worker printed no port in 30 s"; stop_worker; return 1; }
+        [ -n "$port" ] || sleep 0.1
+    done
+    URL=http://127.0.0.1:$port
+    t0=$(now)
+    until [ "$(curl -s -o /dev/null -w '%{http_code}' "$URL/health")" = 200 ]; do
+        kill -0 "$WPID" 2>/dev/null || { say "# the worker exited while loading:"; tail -n 20 "$wlog"; WPID=""; return 1; }
+        [ $(($(now) - t0)) -lt 180 ] || { say "# the worker was not ready in 180 s"; tail -n 5 "$wlog"; stop_worker; return 1; }
+        sleep 0.2
+    done
+    say "# worker ($dev) ready on $URL in $(($(now) - t0)) s"
+}
+
+# count_tap FILE: add a "N passed, N failed" line's figures (one failure
+# when there is none: a crash or a timeout).
+count_tap() {
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$1" | tail -n 1)
+    if [ -z "$line" ]; then
+        failed=$((failed + 1))
+        say "not ok - $2 (no summary line: crashed or timed out; its last lines:)"
+        tail -n 12 "$1" | sed 's/^/  | /'
+        return
+    fi
+    p=$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')
+    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/')
+    passed=$((passed + p))
+    failed=$((failed + f))
+}
+
+# ------------------------------------------------------------- check
+
+run_check() {
+    t_check=$(now)
+    ensure "$T/gpu_check" "$WORKER"
+    if [ -x "$T/gpu_check" ]; then
+        req=""
+        [ "$CHECK_BACKEND" = cuda ] && req=--require-gpu
+        say "== gpu_check --backend $CHECK_BACKEND"
+        timeout "${CHECK_TIMEOUT:-150}" $RUNENV "$T/gpu_check" --backend "$CHECK_BACKEND" $req \
+            --json "$OUT/check.json" >"$TMP/check.txt" 2>&1
+        echo "gpu_check exit status $?" >>"$TMP/check.txt"
+        cat "$TMP/check.txt" >>"$OUT/check.log"
+        grep -E '^(ok|not ok|skipped|#|[0-9]+ passed)' "$TMP/check.txt"
+        count_tap "$TMP/check.txt" gpu_check
+    else
+        notok "gpu_check (not built)"
+    fi
+
+    say "== end to end: worker --device $E2E_DEVICE, concurrent vs one at a time vs --device cpu"
+    if [ ! -x "$WORKER" ]; then
+        notok "e2e (no $WORKER)"
+        return
+    fi
+    m=$TMP/e2e-model
+    if ! timeout 60 $RUNENV "$WORKER" --make-model "$m" --arch qwen2 --layers 4 --hidden 512 --heads 8 \
+        --kv-heads 2 --intermediate 1408 --vocab 1024 --max-pos 2048 --std 0.05 --seed 3 \
+        >>"$OUT/check.log" 2>&1; then
+        notok "e2e: --make-model failed"
+        return
+    fi
+    if start_worker "$E2E_DEVICE" "$m" "$TMP/w-e2e.log" --max-num-seqs 16 --max-model-len 1024 \
+        --gpu-memory-utilization 0.3; then
+        $CLIENT complete --url "$URL" --concurrency 8 --out "$TMP/conc.json" &&
+            $CLIENT complete --url "$URL" --concurrency 1 --logprobs 2 --out "$TMP/seq.json"
+        rc=$?
+        stop_worker
+        { echo "== worker --device $E2E_DEVICE log (tail)"; tail -n 30 "$TMP/w-e2e.log"; } >>"$OUT/check.log"
+        if [ $rc -ne 0 ]; then
+            notok "e2e: requests to the $E2E_DEVICE worker failed"
+        else
+            $CLIENT compare "$TMP/conc.json" "$TMP/seq.json" \
+                --name "e2e: $E2E_DEVICE worker, 8 at once vs one at a time" >"$TMP/cmp.txt"
+            cat "$TMP/cmp.txt"
+            if grep -q '^ok ' "$TMP/cmp.txt"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+            if start_worker cpu "$m" "$TMP/w-cpu.log" --max-num-seqs 16 \
+                --max-model-len 1024; then
+                $CLIENT complete --url "$URL" --concurrency 1 --logprobs 2 --out "$TMP/cpu.json"
+                stop_worker
+                [ -s "$TMP/cpu.json" ] && $CLIENT compare "$TMP/seq.json" "$TMP/cpu.json" --info \
+                    --name "e2e: $E2E_DEVICE worker vs cpu worker (greedy, reported only)"
+            fi
+        fi
+    else
+        notok "e2e: the $E2E_DEVICE worker did not start"
+        { echo "== worker log"; cat "$TMP/w-e2e.log"; } >>"$OUT/check.log"
+    fi
+    say "# check took $(($(now) - t_check)) s"
+}
+
+# ------------------------------------------------------------- bench
+
+# Qwen2.5-1.5B and -7B shapes, random bf16 weights (makemodel).
+model_args() {
+    case $1 in
+        q15) echo "--arch qwen2 --layers 28 --hidden 1536 --heads 12 --kv-heads 2 --intermediate 8960 --vocab 151936 --tie --max-pos 32768 --rope-theta 1000000 --dtype bf16" ;;
+        q7) echo "--arch qwen2 --layers 28 --hidden 3584 --heads 28 --kv-heads 4 --intermediate 18944 --vocab 152064 --no-tie --max-pos 32768 --rope-theta 1000000 --dtype bf16" ;;
+        # small shapes, for trying the script on a CPU
+        tiny) echo "--arch qwen2 --layers 2 --hidden 256 --heads 4 --kv-heads 2 --intermediate 512 --vocab 4096 --max-pos 4096" ;;
+        small) echo "--arch llama --layers 4 --hidden 512 --heads 8 --kv-heads 2 --intermediate 1024 --vocab 8192 --max-pos 4096" ;;
+        *) return 1 ;;
+    esac
+}
+
+# gen_model NAME: generate $BENCH_DIR/NAME unless it is there with the same flags.
+gen_model() {
+    args=$(model_args "$1") || { echo "unknown model $1" >&2; return 1; }
+    d=$BENCH_DIR/$1
+    [ "$(cat "$d/.args" 2>/dev/null)" = "$args" ] && return 0
+    rm -rf "$d" "$d.tmp"
+    mkdir -p "$BENCH_DIR"
+    t0=$(now)
+    timeout 300 $RUNENV "$WORKER" --make-model "$d.tmp" $args >"$TMP/gen-$1.log" 2>&1 || { cat "$TMP/gen-$1.log"; return 1; }
+    echo "$args" >"$d.tmp/.args"
+    mv "$d.tmp" "$d"
+    echo "# generated $1 ($(du -sh "$d" | cut -f1)) in $(($(now) - t0)) s"
+}
+
+over_budget() { [ $(($(now) - t_bench)) -ge $((BENCH_BUDGET_S - ${1:-0})) ]; }
+
+bench_http() {
+    name=$1
+    start_worker "$BENCH_BACKEND" "$BENCH_DIR/$name" "$TMP/w-$name.log" --max-num-seqs 256 \
+        --max-model-len 512 --max-num-batched-tokens "${HTTP_BATCHED_TOKENS:-4096}" \
+        --gpu-memory-utilization 0.85 || { notok "http $name: the worker did not start"; return; }
+    $CLIENT load --url "$URL" --concurrency 4 --max-tokens 8 --label warmup >/dev/null
+    for c in $HTTP_CONC; do
+        if over_budget 10; then say "# http $name: out of time budget, skipping from concurrency $c"; break; fi
+        timeout 120 $CLIENT load --url "$URL" --concurrency "$c" --max-tokens "$HTTP_MAX_TOKENS" \
+            --label "$name" --salt "$c" >"$TMP/load.txt" 2>&1
+        rc=$?
+        cat "$TMP/load.txt" >>"$OUT/bench.log"
+        grep '^{' "$TMP/load.txt" >>"$TMP/bench.jsonl"
+        if [ $rc -eq 0 ]; then
+            ok "http $name x$c ($(sed -n 's/.*"tok_s": \([0-9.]*\).*"ttft_mean_ms": \([0-9.]*\).*/\1 tok\/s, TTFT mean \2 ms/p' "$TMP/load.txt"))"
+        else
+            notok "http $name x$c (exit $rc: $(tail -c 300 "$TMP/load.txt"))"
+        fi
+    done
+    stop_worker
+    { echo "== worker $name log (tail)"; tail -n 20 "$TMP/w-$name.log"; } >>"$OUT/bench.log"
+}
+
+run_bench() {
+    t_bench=$(now)
+    : >"$TMP/bench.jsonl"
+    ensure "$WORKER" "$T/gpu_bench"
+    # Models: all but the first are generated in the background from the
+    # start (CPU and disk work, minutes for a 15 GB model) while the GPU
+    # measures; the first in the foreground after gpu_bw and gpu_gemm.
+    first=""
+    rest=""
+    for m in $BENCH_MODELS; do
+        if [ -z "$first" ]; then first=$m; else rest="$rest $m"; fi
+    done
+    if [ -n "$rest" ] && [ -x "$WORKER" ]; then
+        ( for m in $rest; do gen_model "$m" || exit 1; done ) >"$TMP/gen-rest.log" 2>&1 &
+        GENPID=$!
+    fi
+    if [ "$BENCH_BACKEND" = cuda ]; then
+        ensure "$T/gpu_bw" "$T/gpu_gemm"
+        for tool in gpu_bw gpu_gemm; do
+            say "== $tool"
+            if [ ! -x "$T/$tool" ]; then notok "$tool (not built)"; continue; fi
+            timeout 120 "$T/$tool" >"$TMP/$tool.txt" 2>&1
+            rc=$?
+            cat "$TMP/$tool.txt" >>"$OUT/bench.log"
+            grep '^{' "$TMP/$tool.txt" >>"$TMP/bench.jsonl"
+            if [ $rc -eq 0 ]; then ok "$tool"; else notok "$tool (exit $rc: $(tail -n 2 "$TMP/$tool.txt" | tr '\n' ' '))"; fi
+        done
+    fi
+
+    [ -n "$first" ] && { gen_model "$first" || notok "generate $first"; }
+    for m in $BENCH_MODELS; do
+        if [ "$m" != "$first" ] && [ -n "$GENPID" ]; then
+            wait "$GENPID" || notok "generate$rest ($(tail -n 3 "$TMP/gen-rest.log" | tr '\n' ' '))"
+            GENPID=""
+            cat "$TMP/gen-rest.log"
+        fi
+        [ -f "$BENCH_DIR/$m/model.safetensors" ] || continue
+        if over_budget 60; then say "# gpu_bench $m: out of time budget, skipped"; continue; fi
+        say "== gpu_bench $m ($BENCH_BACKEND)"
+        verify=""
+        case " $BENCH_VERIFY " in *" $m "*) verify="--verify 16" ;; esac
+        timeout 240 $RUNENV "$T/gpu_bench" --model "$BENCH_DIR/$m" --backend "$BENCH_BACKEND" --name "$m" \
+            $verify $BENCH_ARGS >"$TMP/bench-$m.txt" 2>&1
+        rc=$?
+        cat "$TMP/bench-$m.txt" >>"$OUT/bench.log"
+        grep '^{' "$TMP/bench-$m.txt" >>"$TMP/bench.jsonl"
+        grep -v '^{' "$TMP/bench-$m.txt" | grep .
+        if [ $rc -eq 0 ]; then ok "gpu_bench $m"; else notok "gpu_bench $m (exit $rc)"; fi
+    done
+    for m in $HTTP_MODELS; do
+        [ -f "$BENCH_DIR/$m/model.safetensors" ] || continue
+        if over_budget 60; then say "# http $m: out of time budget, skipped"; continue; fi
+        say "== http $m: worker --device $BENCH_BACKEND, streaming completions at $HTTP_CONC"
+        bench_http "$m"
+    done
+    $CLIENT summary "$TMP/bench.jsonl" "$OUT/bench.json" >"$OUT/summary.txt" 2>&1 ||
+        notok "summary"
+    say "== summary ($OUT/summary.txt)"
+    cat "$OUT/summary.txt"
+    say "# bench took $(($(now) - t_bench)) s"
+}
+
+[ "$what" = bench ] || run_check
+[ "$what" = check ] || run_bench
+say "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

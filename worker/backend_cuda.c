@@ -1,0 +1,1135 @@
+/* backend_cuda.c: the worker's GPU backend (host side).
+ *
+ * Owns, on the one device CUDA_VISIBLE_DEVICES leaves visible first:
+ *  - the weights, in one allocation, as bf16 or f16 (the checkpoint's type;
+ *    f32 checkpoints become bf16); q/k/v and gate/up are laid side by side
+ *    so each pair is one product;
+ *  - the paged KV pool: fixed-size blocks handed to slots by reserve() and
+ *    returned by truncate(), sized from --gpu-memory-utilization of the
+ *    memory left after the weights and the step's scratch;
+ *  - scratch for one step of up to MAX_STEP tokens (bigger batches run as
+ *    several sub-steps, a sequence split across them finds its first part
+ *    in the cache), and pinned host mirrors of what crosses the bus.
+ *
+ * A step uploads one metadata block (token ids, positions, slots, which
+ * tokens attend through the decode kernel, block-table changes), runs the
+ * layers, and copies back argmax ids and the logits rows the scheduler
+ * asked for. Decode-only steps of up to MAX_GRAPH sequences replay a CUDA
+ * graph captured once per padded batch size, so a small model is not
+ * bound by kernel launches.
+ *
+ * Products: our gemv kernel for up to 8 rows (bandwidth bound), cuBLAS
+ * beyond. Attention: the flash-decoding kernel for decodes and short
+ * slices, and for longer prompt slices two strided-batched cuBLAS
+ * products around a causal softmax (tensor cores, one kv head's group of
+ * query heads per call).
+ *
+ * Every CUDA and cuBLAS call and every launch is checked; a failure is
+ * reported with the call and the library's message. */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "backend.h"
+#include "errmsg.h"
+#include "kernels/kernels.h"
+#include "log.h"
+#include "model.h"
+
+#define MAX_STEP     2048 /* tokens per sub-step (scratch is sized for it) */
+#define MAX_GRAPH    256  /* largest decode batch replayed as a graph */
+#define DECODE_SLICE 8    /* slices of up to this many tokens use the decode kernel */
+#define ATT_S_CAP    (32u << 20) /* floats of prefill scores per product (128 MiB) */
+#define BLAS_WS      (32u << 20) /* cuBLAS workspace, set once so graphs can hold it */
+#define HEADROOM     (512ull << 20) /* device memory left free beyond the KV pool */
+
+static const int graph_sizes[] = {1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 112, 128,
+                                  160, 192, 224, 256};
+#define N_GRAPH ((int)(sizeof graph_sizes / sizeof graph_sizes[0]))
+
+typedef struct cu_layer {
+    float *attn_norm, *mlp_norm;
+    void  *wqkv, *bqkv, *wo, *bo, *wgu, *wdown;
+} cu_layer;
+
+/* A run of tokens of one sequence inside a sub-step. */
+typedef struct seg {
+    int slot, pos, t0, n;
+} seg;
+
+/* Where each logits row of a sub-step goes. */
+typedef struct row_dst {
+    int seq;      /* batch index */
+    int argmax;   /* 1: only the id is wanted */
+    size_t out;   /* else: row index in the caller's logits */
+} row_dst;
+
+typedef struct cuda_backend {
+    mm_backend base;
+    const mm_model_config *cfg;
+    mm_kdt   dt;
+    int      H, I, nq, nkv, hd, qd, qkvw, V, L, window, nsm;
+    float    eps, scale;
+    cudaStream_t   stream;
+    cublasHandle_t blas;
+    void    *blas_ws;
+
+    char    *wbuf;               /* the one weight allocation */
+    void    *embed, *lm_head;
+    float   *norm, *inv_freq;
+    cu_layer *layers;
+
+    /* KV pool: block 0 is never handed out (padding rows write there) */
+    char    *kvbuf;
+    size_t   kv_layer_bytes;     /* K (or V) of one layer */
+    int      max_blocks;         /* per slot */
+    int     *free_blk, n_free;
+    int     *slot_blk;           /* [(max_seqs + 1) * max_blocks] host copy */
+    int     *slot_nblk, *slot_len;
+    int32_t *d_tables;
+
+    /* scratch */
+    float   *x, *logits, *part, *S;
+    float   *delta;
+    void    *h, *qkv, *q, *att, *gu, *act, *kc, *vc, *P, *hrows;
+    int32_t *ids_d;
+    int      Rmax;
+    size_t   s_floats;
+
+    /* step metadata, device and pinned host: ids, pos, slot, tok, rows
+     * (MAX_STEP each), then the block-table update list */
+    int32_t *meta_d, *meta_h;
+    int      n_upd, upd_cap;
+    float   *logits_h;
+    int32_t *ids_h;
+
+    cudaGraphExec_t graph[N_GRAPH];
+    int      graph_failed;
+    /* Benchmark switch (environment MM_CUDA_GRAPHS=0): measure what the
+     * decode graphs bring. */
+    int      no_graphs;
+    /* MM_CUDA_PROFILE=1 (implies no graphs): device time per stage of the
+     * model, summed over every step and logged when the backend is freed.
+     * An event between every two stages serializes them, so the sum is a
+     * little above the unprofiled step time; it is for finding where the
+     * time goes, not for reporting speed. */
+    int      prof;
+    cudaEvent_t prof_ev[64];
+    int      prof_n, prof_id[64];
+    double   prof_ms[16];
+    long     prof_steps;
+
+    /* host plan of the current sub-step */
+    seg     *segs;
+    row_dst *rows;
+} cuda_backend;
+
+#define META_IDS(m)  ((m))
+#define META_POS(m)  ((m) + MAX_STEP)
+#define META_SLOT(m) ((m) + 2 * MAX_STEP)
+#define META_TOK(m)  ((m) + 3 * MAX_STEP)
+#define META_ROWS(m) ((m) + 4 * MAX_STEP)
+#define META_UPD(m)  ((m) + 5 * MAX_STEP)
+
+/* ---- error reporting ---- */
+
+static int cu_fail(char *err, size_t errlen, const char *what, cudaError_t e)
+{
+    mm_errf(err, errlen, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+    return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
+}
+
+#define CK(call)                                                                                 \
+    do {                                                                                         \
+        cudaError_t ck_e = (call);                                                               \
+        if (ck_e != cudaSuccess) {                                                               \
+            rc = cu_fail(err, errlen, #call, ck_e);                                              \
+            goto out;                                                                            \
+        }                                                                                        \
+    } while (0)
+
+#define CKB(call)                                                                                \
+    do {                                                                                         \
+        cublasStatus_t ck_s = (call);                                                            \
+        if (ck_s != CUBLAS_STATUS_SUCCESS) {                                                     \
+            mm_errf(err, errlen, "%s: %s", #call, cublasGetStatusString(ck_s));                  \
+            rc = -EIO;                                                                           \
+            goto out;                                                                            \
+        }                                                                                        \
+    } while (0)
+
+/* Kernel launchers return a cudaError_t as int. */
+#define CKK(call) CK((cudaError_t)(call))
+
+static size_t esz(const cuda_backend *b) { (void)b; return 2; }
+static cudaDataType_t cu_type(const cuda_backend *b)
+{
+    return b->dt == MM_KDT_F16 ? CUDA_R_16F : CUDA_R_16BF;
+}
+
+/* ---- weights ---- */
+
+static float half_to_f32(uint16_t h)
+{
+    uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
+    if (e == 0 && m == 0) {
+        u = s;
+    } else if (e == 0) { /* subnormal: renormalize */
+        int sh = 0;
+        while (!(m & 0x400)) {
+            m <<= 1;
+            sh++;
+        }
+        u = s | ((uint32_t)(113 - sh) << 23) | ((m & 0x3ff) << 13);
+    } else if (e == 31) {
+        u = s | 0x7f800000u | (m << 13);
+    } else {
+        u = s | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float elem_f32(const mm_weight *w, size_t i)
+{
+    const uint16_t *h = w->data;
+    if (w->dtype == MM_DT_F32)
+        return ((const float *)w->data)[i];
+    if (w->dtype == MM_DT_F16)
+        return half_to_f32(h[i]);
+    uint32_t u = (uint32_t)h[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint16_t f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+static uint16_t f32_to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t s = (u >> 16) & 0x8000u;
+    int e = (int)((u >> 23) & 0xff) - 127 + 15;
+    uint32_t m = u & 0x7fffffu;
+    if (((u >> 23) & 0xff) == 0xff)
+        return (uint16_t)(s | 0x7c00u | (m ? 0x200u : 0));
+    if (e >= 31)
+        return (uint16_t)(s | 0x7c00u);
+    if (e <= 0) {
+        if (e < -10)
+            return (uint16_t)s;
+        m |= 0x800000u;
+        int sh = 14 - e;
+        uint32_t r = m >> sh, rem = m & ((1u << sh) - 1), halfway = 1u << (sh - 1);
+        if (rem > halfway || (rem == halfway && (r & 1)))
+            r++;
+        return (uint16_t)(s | r);
+    }
+    uint32_t r = ((uint32_t)e << 10) | (m >> 13), rem = m & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (r & 1)))
+        r++;
+    return (uint16_t)(s | r);
+}
+
+/* Weights are placed at 256-byte aligned offsets of one allocation; the
+ * first pass (base == NULL) only measures. */
+typedef struct placer {
+    cuda_backend *b;
+    size_t off;
+    int    measure;
+    char  *stage;      /* pinned staging buffer */
+    size_t stage_cap;
+    char  *err;
+    size_t errlen;
+} placer;
+
+static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+/* Upload a group of weights stacked along rows (q,k,v or gate,up) into one
+ * matrix, converted to the backend's type, or to f32 when as_f32. */
+static int place(placer *p, void **dst, const mm_weight *const *ws, int nw, int as_f32)
+{
+    cuda_backend *b = p->b;
+    char *err = p->err;
+    size_t errlen = p->errlen;
+    size_t n = 0;
+    for (int i = 0; i < nw; i++)
+        n += (size_t)ws[i]->rows * (size_t)ws[i]->cols;
+    size_t es = as_f32 ? 4 : esz(b), bytes = n * es;
+    int rc = 0;
+    if (p->measure || !ws[0]->data) {
+        if (dst)
+            *dst = NULL;
+        if (ws[0]->data)
+            p->off = align256(p->off + bytes);
+        return 0;
+    }
+    char *base = p->b->wbuf + p->off;
+    *dst = base;
+    mm_dtype want = as_f32 ? MM_DT_F32 : (b->dt == MM_KDT_F16 ? MM_DT_F16 : MM_DT_BF16);
+    size_t done = 0;
+    for (int i = 0; i < nw; i++) {
+        const mm_weight *w = ws[i];
+        size_t cnt = (size_t)w->rows * (size_t)w->cols, k = 0;
+        while (k < cnt) {
+            size_t chunk = cnt - k < p->stage_cap / es ? cnt - k : p->stage_cap / es;
+            if (w->dtype == want) {
+                memcpy(p->stage, (const char *)w->data + k * es, chunk * es);
+            } else {
+                for (size_t j = 0; j < chunk; j++) {
+                    float f = elem_f32(w, k + j);
+                    if (as_f32)
+                        ((float *)p->stage)[j] = f;
+                    else if (want == MM_DT_F16)
+                        ((uint16_t *)p->stage)[j] = f32_to_f16(f);
+                    else
+                        ((uint16_t *)p->stage)[j] = f32_to_bf16(f);
+                }
+            }
+            /* Synchronous from pinned memory: the staging buffer is reused
+             * at once, and loading is not on any hot path. */
+            CK(cudaMemcpy(base + (done + k) * es, p->stage, chunk * es, cudaMemcpyHostToDevice));
+            k += chunk;
+        }
+        done += cnt;
+    }
+    p->off = align256(p->off + bytes);
+out:
+    return rc;
+}
+
+static int place_all(placer *p, const mm_model *m)
+{
+    cuda_backend *b = p->b;
+    int rc;
+    const mm_weight *one[1];
+#define PLACE1(dst, w, f32)                                                                      \
+    do {                                                                                         \
+        one[0] = (w);                                                                            \
+        if ((rc = place(p, (void **)(dst), one, 1, (f32))) < 0)                                  \
+            return rc;                                                                           \
+    } while (0)
+    PLACE1(&b->embed, &m->embed, 0);
+    PLACE1(&b->norm, &m->norm, 1);
+    if (m->lm_head.data == m->embed.data)
+        b->lm_head = b->embed;
+    else
+        PLACE1(&b->lm_head, &m->lm_head, 0);
+    for (int l = 0; l < b->L; l++) {
+        const mm_layer *s = &m->layers[l];
+        cu_layer *d = &b->layers[l];
+        const mm_weight *qkv[3] = {&s->q, &s->k, &s->v}, *bqkv[3] = {&s->q_bias, &s->k_bias,
+                                                                    &s->v_bias};
+        const mm_weight *gu[2] = {&s->gate, &s->up};
+        PLACE1(&d->attn_norm, &s->attn_norm, 1);
+        PLACE1(&d->mlp_norm, &s->mlp_norm, 1);
+        if ((rc = place(p, &d->wqkv, qkv, 3, 0)) < 0 || (rc = place(p, &d->bqkv, bqkv, 3, 0)) < 0 ||
+            (rc = place(p, &d->wgu, gu, 2, 0)) < 0)
+            return rc;
+        PLACE1(&d->wo, &s->o, 0);
+        PLACE1(&d->bo, &s->o_bias, 0);
+        PLACE1(&d->wdown, &s->down, 0);
+    }
+#undef PLACE1
+    return 0;
+}
+
+/* ---- KV pool ---- */
+
+static int cuda_reserve(mm_backend *base, int slot, int n)
+{
+    cuda_backend *b = (cuda_backend *)base;
+    if (slot < 0 || slot >= base->max_seqs || n < 0 || n > base->max_len)
+        return -EINVAL;
+    int need = (n + base->block_size - 1) / base->block_size;
+    int have = b->slot_nblk[slot];
+    if (need <= have)
+        return 0;
+    if (need - have > b->n_free)
+        return -ENOSPC;
+    for (int k = have; k < need; k++) {
+        int blk = b->free_blk[--b->n_free];
+        int idx = slot * b->max_blocks + k;
+        b->slot_blk[idx] = blk;
+        /* upd_cap covers every entry of every slot, so this cannot overflow
+         * even if nothing runs between many reservations. */
+        int32_t *u = META_UPD(b->meta_h);
+        u[1 + 2 * b->n_upd] = idx;
+        u[2 + 2 * b->n_upd] = blk;
+        b->n_upd++;
+    }
+    b->slot_nblk[slot] = need;
+    base->blocks_used += need - have;
+    return 0;
+}
+
+static void cuda_truncate(mm_backend *base, int slot, int pos)
+{
+    cuda_backend *b = (cuda_backend *)base;
+    if (slot < 0 || slot >= base->max_seqs || pos < 0)
+        return;
+    int keep = (pos + base->block_size - 1) / base->block_size;
+    for (int k = keep; k < b->slot_nblk[slot]; k++)
+        b->free_blk[b->n_free++] = b->slot_blk[slot * b->max_blocks + k];
+    if (keep < b->slot_nblk[slot]) {
+        base->blocks_used -= b->slot_nblk[slot] - keep;
+        b->slot_nblk[slot] = keep;
+    }
+    if (b->slot_len[slot] > pos)
+        b->slot_len[slot] = pos;
+}
+
+/* ---- stage profiler (MM_CUDA_PROFILE=1) ---- */
+
+enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GU, P_SWIGLU, P_DOWN, P_HEAD, P_EMBED, P_N };
+static const char *const prof_names[P_N] = {"norm", "qkv", "rope", "attention", "o",
+                                             "gate_up", "swiglu", "down", "head", "embed"};
+
+/* Mark the end of a stage: the time since the previous mark is charged to
+ * it. */
+static void prof_mark(cuda_backend *b, int id)
+{
+    if (!b->prof || b->prof_n >= 64)
+        return;
+    if (!b->prof_ev[b->prof_n] && cudaEventCreate(&b->prof_ev[b->prof_n]) != cudaSuccess)
+        return;
+    b->prof_id[b->prof_n] = id;
+    cudaEventRecord(b->prof_ev[b->prof_n++], b->stream);
+}
+
+/* After the stream synchronized: add up the marks (one layer's worth are
+ * reused round-robin, so flush at every mark budget). */
+static void prof_flush(cuda_backend *b)
+{
+    for (int i = 1; i < b->prof_n; i++) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, b->prof_ev[i - 1], b->prof_ev[i]) == cudaSuccess)
+            b->prof_ms[b->prof_id[i]] += ms;
+    }
+    b->prof_n = 0;
+}
+
+/* Logged (and restarted) every 64 steps, so warm-up stays out of the
+ * later reports. */
+static void prof_report(cuda_backend *b)
+{
+    double total = 0;
+    for (int i = 0; i < P_N; i++)
+        total += b->prof_ms[i];
+    if (!b->prof || total <= 0)
+        return;
+    char line[512];
+    size_t n = 0;
+    for (int i = 0; i < P_N && n < sizeof line; i++)
+        n += (size_t)snprintf(line + n, sizeof line - n, " %s %.4f", prof_names[i],
+                              b->prof_ms[i] / (double)b->prof_steps);
+    mm_info("cuda profile over %ld steps, ms per step:%s", b->prof_steps, line);
+    memset(b->prof_ms, 0, sizeof b->prof_ms);
+    b->prof_steps = 0;
+}
+
+/* ---- one sub-step ---- */
+
+/* y[M][N] = x[M][K] W[N][K]^T, y in the 16-bit type or float (y_f32).
+ * Float products may come back as several partials over K (nparts set;
+ * NULL: one), which the next norm sums. */
+static int linear(cuda_backend *b, const void *W, const void *x, int M, int N, int K, void *y,
+                  int y_f32, int *nparts, char *err, size_t errlen)
+{
+    int rc = 0;
+    if (nparts)
+        *nparts = 1;
+    /* Measured on an H200 (docs/GPU_NOTES.md): our kernel beats cuBLAS at
+     * one or two rows on every shape, and up to 8 rows on small matrices
+     * where cuBLAS's fixed cost dominates. */
+    if (mm_k_gemv_ok(M, K) && (M <= 2 || (size_t)N * (size_t)K <= ((size_t)4 << 20))) {
+        int splits = y_f32 && nparts ? mm_k_gemv_splits(N, K, b->nsm) : 1;
+        CKK(mm_k_gemv(b->dt, W, x, M, N, K, y, y_f32, splits, b->stream));
+        if (nparts)
+            *nparts = splits;
+        return 0;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    CKB(cublasGemmEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, W, cu_type(b), K, x,
+                     cu_type(b), K, &zero, y, y_f32 ? CUDA_R_32F : cu_type(b), N,
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+out:
+    return rc;
+}
+
+static mm_k_cache layer_cache(const cuda_backend *b, int l)
+{
+    mm_k_cache c = {.k = b->kvbuf + (size_t)(2 * l) * b->kv_layer_bytes,
+                    .v = b->kvbuf + (size_t)(2 * l + 1) * b->kv_layer_bytes,
+                    .block_tables = b->d_tables,
+                    .max_blocks = b->max_blocks,
+                    .bs = b->base.block_size,
+                    .nkv = b->nkv,
+                    .hd = b->hd};
+    return c;
+}
+
+/* Splits of the decode kernel for R queries: enough blocks (one per kv
+ * head and query) to cover the SMs twice, no more than the context has
+ * chunks of 128. */
+static int decode_splits(const cuda_backend *b, int R, int max_ctx)
+{
+    int want = (2 * b->nsm + b->nkv * R - 1) / (b->nkv * R);
+    int chunks = (max_ctx + 127) / 128;
+    if (want > chunks)
+        want = chunks;
+    return want < 1 ? 1 : want;
+}
+
+/* Attention of one long prompt slice through cuBLAS. */
+static int prefill_attention(cuda_backend *b, const mm_k_cache *c, const seg *g, char *err,
+                             size_t errlen)
+{
+    int rc = 0, ctx = g->pos + g->n, group = b->nq / b->nkv, hd = b->hd;
+    size_t es = esz(b);
+    CKK(mm_k_gather_kv(b->dt, c, g->slot, ctx, b->kc, b->vc, b->stream));
+    int tile = (int)(b->s_floats / ((size_t)group * (size_t)ctx));
+    if (tile > g->n)
+        tile = g->n;
+    if (tile < 1) {
+        mm_errf(err, errlen, "prefill attention: context %d exceeds the score buffer", ctx);
+        return -EINVAL;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    for (int j = 0; j < b->nkv; j++) {
+        const char *kj = (const char *)b->kc + (size_t)j * ctx * hd * es;
+        const char *vj = (const char *)b->vc + (size_t)j * ctx * hd * es;
+        for (int i0 = 0; i0 < g->n; i0 += tile) {
+            int nn = g->n - i0 < tile ? g->n - i0 : tile;
+            size_t qoff = ((size_t)(g->t0 + i0) * b->qd + (size_t)j * group * hd) * es;
+            CKB(cublasGemmStridedBatchedEx(
+                b->blas, CUBLAS_OP_T, CUBLAS_OP_N, ctx, nn, hd, &b->scale, kj, cu_type(b), hd, 0,
+                (const char *)b->q + qoff, cu_type(b), b->qd, hd, &zero, b->S, CUDA_R_32F, ctx,
+                (long long)nn * ctx, group, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            CKK(mm_k_softmax_causal(b->dt, b->S, group * nn, nn, ctx, ctx, g->pos + i0,
+                                    b->window, b->P, b->stream));
+            CKB(cublasGemmStridedBatchedEx(
+                b->blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, nn, ctx, &one, vj, cu_type(b), hd, 0, b->P,
+                cu_type(b), ctx, (long long)nn * ctx, &zero, (char *)b->att + qoff, cu_type(b),
+                b->qd, hd, group, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        }
+    }
+out:
+    return rc;
+}
+
+/* The model over T tokens whose metadata is on the device: nd tokens
+ * (META_TOK) attend through the decode kernel with nsplit splits, the
+ * segments listed in big[] through cuBLAS; R logits rows (META_ROWS, or
+ * all T tokens when rows_all) end in b->logits, and in b->ids_d when
+ * argmax. Launches only: capturable when nbig == 0. */
+static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big, int nbig, int R,
+                     int rows_all, int argmax, char *err, size_t errlen)
+{
+    int rc = 0, H = b->H, I = b->I;
+    const int32_t *ids = META_IDS(b->meta_d), *pos = META_POS(b->meta_d);
+    const int32_t *slot = META_SLOT(b->meta_d), *tok = META_TOK(b->meta_d);
+    CKK(mm_k_table_update(b->d_tables, META_UPD(b->meta_d), b->stream));
+    prof_mark(b, P_EMBED);
+    CKK(mm_k_embed(b->dt, b->embed, ids, T, H, b->x, b->stream));
+    prof_mark(b, P_EMBED);
+    /* delta: the float output of the last o or down product, np partials
+     * of T x H each, added to the residual by the next norm */
+    size_t dstride = (size_t)T * (size_t)H;
+    int np = 0;
+    for (int l = 0; l < b->L; l++) {
+        const cu_layer *w = &b->layers[l];
+        mm_k_cache c = layer_cache(b, l);
+        if (b->prof && b->prof_n > 48) {
+            cudaStreamSynchronize(b->stream);
+            prof_flush(b);
+            prof_mark(b, P_NORM);
+        }
+        CKK(mm_k_add_rmsnorm(b->dt, b->x, l ? b->delta : NULL, np, dstride, NULL, w->attn_norm,
+                             b->eps, NULL, T, H, b->h, b->stream));
+        prof_mark(b, P_NORM);
+        if ((rc = linear(b, w->wqkv, b->h, T, b->qkvw, H, b->qkv, 0, NULL, err, errlen)) < 0)
+            goto out;
+        prof_mark(b, P_QKV);
+        CKK(mm_k_rope_store(b->dt, b->qkv, w->bqkv, b->inv_freq, pos, slot, T, b->nq, &c, b->q,
+                            b->stream));
+        prof_mark(b, P_ROPE);
+        if (nd)
+            CKK(mm_k_attn_decode(b->dt, b->q, tok, pos, slot, nd, b->nq, b->window, b->scale, &c,
+                                 nsplit, b->part, b->att, b->stream));
+        for (int i = 0; i < nbig; i++)
+            if ((rc = prefill_attention(b, &c, &big[i], err, errlen)) < 0)
+                goto out;
+        prof_mark(b, P_ATTN);
+        if ((rc = linear(b, w->wo, b->att, T, H, b->qd, b->delta, 1, &np, err, errlen)) < 0)
+            goto out;
+        prof_mark(b, P_O);
+        CKK(mm_k_add_rmsnorm(b->dt, b->x, b->delta, np, dstride, w->bo, w->mlp_norm, b->eps,
+                             NULL, T, H, b->h, b->stream));
+        prof_mark(b, P_NORM);
+        if ((rc = linear(b, w->wgu, b->h, T, 2 * I, H, b->gu, 0, NULL, err, errlen)) < 0)
+            goto out;
+        prof_mark(b, P_GU);
+        CKK(mm_k_swiglu(b->dt, b->gu, T, I, b->act, b->stream));
+        prof_mark(b, P_SWIGLU);
+        if ((rc = linear(b, w->wdown, b->act, T, H, I, b->delta, 1, &np, err, errlen)) < 0)
+            goto out;
+        prof_mark(b, P_DOWN);
+    }
+    if (R == 0)
+        goto out;
+    CKK(mm_k_add_rmsnorm(b->dt, b->x, b->delta, np, dstride, NULL, b->norm, b->eps,
+                         rows_all ? NULL : META_ROWS(b->meta_d), R, H, b->hrows, b->stream));
+    if ((rc = linear(b, b->lm_head, b->hrows, R, b->V, H, b->logits, 1, NULL, err, errlen)) < 0)
+        goto out;
+    if (argmax)
+        CKK(mm_k_argmax(b->logits, R, b->V, b->base.n_valid > 0 ? b->base.n_valid : b->V,
+                        b->ids_d, b->stream));
+    prof_mark(b, P_HEAD);
+out:
+    return rc;
+}
+
+static int graph_index(int n)
+{
+    for (int i = 0; i < N_GRAPH; i++)
+        if (graph_sizes[i] >= n)
+            return i;
+    return -1;
+}
+
+/* Upload the metadata block: the five per-token arrays and the pending
+ * block-table updates (forgotten by the caller once a launch that applies
+ * them succeeded). */
+static int upload_meta(cuda_backend *b, char *err, size_t errlen)
+{
+    int rc = 0;
+    int32_t *u = META_UPD(b->meta_h);
+    u[0] = b->n_upd;
+    size_t n = (size_t)(5 * MAX_STEP + 1 + 2 * b->n_upd);
+    CK(cudaMemcpyAsync(b->meta_d, b->meta_h, n * sizeof(int32_t), cudaMemcpyHostToDevice,
+                       b->stream));
+out:
+    return rc;
+}
+
+/* Capture the decode model for a padded batch of gs tokens. A failure to
+ * capture is not fatal: steps of that size run eagerly. */
+static int capture(cuda_backend *b, int gi, char *err, size_t errlen)
+{
+    int gs = graph_sizes[gi], rc = 0;
+    cudaGraph_t g = NULL;
+    int nsplit = decode_splits(b, gs, b->base.max_len);
+    CK(cudaStreamBeginCapture(b->stream, cudaStreamCaptureModeThreadLocal));
+    rc = run_model(b, gs, gs, nsplit, NULL, 0, gs, 1, 1, err, errlen);
+    cudaError_t e = cudaStreamEndCapture(b->stream, &g);
+    if (rc < 0)
+        goto out;
+    CK(e);
+    CK(cudaGraphInstantiate(&b->graph[gi], g, 0));
+out:
+    if (g)
+        cudaGraphDestroy(g);
+    if (rc < 0)
+        cudaGetLastError(); /* clear a capture error so eager steps go on */
+    return rc;
+}
+
+/* Fill the plan arrays for padded decode rows gs > n: token 0 at position
+ * 0 of the padding slot (max_seqs), whose table row points at block 0. */
+static void pad_rows(cuda_backend *b, int n, int gs)
+{
+    for (int t = n; t < gs; t++) {
+        META_IDS(b->meta_h)[t] = 0;
+        META_POS(b->meta_h)[t] = 0;
+        META_SLOT(b->meta_h)[t] = b->base.max_seqs;
+        META_TOK(b->meta_h)[t] = t;
+        META_ROWS(b->meta_h)[t] = t;
+    }
+}
+
+/* Copy the wanted rows back and hand them out; syncs the stream. */
+static int finish_rows(cuda_backend *b, mm_batch_seq *seqs, int R, int any_argmax, float *logits,
+                       char *err, size_t errlen)
+{
+    int rc = 0;
+    size_t V = (size_t)b->V;
+    if (any_argmax)
+        CK(cudaMemcpyAsync(b->ids_h, b->ids_d, (size_t)R * sizeof(int32_t),
+                           cudaMemcpyDeviceToHost, b->stream));
+    for (int r = 0; r < R;) {
+        if (b->rows[r].argmax) {
+            r++;
+            continue;
+        }
+        int e = r;
+        while (e < R && !b->rows[e].argmax)
+            e++;
+        CK(cudaMemcpyAsync(b->logits_h + (size_t)r * V, b->logits + (size_t)r * V,
+                           (size_t)(e - r) * V * sizeof(float), cudaMemcpyDeviceToHost,
+                           b->stream));
+        r = e;
+    }
+    CK(cudaStreamSynchronize(b->stream));
+    prof_flush(b);
+    for (int r = 0; r < R; r++) {
+        if (b->rows[r].argmax)
+            seqs[b->rows[r].seq].argmax = b->ids_h[r];
+        else
+            memcpy(logits + b->rows[r].out * V, b->logits_h + (size_t)r * V, V * sizeof(float));
+    }
+out:
+    return rc;
+}
+
+/* Run the planned sub-step: T tokens in nseg segments, R rows. */
+static int run_sub(cuda_backend *b, mm_batch_seq *seqs, int T, int nseg, int R, int any_argmax,
+                   float *logits, char *err, size_t errlen)
+{
+    int rc = 0, nd = 0, nbig = 0, max_ctx = 1;
+    seg big[64];
+    for (int i = 0; i < nseg; i++) {
+        const seg *g = &b->segs[i];
+        if (g->n <= DECODE_SLICE || nbig == (int)(sizeof big / sizeof big[0])) {
+            for (int t = 0; t < g->n; t++)
+                META_TOK(b->meta_h)[nd++] = g->t0 + t;
+            if (g->pos + g->n > max_ctx)
+                max_ctx = g->pos + g->n;
+        } else {
+            big[nbig++] = *g;
+        }
+    }
+    /* A decode-only step: replay (or first capture) the graph of its size. */
+    int gi = nbig == 0 && nd == T && R == T ? graph_index(T) : -1;
+    if (gi >= 0 && !b->graph_failed && !b->no_graphs) {
+        int gs = graph_sizes[gi];
+        pad_rows(b, T, gs);
+        if ((rc = upload_meta(b, err, errlen)) < 0)
+            return rc;
+        if (!b->graph[gi] && capture(b, gi, err, errlen) < 0) {
+            mm_warn("cuda: graph capture for batch %d failed (%s); running steps eagerly", gs,
+                    err);
+            b->graph_failed = 1;
+            /* Nothing was launched: the caller runs the step again, eagerly,
+             * with the same pending updates. */
+            return -EAGAIN;
+        }
+        CK(cudaGraphLaunch(b->graph[gi], b->stream));
+        b->n_upd = 0;
+        return finish_rows(b, seqs, T, 1, logits, err, errlen);
+    }
+    if ((rc = upload_meta(b, err, errlen)) < 0)
+        return rc;
+    int rows_all = R == T;
+    for (int r = 0; r < R && rows_all; r++)
+        rows_all = META_ROWS(b->meta_h)[r] == r;
+    if ((rc = run_model(b, T, nd, decode_splits(b, nd ? nd : 1, max_ctx), big, nbig, R, rows_all,
+                        any_argmax, err, errlen)) < 0)
+        return rc;
+    b->n_upd = 0;
+    return finish_rows(b, seqs, R, any_argmax, logits, err, errlen);
+out:
+    return rc;
+}
+
+static int cuda_forward(mm_backend *base, mm_batch_seq *seqs, int nseqs, float *logits,
+                        char *err, size_t errlen)
+{
+    cuda_backend *b = (cuda_backend *)base;
+    for (int i = 0; i < nseqs; i++) {
+        const mm_batch_seq *q = &seqs[i];
+        if (q->slot < 0 || q->slot >= base->max_seqs) {
+            mm_errf(err, errlen, "sequence %d: slot %d out of range [0, %d)", i, q->slot,
+                    base->max_seqs);
+            return -EINVAL;
+        }
+        int cap = b->slot_nblk[q->slot] * base->block_size;
+        if (q->n_tokens < 0 || q->pos < 0 || q->pos > b->slot_len[q->slot] ||
+            q->n_tokens > cap - q->pos || (q->n_tokens && !q->tokens)) {
+            mm_errf(err, errlen,
+                    "sequence %d: %d tokens at position %d (slot %d holds %d, reserved %d)", i,
+                    q->n_tokens, q->pos, q->slot, b->slot_len[q->slot], cap);
+            return -EINVAL;
+        }
+        if ((q->want == MM_LOGITS_LAST || q->want == MM_LOGITS_ARGMAX) && q->n_tokens == 0) {
+            mm_errf(err, errlen, "sequence %d: logits wanted for no tokens", i);
+            return -EINVAL;
+        }
+        for (int j = 0; j < i; j++)
+            if (seqs[j].slot == q->slot) {
+                mm_errf(err, errlen, "sequences %d and %d share slot %d", j, i, q->slot);
+                return -EINVAL;
+            }
+        for (int t = 0; t < q->n_tokens; t++)
+            if (q->tokens[t] < 0 || q->tokens[t] >= b->V) {
+                mm_errf(err, errlen, "sequence %d: token %d out of range [0, %d)", i,
+                        (int)q->tokens[t], b->V);
+                return -EINVAL;
+            }
+    }
+    int T = 0, nseg = 0, R = 0, any_argmax = 0, rc;
+    size_t out_row = 0;
+    for (int i = 0; i < nseqs; i++) {
+        const mm_batch_seq *q = &seqs[i];
+        for (int t = 0; t < q->n_tokens; t++) {
+            int row = q->want == MM_LOGITS_ALL ||
+                      ((q->want == MM_LOGITS_LAST || q->want == MM_LOGITS_ARGMAX) &&
+                       t == q->n_tokens - 1);
+            if (T == MAX_STEP || (row && R == b->Rmax)) {
+                rc = run_sub(b, seqs, T, nseg, R, any_argmax, logits, err, errlen);
+                if (rc == -EAGAIN)
+                    rc = run_sub(b, seqs, T, nseg, R, any_argmax, logits, err, errlen);
+                if (rc < 0)
+                    return rc;
+                T = nseg = R = any_argmax = 0;
+            }
+            if (t == 0 || nseg == 0 || b->segs[nseg - 1].slot != q->slot)
+                b->segs[nseg++] = (seg){q->slot, q->pos + t, T, 0};
+            b->segs[nseg - 1].n++;
+            META_IDS(b->meta_h)[T] = q->tokens[t];
+            META_POS(b->meta_h)[T] = q->pos + t;
+            META_SLOT(b->meta_h)[T] = q->slot;
+            if (row) {
+                int am = q->want == MM_LOGITS_ARGMAX;
+                b->rows[R] = (row_dst){i, am, am ? 0 : out_row};
+                if (!am)
+                    out_row++;
+                any_argmax |= am;
+                META_ROWS(b->meta_h)[R++] = T;
+            }
+            T++;
+        }
+        b->slot_len[q->slot] = q->pos + q->n_tokens;
+    }
+    if (T) {
+        rc = run_sub(b, seqs, T, nseg, R, any_argmax, logits, err, errlen);
+        if (rc == -EAGAIN)
+            rc = run_sub(b, seqs, T, nseg, R, any_argmax, logits, err, errlen);
+        if (rc < 0)
+            return rc;
+    }
+    if (b->prof && ++b->prof_steps == 64)
+        prof_report(b);
+    return 0;
+}
+
+/* ---- lifetime ---- */
+
+static void cuda_free(mm_backend *base)
+{
+    cuda_backend *b = (cuda_backend *)base;
+    if (!b)
+        return;
+    if (b->stream)
+        cudaStreamSynchronize(b->stream);
+    prof_report(b);
+    for (int i = 0; i < 64; i++)
+        if (b->prof_ev[i])
+            cudaEventDestroy(b->prof_ev[i]);
+    for (int i = 0; i < N_GRAPH; i++)
+        if (b->graph[i])
+            cudaGraphExecDestroy(b->graph[i]);
+    if (b->blas)
+        cublasDestroy(b->blas);
+    void *dev[] = {b->wbuf, b->kvbuf, b->d_tables, b->x, b->logits, b->part, b->S, b->h, b->qkv,
+                   b->q, b->att, b->delta, b->gu, b->act, b->kc, b->vc, b->P, b->hrows, b->ids_d,
+                   b->meta_d, b->blas_ws, b->inv_freq};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        if (dev[i])
+            cudaFree(dev[i]);
+    if (b->meta_h)
+        cudaFreeHost(b->meta_h);
+    if (b->logits_h)
+        cudaFreeHost(b->logits_h);
+    if (b->ids_h)
+        cudaFreeHost(b->ids_h);
+    if (b->stream)
+        cudaStreamDestroy(b->stream);
+    free(b->layers);
+    free(b->free_blk);
+    free(b->slot_blk);
+    free(b->slot_nblk);
+    free(b->slot_len);
+    free(b->segs);
+    free(b->rows);
+    free(b);
+}
+
+static const mm_backend_ops cuda_ops = {
+    .name = "cuda",
+    .forward = cuda_forward,
+    .reserve = cuda_reserve,
+    .truncate = cuda_truncate,
+    .free = cuda_free,
+};
+
+int mm_backend_cuda_built(void) { return 1; }
+
+static double gib(size_t n) { return (double)n / (double)(1ull << 30); }
+
+/* Device buffers of the step scratch, allocated in one go. */
+static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
+{
+    int rc = 0;
+    size_t T = MAX_STEP, es = esz(b), group = (size_t)(b->nq / b->nkv);
+    size_t L = (size_t)b->base.max_len;
+    size_t s_need = group * L; /* one query row of one group */
+    b->s_floats = group * (T < L ? T : L) * L;
+    if (b->s_floats > ATT_S_CAP)
+        b->s_floats = ATT_S_CAP > s_need ? ATT_S_CAP : s_need;
+    size_t parts = 0;
+    for (int r = 1; r <= MAX_STEP; r++) {
+        size_t p = mm_k_attn_part_floats(r, b->nq, b->hd, decode_splits(b, r, b->base.max_len));
+        parts = p > parts ? p : parts;
+    }
+    struct { void **p; size_t bytes; } a[] = {
+        {(void **)&b->x, T * b->H * 4},
+        {(void **)&b->delta, T * b->H * 4}, /* float partials: at most 8 splits x 8 rows */
+        {&b->h, T * b->H * es},
+        {&b->qkv, T * b->qkvw * es},
+        {&b->q, T * b->qd * es},
+        {&b->att, T * b->qd * es},
+        {&b->gu, T * 2 * b->I * es},
+        {&b->act, T * b->I * es},
+        {&b->hrows, (size_t)b->Rmax * b->H * es},
+        {(void **)&b->logits, (size_t)b->Rmax * b->V * 4},
+        {(void **)&b->ids_d, (size_t)b->Rmax * 4},
+        {(void **)&b->part, parts * 4},
+        {(void **)&b->S, b->s_floats * 4},
+        {&b->P, b->s_floats * es},
+        {&b->kc, (size_t)b->nkv * L * b->hd * es},
+        {&b->vc, (size_t)b->nkv * L * b->hd * es},
+        {&b->blas_ws, BLAS_WS},
+        {(void **)&b->meta_d, ((size_t)5 * MAX_STEP + 1 + 2 * (size_t)b->upd_cap) * 4},
+    };
+    for (size_t i = 0; i < sizeof a / sizeof a[0]; i++)
+        CK(cudaMalloc(a[i].p, a[i].bytes));
+    CK(cudaMallocHost((void **)&b->meta_h,
+                      ((size_t)5 * MAX_STEP + 1 + 2 * (size_t)b->upd_cap) * 4));
+    CK(cudaMallocHost((void **)&b->logits_h, (size_t)b->Rmax * b->V * 4));
+    CK(cudaMallocHost((void **)&b->ids_h, (size_t)b->Rmax * 4));
+    memset(b->meta_h, 0, ((size_t)5 * MAX_STEP + 1) * 4);
+out:
+    return rc;
+}
+
+int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_backend **out,
+                        char *err, size_t errlen)
+{
+    const mm_model_config *c = &m->cfg;
+    cuda_backend *b = calloc(1, sizeof *b);
+    placer pl = {0};
+    int rc = 0, ndev = 0;
+    *out = NULL;
+    if (!b) {
+        mm_errf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    b->base.ops = &cuda_ops;
+    b->base.model = m;
+    b->base.max_seqs = o->max_seqs;
+    b->base.max_len = o->max_len;
+    b->base.block_size = o->block_size > 0 ? o->block_size : 16;
+    b->cfg = c;
+    b->H = c->hidden_size;
+    b->I = c->intermediate_size;
+    b->nq = c->num_attention_heads;
+    b->nkv = c->num_key_value_heads;
+    b->hd = c->head_dim;
+    b->qd = b->nq * b->hd;
+    b->qkvw = (b->nq + 2 * b->nkv) * b->hd;
+    b->V = c->vocab_size;
+    b->L = c->num_hidden_layers;
+    b->window = c->sliding_window;
+    b->eps = (float)c->rms_norm_eps;
+    b->scale = 1.0f / sqrtf((float)b->hd);
+    b->dt = m->layers[0].q.dtype == MM_DT_F16 ? MM_KDT_F16 : MM_KDT_BF16;
+    const char *env = getenv("MM_CUDA_GRAPHS");
+    b->no_graphs = env && strcmp(env, "0") == 0;
+    env = getenv("MM_CUDA_PROFILE");
+    b->prof = env && strcmp(env, "1") == 0;
+    b->no_graphs |= b->prof;
+    /* Logits rows per sub-step: a whole decode batch, padded up to its
+     * graph size (the graph computes every padded row). */
+    b->Rmax = o->max_seqs > 64 ? o->max_seqs : 64;
+    if (graph_index(b->Rmax) >= 0)
+        b->Rmax = graph_sizes[graph_index(b->Rmax)];
+    if (b->Rmax > MAX_STEP)
+        b->Rmax = MAX_STEP;
+
+    if (o->tensor_parallel > 1) {
+        mm_errf(err, errlen, "tensor parallelism (%d) is not supported by the cuda backend",
+                o->tensor_parallel);
+        rc = -ENOTSUP;
+        goto out;
+    }
+    if (!mm_k_head_dim_ok(b->hd) || b->H % 8 || b->I % 8 || !mm_k_attn_group_ok(b->nq, b->nkv)) {
+        mm_errf(err, errlen,
+                "model shape not supported by the cuda kernels (head_dim %d: 16/32/64/128/256; "
+                "hidden %d and intermediate %d must be multiples of 8; %d query heads per kv "
+                "head: at most 8)",
+                b->hd, b->H, b->I, b->nkv > 0 ? b->nq / b->nkv : 0);
+        rc = -ENOTSUP;
+        goto out;
+    }
+    if (b->H > 12288) {
+        mm_errf(err, errlen, "hidden size %d above the 12288 the norm kernel holds", b->H);
+        rc = -ENOTSUP;
+        goto out;
+    }
+    cudaError_t ce = cudaGetDeviceCount(&ndev);
+    if (ce != cudaSuccess || ndev == 0) {
+        const char *cvd = getenv("CUDA_VISIBLE_DEVICES");
+        mm_errf(err, errlen, "no CUDA device (%s; CUDA_VISIBLE_DEVICES=%s)",
+                ce != cudaSuccess ? cudaGetErrorString(ce) : "none found", cvd ? cvd : "unset");
+        rc = -ENODEV;
+        goto out;
+    }
+    CK(cudaSetDevice(0));
+    struct cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    b->nsm = prop.multiProcessorCount;
+    CK(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
+    CKB(cublasCreate(&b->blas));
+    CKB(cublasSetStream(b->blas, b->stream));
+
+    /* Weights: measure, check the memory, then upload. */
+    if (!(b->layers = calloc((size_t)b->L, sizeof *b->layers))) {
+        mm_errf(err, errlen, "out of memory");
+        rc = -ENOMEM;
+        goto out;
+    }
+    pl = (placer){.b = b, .measure = 1, .err = err, .errlen = errlen};
+    if ((rc = place_all(&pl, m)) < 0)
+        goto out;
+    size_t wbytes = pl.off, free0 = 0, total = 0;
+    CK(cudaMemGetInfo(&free0, &total));
+    if (wbytes + HEADROOM > free0) {
+        mm_errf(err, errlen,
+                "out of GPU memory loading weights: need %.2f GiB (+%.2f GiB working room), "
+                "%.2f GiB free of %.2f GiB on %s",
+                gib(wbytes), gib(HEADROOM), gib(free0), gib(total), prop.name);
+        rc = -ENOMEM;
+        goto out;
+    }
+    CK(cudaMalloc((void **)&b->wbuf, wbytes));
+    pl.measure = 0;
+    pl.off = 0;
+    pl.stage_cap = 64u << 20;
+    CK(cudaMallocHost((void **)&pl.stage, pl.stage_cap));
+    if ((rc = place_all(&pl, m)) < 0)
+        goto out;
+    {
+        int half = b->hd / 2;
+        float *inv = malloc((size_t)half * sizeof *inv);
+        if (!inv) {
+            rc = -ENOMEM;
+            mm_errf(err, errlen, "out of memory");
+            goto out;
+        }
+        mm_model_rope_inv_freq(c, inv);
+        cudaError_t e1 = cudaMalloc((void **)&b->inv_freq, (size_t)half * sizeof *inv);
+        cudaError_t e2 = e1 == cudaSuccess ? cudaMemcpy(b->inv_freq, inv, (size_t)half * 4,
+                                                        cudaMemcpyHostToDevice) : e1;
+        free(inv);
+        CK(e2);
+    }
+
+    /* Slots, then the scratch, then the KV pool from what is left. */
+    b->max_blocks = (o->max_len + b->base.block_size - 1) / b->base.block_size;
+    size_t table_n = (size_t)(o->max_seqs + 1) * (size_t)b->max_blocks;
+    b->upd_cap = (int)table_n;
+    b->slot_blk = calloc(table_n, sizeof *b->slot_blk);
+    b->slot_nblk = calloc((size_t)o->max_seqs + 1, sizeof *b->slot_nblk);
+    b->slot_len = calloc((size_t)o->max_seqs + 1, sizeof *b->slot_len);
+    b->segs = calloc(MAX_STEP, sizeof *b->segs);
+    b->rows = calloc(MAX_STEP, sizeof *b->rows);
+    if (!b->slot_blk || !b->slot_nblk || !b->slot_len || !b->segs || !b->rows) {
+        rc = -ENOMEM;
+        mm_errf(err, errlen, "out of memory");
+        goto out;
+    }
+    if ((rc = alloc_scratch(b, err, errlen)) < 0) {
+        if (rc == -ENOMEM) {
+            size_t f = 0, t = 0;
+            cudaMemGetInfo(&f, &t);
+            char why[256];
+            snprintf(why, sizeof why, "%s", err);
+            mm_errf(err, errlen,
+                    "out of GPU memory for the step buffers after %.2f GiB of weights "
+                    "(%.2f GiB free of %.2f GiB): %s; lower --max-model-len or --max-num-seqs",
+                    gib(wbytes), gib(f), gib(t), why);
+        }
+        goto out;
+    }
+    CK(cudaMalloc((void **)&b->d_tables, table_n * sizeof(int32_t)));
+    CK(cudaMemset(b->d_tables, 0, table_n * sizeof(int32_t)));
+    CKB(cublasSetWorkspace(b->blas, b->blas_ws, BLAS_WS));
+
+    size_t block_bytes = (size_t)b->L * 2 * (size_t)b->nkv * (size_t)b->base.block_size *
+                         (size_t)b->hd * esz(b);
+    size_t free1 = 0;
+    CK(cudaMemGetInfo(&free1, &total));
+    size_t budget = (size_t)((double)free1 * (double)o->gpu_memory_utilization);
+    if (budget + HEADROOM > free1)
+        budget = free1 > HEADROOM ? free1 - HEADROOM : 0;
+    long long nblk = o->num_blocks > 0 ? o->num_blocks : (long long)(budget / block_bytes) - 1;
+    if (nblk > 0x3fffffff)
+        nblk = 0x3fffffff;
+    if (nblk < b->max_blocks) {
+        mm_errf(err, errlen,
+                "KV cache too small: %lld blocks of %d positions (%.1f MiB each) hold fewer "
+                "than --max-model-len %d; %.2f GiB free after %.2f GiB of weights, "
+                "--gpu-memory-utilization %.2f; lower --max-model-len or raise the utilization",
+                nblk, b->base.block_size, (double)block_bytes / 1048576.0, o->max_len,
+                gib(free1), gib(wbytes), o->gpu_memory_utilization);
+        rc = -ENOMEM;
+        goto out;
+    }
+    b->kv_layer_bytes = (size_t)(nblk + 1) * (size_t)b->nkv * (size_t)b->base.block_size *
+                        (size_t)b->hd * esz(b);
+    ce = cudaMalloc((void **)&b->kvbuf, b->kv_layer_bytes * 2 * (size_t)b->L);
+    if (ce != cudaSuccess) {
+        mm_errf(err, errlen, "out of GPU memory for the KV cache: %.2f GiB for %lld blocks (%s)",
+                gib(b->kv_layer_bytes * 2 * (size_t)b->L), nblk, cudaGetErrorString(ce));
+        rc = -ENOMEM;
+        goto out;
+    }
+    CK(cudaMemset(b->kvbuf, 0, b->kv_layer_bytes * 2 * (size_t)b->L));
+    b->base.num_blocks = (int)nblk;
+    if (!(b->free_blk = malloc((size_t)nblk * sizeof *b->free_blk))) {
+        rc = -ENOMEM;
+        mm_errf(err, errlen, "out of memory");
+        goto out;
+    }
+    /* Pop order: low block ids first. */
+    for (long long i = 0; i < nblk; i++)
+        b->free_blk[i] = (int)(nblk - i);
+    b->n_free = (int)nblk;
+    CK(cudaDeviceSynchronize());
+    mm_info("cuda: %s, %d SMs; weights %.2f GiB (%s); KV cache %lld blocks x %d positions = "
+            "%lld positions (%.2f GiB)",
+            prop.name, b->nsm, gib(wbytes), b->dt == MM_KDT_F16 ? "f16" : "bf16", nblk,
+            b->base.block_size, nblk * b->base.block_size,
+            gib(b->kv_layer_bytes * 2 * (size_t)b->L));
+    *out = &b->base;
+out:
+    if (pl.stage)
+        cudaFreeHost(pl.stage);
+    if (rc < 0)
+        cuda_free(&b->base);
+    return rc;
+}

@@ -1,0 +1,344 @@
+/* attention.cu: attention over the paged KV cache.
+ *
+ * Decode (and short prompt slices): flash-decoding. Grid (kv head, query,
+ * split); a block of 128 threads walks chunks of 128 positions, chunk
+ * s, s + nsplit, ..., so short contexts use one split and long ones spread
+ * over many blocks even at batch 1. Scores are one thread per position (a
+ * whole K row each, dotted with every query head of the group); P.V is one
+ * warp per 32 positions with the lanes over the head's dimensions. Serving
+ * the group from one block reads each K/V row once instead of once per
+ * query head (6x less cache traffic on Qwen2.5-1.5B). Each block leaves an unnormalized partial (o, max,
+ * sum) and a second kernel merges them. The grid depends only on the
+ * number of queries and nsplit, never on context lengths (read from pos on
+ * the device), so a decode step can be replayed as a CUDA graph.
+ *
+ * Long prompt slices go through cuBLAS instead (backend_cuda.c): the causal
+ * softmax between the two GEMMs is here. */
+#include "common.cuh"
+
+#define CHUNK 128
+
+extern "C" int mm_k_head_dim_ok(int hd)
+{
+    return hd == 16 || hd == 32 || hd == 64 || hd == 128 || hd == 256;
+}
+
+extern "C" int mm_k_attn_group_ok(int nq, int nkv)
+{
+    return nkv > 0 && nq % nkv == 0 && nq / nkv <= 8;
+}
+
+extern "C" size_t mm_k_attn_part_floats(int R, int nq, int hd, int nsplit)
+{
+    return (size_t)R * nq * nsplit * (size_t)(hd + 2);
+}
+
+__device__ __forceinline__ size_t att_off(const mm_k_cache &c, int slot, int p, int h)
+{
+    int blk = c.block_tables[(size_t)slot * c.max_blocks + p / c.bs];
+    return (((size_t)blk * c.nkv + h) * c.bs + p % c.bs) * c.hd;
+}
+
+template <typename T, int N> __device__ __forceinline__ void load_n(const T *src, float *f)
+{
+    if constexpr (N == 8) {
+        mm_unpack8<T>(*(const uint4 *)src, f);
+    } else if constexpr (N == 4) {
+        uint2 u = *(const uint2 *)src;
+        const T *h = reinterpret_cast<const T *>(&u);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            f[i] = mm_to_f(h[i]);
+    } else if constexpr (N == 2) {
+        uint32_t u = *(const uint32_t *)src;
+        const T *h = reinterpret_cast<const T *>(&u);
+        f[0] = mm_to_f(h[0]);
+        f[1] = mm_to_f(h[1]);
+    } else {
+        f[0] = mm_to_f(src[0]);
+    }
+}
+
+/* GMAX: the largest group of query heads per kv head served (Qwen2.5-7B:
+ * 7, Llama-3-70B: 8). */
+#define GMAX 8
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(CHUNK)
+attn_decode_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t *slot, int nq,
+              int window, float scale, mm_k_cache c, int nsplit, float *part_o, float *part_ml)
+{
+    constexpr int DPL = HD >= 32 ? HD / 32 : 1; /* dims per lane in P.V */
+    constexpr int LANES = HD / DPL;
+    constexpr int NW = CHUNK / 32;
+    __shared__ float qs[GMAX][HD];
+    __shared__ float p[GMAX][CHUNK];
+    __shared__ float red[GMAX][NW];
+    __shared__ float accs[NW][HD];
+    mm_pdl_release();
+    mm_pdl_wait();
+    int G = nq / c.nkv, kvh = blockIdx.x, r = blockIdx.y, sp = blockIdx.z;
+    int t = tok[r], P = pos[t], sl = slot[t];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int lo = window > 0 && P - window + 1 > 0 ? P - window + 1 : 0;
+    const T *K = (const T *)c.k, *V = (const T *)c.v;
+    const int32_t *table = c.block_tables + (size_t)sl * c.max_blocks;
+
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x)
+        qs[i / HD][i % HD] =
+            mm_to_f(q[((size_t)t * nq + kvh * G + i / HD) * HD + i % HD]) * scale;
+    __syncthreads();
+
+    float m[GMAX], l[GMAX], acc[GMAX][DPL];
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < DPL; e++)
+            acc[g][e] = 0.0f;
+    }
+    for (int ch = lo / CHUNK + sp; ch <= P / CHUNK; ch += nsplit) {
+        /* scores: one position per thread, its K row read once for the
+         * whole group */
+        int j = ch * CHUNK + threadIdx.x;
+        float s[GMAX];
+#pragma unroll
+        for (int g = 0; g < GMAX; g++)
+            s[g] = -INFINITY;
+        if (j >= lo && j <= P) {
+            const T *kr = K + (((size_t)table[j / c.bs] * c.nkv + kvh) * c.bs + j % c.bs) * HD;
+#pragma unroll
+            for (int g = 0; g < GMAX; g++)
+                if (g < G)
+                    s[g] = 0.0f;
+            /* all of the row's loads first (one memory round trip) */
+            uint4 kv[HD / 8];
+#pragma unroll
+            for (int d = 0; d < HD / 8; d++)
+                kv[d] = *(const uint4 *)(kr + d * 8);
+#pragma unroll
+            for (int d = 0; d < HD; d += 8) {
+                float f[8];
+                mm_unpack8<T>(kv[d / 8], f);
+#pragma unroll
+                for (int g = 0; g < GMAX; g++)
+                    if (g < G)
+#pragma unroll
+                        for (int i = 0; i < 8; i++)
+                            s[g] += f[i] * qs[g][d + i];
+            }
+        }
+        /* per-head max and sum over the chunk: one shared round each */
+#pragma unroll
+        for (int g = 0; g < GMAX; g++)
+            if (g < G) {
+                float v = mm_warp_max(s[g]);
+                if (lane == 0)
+                    red[g][w] = v;
+            }
+        __syncthreads();
+        float fac[GMAX];
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) {
+            if (g >= G)
+                continue;
+            float cm = red[g][0];
+#pragma unroll
+            for (int x = 1; x < NW; x++)
+                cm = fmaxf(cm, red[g][x]);
+            float mn = fmaxf(m[g], cm);
+            float e = s[g] == -INFINITY ? 0.0f : __expf(s[g] - mn);
+            p[g][threadIdx.x] = e;
+            fac[g] = m[g] == -INFINITY ? 0.0f : __expf(m[g] - mn);
+            m[g] = mn;
+            s[g] = e;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < GMAX; g++)
+            if (g < G) {
+                float v = mm_warp_sum(s[g]);
+                if (lane == 0)
+                    red[g][w] = v;
+            }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < GMAX; g++) {
+            if (g >= G)
+                continue;
+            float cs = 0.0f;
+#pragma unroll
+            for (int x = 0; x < NW; x++)
+                cs += red[g][x];
+            l[g] = l[g] * fac[g] + cs;
+#pragma unroll
+            for (int e = 0; e < DPL; e++)
+                acc[g][e] *= fac[g];
+        }
+        /* P.V: each warp its 32 positions, the lanes over the dimensions,
+         * each V row read once for the group. The warp's block ids come in
+         * one coalesced load and go round by shuffle, and eight rows are
+         * loaded before any is used: at batch 1 this loop is a chain of
+         * memory latencies, not of bandwidth. Positions outside [lo, P]
+         * have p = 0; their address is clamped into the range. */
+        int j0 = ch * CHUNK + w * 32;
+        int jl = j0 + lane < lo ? lo : (j0 + lane > P ? P : j0 + lane);
+        int myblk = table[jl / c.bs];
+#pragma unroll
+        for (int i0 = 0; i0 < 32; i0 += 8) {
+            float v[8][DPL];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int jj = j0 + i0 + i;
+                jj = jj < lo ? lo : (jj > P ? P : jj);
+                int blk = __shfl_sync(0xffffffffu, myblk, jj - j0 < 0 ? 0 : (jj - j0 > 31 ? 31 : jj - j0));
+                /* (jj - j0 is outside 0..31 only when clamped to lo or P
+                 * from another warp's range; p is 0 there, any block will do
+                 * as long as it is a valid one: use this lane's own) */
+                if (jj - j0 < 0 || jj - j0 > 31)
+                    blk = myblk;
+                if (lane < LANES)
+                    load_n<T, DPL>(V + (((size_t)blk * c.nkv + kvh) * c.bs + jj % c.bs) * HD +
+                                       lane * DPL, v[i]);
+            }
+            if (lane < LANES)
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+#pragma unroll
+                    for (int g = 0; g < GMAX; g++)
+                        if (g < G) {
+                            float pg = p[g][w * 32 + i0 + i];
+#pragma unroll
+                            for (int x = 0; x < DPL; x++)
+                                acc[g][x] += pg * v[i][x];
+                        }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int g = 0; g < GMAX; g++) {
+        if (g >= G) /* the same for the whole block: the barriers below stay uniform */
+            break;
+        if (lane < LANES)
+#pragma unroll
+            for (int x = 0; x < DPL; x++)
+                accs[w][lane * DPL + x] = acc[g][x];
+        __syncthreads();
+        int h = kvh * G + g;
+        size_t idx = ((size_t)r * nq + h) * nsplit + sp;
+        for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+            float o = 0.0f;
+#pragma unroll
+            for (int ww = 0; ww < NW; ww++)
+                o += accs[ww][d];
+            part_o[idx * HD + d] = o;
+        }
+        if (threadIdx.x == 0) {
+            part_ml[idx * 2] = m[g];
+            part_ml[idx * 2 + 1] = l[g];
+        }
+        __syncthreads();
+    }
+}
+
+template <typename T>
+__global__ void attn_merge_k(const int32_t *tok, int nq, int hd, int nsplit,
+                             const float *part_o, const float *part_ml, T *out)
+{
+    mm_pdl_release();
+    mm_pdl_wait();
+    int h = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
+    size_t base = ((size_t)r * nq + h) * nsplit;
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++)
+        M = fmaxf(M, part_ml[(base + s) * 2]);
+    float L = 0.0f, o = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        float ms = part_ml[(base + s) * 2], ls = part_ml[(base + s) * 2 + 1];
+        if (ls <= 0.0f)
+            continue;
+        float wgt = __expf(ms - M);
+        L += ls * wgt;
+        o += part_o[(base + s) * hd + d] * wgt;
+    }
+    out[((size_t)tok[r] * nq + h) * hd + d] = mm_from_f<T>(o / L);
+}
+
+template <typename T, int HD>
+static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
+                      int R, int nq, int window, float scale, const mm_k_cache *c, int nsplit,
+                      float *part, void *out, cudaStream_t s)
+{
+    float *part_ml = part + (size_t)R * nq * nsplit * HD;
+    mm_launch(attn_decode_k<T, HD>, dim3(c->nkv, R, nsplit), CHUNK, 0, s,
+        (const T *)q, tok, pos, slot, nq, window, scale, *c, nsplit, part, part_ml);
+    mm_launch(attn_merge_k<T>, dim3(nq, R), HD, 0, s, tok, nq, HD, nsplit, part, part_ml, (T *)out);
+}
+
+template <typename T>
+static int decode(const void *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
+                  int R, int nq, int window, float scale, const mm_k_cache *c, int nsplit,
+                  float *part, void *out, cudaStream_t s)
+{
+    if (R <= 0)
+        return 0;
+    switch (c->hd) {
+    case 16: decode_hd<T, 16>(q, tok, pos, slot, R, nq, window, scale, c, nsplit, part, out, s); break;
+    case 32: decode_hd<T, 32>(q, tok, pos, slot, R, nq, window, scale, c, nsplit, part, out, s); break;
+    case 64: decode_hd<T, 64>(q, tok, pos, slot, R, nq, window, scale, c, nsplit, part, out, s); break;
+    case 128: decode_hd<T, 128>(q, tok, pos, slot, R, nq, window, scale, c, nsplit, part, out, s); break;
+    case 256: decode_hd<T, 256>(q, tok, pos, slot, R, nq, window, scale, c, nsplit, part, out, s); break;
+    default: return (int)cudaErrorInvalidValue;
+    }
+    return mm_launch_status();
+}
+
+extern "C" int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok,
+                                const int32_t *pos, const int32_t *slot, int R, int nq,
+                                int window, float scale, const mm_k_cache *c, int nsplit,
+                                float *part, void *out, cudaStream_t s)
+{
+    return MM_DISPATCH(dt, decode, q, tok, pos, slot, R, nq, window, scale, c, nsplit, part, out,
+                       s);
+}
+
+template <typename T>
+__global__ void softmax_causal_k(const float *S, int n, int ncols, int ld, int pos0, int window,
+                                 T *P)
+{
+    mm_pdl_release();
+    mm_pdl_wait();
+    __shared__ float red[32];
+    int r = blockIdx.x, p = pos0 + r % n;
+    int lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    int hi = p < ncols - 1 ? p : ncols - 1;
+    const float *sr = S + (size_t)r * ld;
+    T *pr = P + (size_t)r * ld;
+    float m = -INFINITY;
+    for (int j = lo + threadIdx.x; j <= hi; j += blockDim.x)
+        m = fmaxf(m, sr[j]);
+    m = mm_block_max(m, red);
+    float sum = 0.0f;
+    for (int j = lo + threadIdx.x; j <= hi; j += blockDim.x)
+        sum += __expf(sr[j] - m);
+    sum = mm_block_sum(sum, red);
+    float inv = 1.0f / sum;
+    for (int j = threadIdx.x; j < ncols; j += blockDim.x)
+        pr[j] = mm_from_f<T>(j >= lo && j <= hi ? __expf(sr[j] - m) * inv : 0.0f);
+}
+
+template <typename T>
+static int softmax_causal(const float *S, int rows, int n, int ncols, int ld, int pos0,
+                          int window, void *P, cudaStream_t s)
+{
+    if (rows > 0)
+        mm_launch(softmax_causal_k<T>, rows, 256, 0, s, S, n, ncols, ld, pos0, window, (T *)P);
+    return mm_launch_status();
+}
+
+extern "C" int mm_k_softmax_causal(mm_kdt dt, const float *S, int rows, int n, int ncols,
+                                   int ld, int pos0, int window, void *P, cudaStream_t s)
+{
+    return MM_DISPATCH(dt, softmax_causal, S, rows, n, ncols, ld, pos0, window, P, s);
+}

@@ -1,0 +1,121 @@
+/* common.cuh: device helpers shared by the kernel files (16-bit types,
+ * vector loads, warp reductions) and the dispatch from mm_kdt to a
+ * template instantiation. */
+#ifndef MM_KERNELS_COMMON_CUH
+#define MM_KERNELS_COMMON_CUH
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+__device__ __forceinline__ float mm_to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float mm_to_f(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T mm_from_f(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 mm_from_f<__nv_bfloat16>(float v)
+{
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half mm_from_f<__half>(float v)
+{
+    return __float2half_rn(v);
+}
+
+/* 8 packed 16-bit values (one 16-byte load) widened to float. */
+template <typename T> __device__ __forceinline__ void mm_unpack8(uint4 u, float *f)
+{
+    const T *h = reinterpret_cast<const T *>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        f[i] = mm_to_f(h[i]);
+}
+
+__device__ __forceinline__ float mm_warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float mm_warp_max(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over a block of up to 1024 threads; every thread gets the result.
+ * red must hold 32 floats; the block synchronizes twice. */
+__device__ __forceinline__ float mm_block_sum(float v, float *red)
+{
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = mm_warp_sum(v);
+    __syncthreads();
+    if (lane == 0)
+        red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0.0f;
+    return mm_warp_sum(v);
+}
+
+__device__ __forceinline__ float mm_block_max(float v, float *red)
+{
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = mm_warp_max(v);
+    __syncthreads();
+    if (lane == 0)
+        red[w] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : -INFINITY;
+    return mm_warp_max(v);
+}
+
+/* Programmatic dependent launch (Hopper): every kernel here is launched
+ * with the attribute that lets it start while its predecessor drains. It
+ * lets its own dependents launch at once (launch_dependents) and waits
+ * (griddepcontrol.wait: the predecessor has finished and its writes are
+ * visible) before touching anything a predecessor wrote - and before
+ * writing anything at all. Only reads of the weights, which nothing
+ * writes, may come before the wait: the products prefetch their first
+ * weight tiles there, overlapping the previous kernel's tail. On older
+ * GPUs both are no-ops and launches serialize as usual. */
+__device__ __forceinline__ void mm_pdl_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void mm_pdl_release(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+template <typename... P, typename... A>
+static inline void mm_launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t s, A... args)
+{
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    cudaLaunchKernelEx(&cfg, kern, args...);
+}
+
+/* Call F<T>(args) with T the 16-bit type dt names. */
+#define MM_DISPATCH(dt, F, ...)                                                                  \
+    ((dt) == MM_KDT_F16 ? F<__half>(__VA_ARGS__) : F<__nv_bfloat16>(__VA_ARGS__))
+
+static inline int mm_launch_status(void) { return (int)cudaGetLastError(); }
+#endif

@@ -1,0 +1,146 @@
+/* gemv.cu: matrix-vector products for decode steps of up to 8 rows.
+ *
+ * At batch sizes this small a product is bound by reading the weight once,
+ * so the kernel is built around that read: one warp per output feature,
+ * 16-byte streaming loads, four of them in flight per lane before any
+ * arithmetic, float32 accumulation, a warp reduction at the end. The few
+ * input rows are re-read from L1/L2 (they are tiny and hot). Larger
+ * batches go to cuBLAS, which wins once the product is compute bound.
+ *
+ * Products with few output rows and long inputs (down, o: 1536 rows on a
+ * 1.5B model) would leave most SMs idle with one warp per row, so they
+ * split K over gridDim.y blocks, each writing a float partial that the
+ * next norm kernel sums. (SwiGLU folded into the down product's input read
+ * was tried and measured slower: every output row recomputes the whole
+ * input vector's activations, 1536 x 8960 exponentials per token.) */
+#include "common.cuh"
+
+#define GEMV_WARPS 4
+#define GEMV_UNROLL 4
+
+template <typename T, int M, bool F32>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
+{
+    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) {
+        mm_pdl_release();
+        return;
+    }
+    int kb = blockIdx.y * KS, ke = kb + KS < K ? kb + KS : K;
+    const T *wr = W + (size_t)n * K;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+        acc[m] = 0.0f;
+    constexpr int STEP = 32 * 8 * GEMV_UNROLL;
+    int k0 = kb;
+    uint4 wv[GEMV_UNROLL];
+    /* The first weight tile is fetched before waiting for the input. */
+    if (kb + STEP <= ke)
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++)
+            wv[u] = __ldcs((const uint4 *)(wr + kb + u * 256 + lane * 8));
+    mm_pdl_release();
+    mm_pdl_wait();
+    for (; k0 + STEP <= ke; k0 += STEP) {
+        if (k0 != kb)
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; u++)
+                wv[u] = __ldcs((const uint4 *)(wr + k0 + u * 256 + lane * 8));
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            float wf[8];
+            mm_unpack8<T>(wv[u], wf);
+            int k = k0 + u * 256 + lane * 8;
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float xf[8];
+                mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    acc[m] += wf[i] * xf[i];
+            }
+        }
+    }
+    for (int k = k0 + lane * 8; k < ke; k += 256) {
+        float wf[8];
+        mm_unpack8<T>(__ldcs((const uint4 *)(wr + k)), wf);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float xf[8];
+            mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                acc[m] += wf[i] * xf[i];
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float v = mm_warp_sum(acc[m]);
+        if (lane == 0) {
+            if (F32)
+                ((float *)y)[((size_t)blockIdx.y * M + m) * N + n] = v;
+            else
+                ((T *)y)[(size_t)m * N + n] = mm_from_f<T>(v);
+        }
+    }
+}
+
+template <typename T, int M>
+static void gemv_m(const void *W, const void *x, int N, int K, int KS, int splits, void *y,
+                   int y_f32, cudaStream_t s)
+{
+    dim3 grid((N + GEMV_WARPS - 1) / GEMV_WARPS, splits);
+    const T *w = (const T *)W, *xx = (const T *)x;
+    if (y_f32)
+        mm_launch(gemv_k<T, M, true>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K, KS, y);
+    else
+        mm_launch(gemv_k<T, M, false>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K, KS, y);
+}
+
+template <typename T>
+static int gemv(const void *W, const void *x, int M, int N, int K, int KS, int splits, void *y,
+                int y_f32, cudaStream_t s)
+{
+    switch (M) {
+    case 1: gemv_m<T, 1>(W, x, N, K, KS, splits, y, y_f32, s); break;
+    case 2: gemv_m<T, 2>(W, x, N, K, KS, splits, y, y_f32, s); break;
+    case 3: gemv_m<T, 3>(W, x, N, K, KS, splits, y, y_f32, s); break;
+    case 4: gemv_m<T, 4>(W, x, N, K, KS, splits, y, y_f32, s); break;
+    case 5: gemv_m<T, 5>(W, x, N, K, KS, splits, y, y_f32, s); break;
+    case 6: gemv_m<T, 6>(W, x, N, K, KS, splits, y, y_f32, s); break;
+    case 7: gemv_m<T, 7>(W, x, N, K, KS, splits, y, y_f32, s); break;
+    case 8: gemv_m<T, 8>(W, x, N, K, KS, splits, y, y_f32, s); break;
+    default: return (int)cudaErrorInvalidValue;
+    }
+    return mm_launch_status();
+}
+
+extern "C" int mm_k_gemv_ok(int M, int K)
+{
+    return M >= 1 && M <= MM_K_GEMV_MAX_M && K % 8 == 0;
+}
+
+extern "C" int mm_k_gemv_splits(int N, int K, int nsm)
+{
+    /* Aim at 32 warps per SM; each split keeps at least two unrolled
+     * steps (2048 inputs) so the partials stay few. */
+    int want = (32 * nsm + N - 1) / N, most = K / 2048;
+    if (want > most)
+        want = most;
+    if (want > 8)
+        want = 8;
+    return want < 1 ? 1 : want;
+}
+
+extern "C" int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, int K, void *y,
+                         int y_f32, int splits, cudaStream_t s)
+{
+    if (!mm_k_gemv_ok(M, K) || splits < 1 || (splits > 1 && !y_f32))
+        return (int)cudaErrorInvalidValue;
+    int KS = ((K + splits - 1) / splits + 7) / 8 * 8;
+    splits = (K + KS - 1) / KS;
+    return MM_DISPATCH(dt, gemv, W, x, M, N, K, KS, splits, y, y_f32, s);
+}

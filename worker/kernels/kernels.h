@@ -1,0 +1,106 @@
+/* kernels.h: the CUDA kernels of the worker's GPU backend, as C launchers.
+ *
+ * Everything here is asynchronous on the given stream and returns the
+ * launch status (0 = cudaSuccess) so the caller checks every launch; no
+ * launcher allocates, so all of them can be captured in a CUDA graph.
+ *
+ * Conventions: activations and weights share one 16-bit type (dt: bf16 or
+ * f16); the residual stream, norms' weights, RoPE frequencies, softmax and
+ * logits are float32. Matrices are row-major, a weight [rows = out
+ * features, cols = in features] as Hugging Face stores it.
+ *
+ * The KV cache is paged: per layer, K and V are [num_blocks][n_kv][bs][hd]
+ * in dt; a slot's block table row (max_blocks int32) maps position p to
+ * block row[p / bs], offset p % bs. */
+#ifndef MM_KERNELS_H
+#define MM_KERNELS_H
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { MM_KDT_BF16 = 0, MM_KDT_F16 = 1 } mm_kdt;
+
+/* Head sizes the attention kernels are built for, and query heads per kv
+ * head (at most 8). */
+int mm_k_head_dim_ok(int hd);
+int mm_k_attn_group_ok(int nq, int nkv);
+
+/* x[t, :] = table[ids[t], :] widened to float (T rows of H). */
+int mm_k_embed(mm_kdt dt, const void *table, const int32_t *ids, int T, int H, float *x,
+               cudaStream_t s);
+
+/* The residual add fused with RMSNorm. For r < R, t = rows ? rows[r] : r:
+ * v = x[t] + sum over the nd partials of delta[p * dstride + t * H] +
+ * dbias (delta float, dbias dt; either may be NULL); when rows is NULL
+ * x[t] = v is stored; y[r] = v / sqrt(mean(v^2) + eps) * w, in dt. */
+int mm_k_add_rmsnorm(mm_kdt dt, float *x, const float *delta, int nd, size_t dstride,
+                     const void *dbias, const float *w, float eps, const int32_t *rows, int R,
+                     int H, void *y, cudaStream_t s);
+
+/* act[t, i] = silu(gu[t, i]) * gu[t, I + i] (gate and up side by side). */
+int mm_k_swiglu(mm_kdt dt, const void *gu, int T, int I, void *act, cudaStream_t s);
+
+/* Bias, rotary embedding (rotate-half form, angle pos * inv_freq[i]) and
+ * the cache write for T tokens of qkv [T][(nq + 2 nkv) hd]: q goes to
+ * q_out [T][nq hd], k and v into the paged cache at (slot[t], pos[t]). */
+typedef struct mm_k_cache {
+    void          *k, *v;        /* this layer's pools */
+    const int32_t *block_tables; /* [n_slots][max_blocks] */
+    int            max_blocks, bs, nkv, hd;
+} mm_k_cache;
+int mm_k_rope_store(mm_kdt dt, const void *qkv, const void *bias, const float *inv_freq,
+                    const int32_t *pos, const int32_t *slot, int T, int nq,
+                    const mm_k_cache *c, void *q_out, cudaStream_t s);
+
+/* Attention of R query tokens (token indices tok[r]) against their slot's
+ * cache, each seeing positions [max(0, pos - window + 1), pos] (window 0 =
+ * no limit): q [T][nq hd], out [T][nq hd]. One block serves all the query
+ * heads of a kv head, so each K/V row is read once per group. The context
+ * is split over nsplit blocks per (kv head, query) (flash-decoding),
+ * merged by a second kernel; part needs mm_k_attn_part_floats(R, nq, hd,
+ * nsplit) floats. */
+size_t mm_k_attn_part_floats(int R, int nq, int hd, int nsplit);
+int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok, const int32_t *pos,
+                     const int32_t *slot, int R, int nq, int window, float scale,
+                     const mm_k_cache *c, int nsplit, float *part, void *out, cudaStream_t s);
+
+/* Block-table updates: upd[0] = count (read on the device, so a captured
+ * graph replays whatever the host wrote before launching it), then count
+ * pairs (index, value): table[index] = value. */
+int mm_k_table_update(int32_t *table, const int32_t *upd, cudaStream_t s);
+
+/* Copy positions [0, n) of one slot's cache into contiguous kc, vc
+ * [nkv][n][hd] for the GEMM-based prefill attention. */
+int mm_k_gather_kv(mm_kdt dt, const mm_k_cache *c, int slot, int n, void *kc, void *vc,
+                   cudaStream_t s);
+
+/* Causal softmax of scores S [rows][ld] f32 into P (dt, same shape): row
+ * r = h * n + i is query i (position pos0 + i) of head h; columns above the
+ * position, or below it by window or more, get 0. */
+int mm_k_softmax_causal(mm_kdt dt, const float *S, int rows, int n, int ncols, int ld,
+                        int pos0, int window, void *P, cudaStream_t s);
+
+/* y[m][n] = sum_k x[m][k] W[n][k] for M <= MM_K_GEMV_MAX_M rows: a
+ * bandwidth-bound kernel for decode steps (K % 8 == 0). y is float when
+ * y_f32, else dt. With splits > 1 (float output only) K is cut in that
+ * many ranges and y receives splits partials [splits][M][N] to be summed
+ * by the reader (mm_k_add_rmsnorm). */
+#define MM_K_GEMV_MAX_M 8
+int mm_k_gemv_ok(int M, int K);
+/* How many splits suit an N x K product on nsm SMs. */
+int mm_k_gemv_splits(int N, int K, int nsm);
+int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, int K, void *y, int y_f32,
+              int splits, cudaStream_t s);
+
+/* ids[r] = argmax over columns < n_valid of logits row r (lowest id on
+ * ties), R rows of ld floats. */
+int mm_k_argmax(const float *logits, int R, int ld, int n_valid, int32_t *ids, cudaStream_t s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,119 @@
+/* kvcache.cu: what goes into and comes out of the paged KV cache - the
+ * rotary embedding fused with the q/k/v bias and the cache write, and the
+ * gather of one slot's cache into contiguous matrices for the GEMM-based
+ * prefill attention. */
+#include "common.cuh"
+
+__device__ __forceinline__ size_t cache_off(const mm_k_cache &c, int slot, int p, int h)
+{
+    int blk = c.block_tables[(size_t)slot * c.max_blocks + p / c.bs];
+    return (((size_t)blk * c.nkv + h) * c.bs + p % c.bs) * c.hd;
+}
+
+/* One block per token. The angle is pos * inv_freq[i] in float32 with a
+ * full-precision sincosf, as transformers computes its cos/sin tables. */
+template <typename T>
+__global__ void rope_store_k(const T *qkv, const T *bias, const float *inv_freq,
+                             const int32_t *pos, const int32_t *slot, int nq, mm_k_cache c,
+                             T *q_out)
+{
+    mm_pdl_release();
+    mm_pdl_wait();
+    int t = blockIdx.x, hd = c.hd, half = hd / 2, nkv = c.nkv;
+    int width = (nq + 2 * nkv) * hd, p = pos[t], sl = slot[t];
+    const T *row = qkv + (size_t)t * width;
+    T *kc = (T *)c.k, *vc = (T *)c.v;
+    /* q and k heads: one thread per rotated pair */
+    for (int j = threadIdx.x; j < (nq + nkv) * half; j += blockDim.x) {
+        int h = j / half, i = j % half, base = h * hd;
+        float x1 = mm_to_f(row[base + i]), x2 = mm_to_f(row[base + i + half]);
+        if (bias) {
+            x1 += mm_to_f(bias[base + i]);
+            x2 += mm_to_f(bias[base + i + half]);
+        }
+        float sn, cs;
+        sincosf((float)p * inv_freq[i], &sn, &cs);
+        T o1 = mm_from_f<T>(x1 * cs - x2 * sn), o2 = mm_from_f<T>(x2 * cs + x1 * sn);
+        if (h < nq) {
+            T *q = q_out + (size_t)t * nq * hd + base;
+            q[i] = o1;
+            q[i + half] = o2;
+        } else {
+            T *k = kc + cache_off(c, sl, p, h - nq);
+            k[i] = o1;
+            k[i + half] = o2;
+        }
+    }
+    for (int j = threadIdx.x; j < nkv * hd; j += blockDim.x) {
+        int h = j / hd, d = j % hd, col = (nq + nkv) * hd + j;
+        float v = mm_to_f(row[col]);
+        if (bias)
+            v += mm_to_f(bias[col]);
+        vc[cache_off(c, sl, p, h) + d] = mm_from_f<T>(v);
+    }
+}
+
+template <typename T>
+static int rope_store(const void *qkv, const void *bias, const float *inv_freq,
+                      const int32_t *pos, const int32_t *slot, int T_, int nq,
+                      const mm_k_cache *c, void *q_out, cudaStream_t s)
+{
+    if (T_ > 0)
+        mm_launch(rope_store_k<T>, T_, 256, 0, s, (const T *)qkv, (const T *)bias, inv_freq, pos, slot,
+                                           nq, *c, (T *)q_out);
+    return mm_launch_status();
+}
+
+extern "C" int mm_k_rope_store(mm_kdt dt, const void *qkv, const void *bias,
+                               const float *inv_freq, const int32_t *pos, const int32_t *slot,
+                               int T, int nq, const mm_k_cache *c, void *q_out, cudaStream_t s)
+{
+    return MM_DISPATCH(dt, rope_store, qkv, bias, inv_freq, pos, slot, T, nq, c, q_out, s);
+}
+
+/* Grid (positions / 8, nkv); 16-byte copies (hd is a multiple of 8). */
+template <typename T>
+__global__ void gather_k(mm_k_cache c, int slot, int n, T *kc, T *vc)
+{
+    mm_pdl_release();
+    mm_pdl_wait();
+    int h = blockIdx.y, vec = c.hd / 8;
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n * vec)
+        return;
+    int p = idx / vec, d = (idx % vec) * 8;
+    size_t src = cache_off(c, slot, p, h) + d, dst = ((size_t)h * n + p) * c.hd + d;
+    *(uint4 *)(kc + dst) = *(const uint4 *)((const T *)c.k + src);
+    *(uint4 *)(vc + dst) = *(const uint4 *)((const T *)c.v + src);
+}
+
+template <typename T>
+static int gather(const mm_k_cache *c, int slot, int n, void *kc, void *vc, cudaStream_t s)
+{
+    int total = n * (c->hd / 8);
+    if (total > 0)
+        mm_launch(gather_k<T>, dim3((total + 255) / 256, c->nkv), 256, 0, s, *c, slot, n,
+                  (T *)kc, (T *)vc);
+    return mm_launch_status();
+}
+
+extern "C" int mm_k_gather_kv(mm_kdt dt, const mm_k_cache *c, int slot, int n, void *kc,
+                              void *vc, cudaStream_t s)
+{
+    return MM_DISPATCH(dt, gather, c, slot, n, kc, vc, s);
+}
+
+__global__ void table_update_k(int32_t *table, const int32_t *upd)
+{
+    mm_pdl_release();
+    mm_pdl_wait();
+    int n = upd[0];
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        table[upd[1 + 2 * i]] = upd[2 + 2 * i];
+}
+
+extern "C" int mm_k_table_update(int32_t *table, const int32_t *upd, cudaStream_t s)
+{
+    mm_launch(table_update_k, 16, 256, 0, s, table, upd);
+    return mm_launch_status();
+}
