@@ -1,7 +1,9 @@
 /* proxy.c: one client request through the gateway.
  *
  *   classify (builtin / routed by model / default pool / error)
- *   -> pick variant and backend -> forward over libcurl
+ *   -> pick variant and backend -> forward: http:// backends over the
+ *      direct HTTP/1.1 path (h1up.h), https:// over libcurl; both call the
+ *      same header/body callbacks and the same completion
  *   -> relay: streamed answers (SSE, passthrough) chunk by chunk with
  *      back-pressure; non-streaming model answers buffered whole, so a cut or
  *      malformed upstream answer becomes a clean 502 instead of a truncated
@@ -11,6 +13,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +24,7 @@
 #include <jansson.h>
 
 #include "buf.h"
+#include "h1up.h"
 #include "jsonscan.h"
 #include "jsonutil.h"
 #include "log.h"
@@ -45,7 +49,6 @@ typedef struct px_req {
     const char       *path;          /* request-target, kept as sent */
     size_t            path_len;
     int               routed;        /* body is a JSON object routed by its model */
-    mm_json_member    members[PX_MAX_MEMBERS]; /* its top-level members */
     size_t            nmembers;
     mm_buf            scratch;       /* decoded model / sticky strings */
     mm_route         *route;         /* requested route (NULL: default pool) */
@@ -70,9 +73,11 @@ typedef struct px_req {
     int               streaming;     /* the client asked "stream": true */
     int               relay;         /* send the answer as it arrives */
     mm_buf            fwd_body;      /* rewritten body; empty: send the client's */
-    /* the current attempt */
+    /* the current attempt: over libcurl (easy) or the direct path (fx) */
     CURL             *easy;
     struct curl_slist *hdrs;
+    mm_h1up_xfer     *fx;
+    mm_buf           *fx_head;       /* fx's request head while it is built */
     struct event     *timer;
     int               status;
     int64_t           resp_cl;
@@ -94,7 +99,6 @@ typedef struct px_req {
     /* observability: copies, since the exchange is gone by px_free */
     uint64_t          start_ns;
     char              method[16];
-    char              target[1024];
     char              peer[64];
     int               no_record;     /* builtin endpoints are not counted */
     int               sent_status;   /* status sent to the client */
@@ -109,6 +113,9 @@ typedef struct px_req {
     int               sse;           /* parse the stream's SSE events */
     int               strip_usage;   /* we asked for usage; the client did not */
     mm_buf            sse_buf;       /* incomplete SSE event */
+    /* Not zeroed at allocation (px_new): written before they are read. */
+    mm_json_member    members[PX_MAX_MEMBERS]; /* its top-level members */
+    char              target[1024];
 } px_req;
 
 static const char *const px_err_names[MM_ERR__COUNT] = {
@@ -308,6 +315,14 @@ static void px_release_attempt(px_req *r, int cancel, mm_outcome o)
         else
             mm_upstream_recycle(r->t->up, r->easy);
         r->easy = NULL;
+    }
+    if (r->fx) {
+        if (cancel)
+            mm_h1up_cancel(r->fx);
+        else
+            mm_h1up_release(r->fx);
+        r->fx = NULL;
+        r->fx_head = NULL;
     }
     if (r->hdrs) {
         curl_slist_free_all(r->hdrs);
@@ -669,6 +684,9 @@ static void px_on_drain(mm_http_exchange *ex, void *udata)
     if (r->paused && r->easy) {
         r->paused = 0;
         curl_easy_pause(r->easy, CURLPAUSE_CONT);
+    } else if (r->paused && r->fx) {
+        r->paused = 0;
+        mm_h1up_resume(r->fx);
     }
 }
 
@@ -827,6 +845,14 @@ static void px_no_backend(px_req *r, const mm_pick_info *info)
 
 static int px_add_header(px_req *r, const char *name, size_t nlen, const char *val, size_t vlen)
 {
+    if (r->fx_head) {
+        /* The direct path: straight into the request head. */
+        mm_buf *h = r->fx_head;
+        if (mm_buf_append(h, name, nlen) || mm_buf_append(h, ": ", 2) ||
+            mm_buf_append(h, val, vlen) || mm_buf_append(h, "\r\n", 2))
+            return -E2BIG;
+        return 0;
+    }
     char line[8192 + 256];
     if (nlen + vlen + 3 > sizeof line)
         return -E2BIG;
@@ -878,19 +904,27 @@ static int px_build_headers(px_req *r)
     const char *colon = strrchr(peer, ':');
     size_t iplen = colon ? (size_t)(colon - peer) : strlen(peer);
     int n;
-    if (xff)
-        n = snprintf(tmp, sizeof tmp, "%.*s, %.*s", (int)(xff->value_len < 4096 ? xff->value_len : 4096),
-                     xff->value, (int)iplen, peer);
-    else
-        n = snprintf(tmp, sizeof tmp, "%.*s", (int)iplen, peer);
+    size_t xl = 0;
+    if (xff) {
+        /* peer is at most 63 bytes: "<= 4096, peer" fits tmp. */
+        xl = xff->value_len < 4096 ? xff->value_len : 4096;
+        memcpy(tmp, xff->value, xl);
+        memcpy(tmp + xl, ", ", 2);
+        xl += 2;
+    }
+    if (iplen > 64)
+        iplen = 64;
+    memcpy(tmp + xl, peer, iplen);
     if (rc == 0)
-        rc = px_add_header(r, "X-Forwarded-For", 15, tmp, (size_t)n);
+        rc = px_add_header(r, "X-Forwarded-For", 15, tmp, xl + iplen);
     if (rc == 0)
         rc = px_add_header(r, "x-request-id", 12, r->reqid, strlen(r->reqid));
     if (rc == 0 && b->api_key) {
         n = snprintf(tmp, sizeof tmp, "Bearer %s", b->api_key);
         rc = px_add_header(r, "Authorization", 13, tmp, (size_t)n);
     }
+    if (r->fx_head)
+        return rc;
     /* curl would add "Expect: 100-continue" for large bodies (a round trip
      * for nothing) and a default Accept header the client never sent. */
     if (rc == 0) {
@@ -997,6 +1031,98 @@ static int px_body_for_backend(px_req *r, const char **body, size_t *len)
     return 0;
 }
 
+static void px_attempt_oom(px_req *r)
+{
+    px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
+    r->ex->on_abort = NULL;
+    px_error(r, 500, NULL, "out of memory");
+    px_free(r);
+}
+
+/* The whole-transfer limit for this attempt in ms, 0 for none: what is left
+ * of the request's deadline, else the backend's total_ms. */
+static long px_total_ms(const px_req *r, const mm_backend *b)
+{
+    if (r->deadline_ns) {
+        uint64_t now = mm_now_ns();
+        long left = r->deadline_ns > now ? (long)((r->deadline_ns - now) / 1000000ull) : 1;
+        return left > 0 ? left : 1L;
+    }
+    return b->cfg->timeouts.total_ms > 0 ? (long)b->cfg->timeouts.total_ms : 0;
+}
+
+static int px_append_u64(mm_buf *h, uint64_t v)
+{
+    char d[24];
+    size_t i = sizeof d;
+    do {
+        d[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return mm_buf_append(h, d + i, sizeof d - i);
+}
+
+/* Build the request head ourselves and hand it to the direct path. Same
+ * request as the libcurl path sends: the client's headers filtered the same
+ * way, Host from the backend url, a Content-Length unless GET without a
+ * body or HEAD (curl's HTTPGET / NOBODY). */
+static void px_start_direct(px_req *r, const char *body, size_t blen)
+{
+    const mm_http_request *q = &r->ex->req;
+    const mm_backend_cfg *b = r->backend->cfg;
+    mm_h1up *h = mm_upstream_h1(r->t->up);
+    mm_h1up_xfer *x = h ? mm_h1up_xfer_get(h) : NULL;
+    if (!x) {
+        px_attempt_oom(r);
+        return;
+    }
+    r->fx = x;
+    mm_buf *hb = r->fx_head = mm_h1up_head(x);
+    int head = ieq(q->method, q->method_len, "HEAD");
+    int nobody = head || (blen == 0 && ieq(q->method, q->method_len, "GET"));
+    size_t alen;
+    const char *auth = mm_h1up_authority(b->url, &alen);
+    int rc = mm_buf_append(hb, q->method, q->method_len) || mm_buf_append(hb, " ", 1) ||
+             mm_buf_append_str(hb, auth + alen) || mm_buf_append(hb, r->path, r->path_len) ||
+             mm_buf_append(hb, " HTTP/1.1\r\nHost: ", 17) || mm_buf_append(hb, auth, alen) ||
+             mm_buf_append(hb, "\r\n", 2);
+    if (!rc)
+        rc = px_build_headers(r);
+    if (!rc && !nobody)
+        rc = mm_buf_append(hb, "Content-Length: ", 16) || px_append_u64(hb, blen) ||
+             mm_buf_append(hb, "\r\n", 2);
+    if (!rc)
+        rc = mm_buf_append(hb, "\r\n", 2);
+    r->fx_head = NULL;
+    if (rc) {
+        px_attempt_oom(r);
+        return;
+    }
+    mm_h1up_req rq = {
+        .url = b->url,
+        .body = nobody ? NULL : body,
+        .body_len = nobody ? 0 : blen,
+        .head_only = head,
+        .connect_ms = b->timeouts.connect_ms > 0 ? (long)b->timeouts.connect_ms : 0,
+        .timeout_ms = px_total_ms(r, r->backend),
+        .on_header = px_on_header,
+        .on_data = px_on_write,
+        .ud = r,
+        .errbuf = r->curl_err,
+    };
+    r->curl_err[0] = '\0';
+    r->attempt_ns = mm_now_ns();
+    r->last_ns = r->attempt_ns;
+    if (mm_h1up_start(x, &rq, r) != 0) {
+        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
+        r->ex->on_abort = NULL;
+        px_error(r, 500, NULL, "cannot start upstream transfer");
+        px_free(r);
+        return;
+    }
+    px_arm_timer(r);
+}
+
 static void px_start_attempt(px_req *r)
 {
     mm_pick_info info;
@@ -1024,27 +1150,33 @@ static void px_start_attempt(px_req *r)
     const char *body;
     size_t blen;
     char url[4096];
-    int n = snprintf(url, sizeof url, "%s%.*s", b->cfg->url, (int)r->path_len, r->path);
-    if (n < 0 || (size_t)n >= sizeof url) {
+    size_t ulen = strlen(b->cfg->url);
+    if (ulen + r->path_len >= sizeof url) {
         px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
         r->ex->on_abort = NULL;
         px_error(r, 414, NULL, "request target too long");
         px_free(r);
         return;
     }
-    if (px_body_for_backend(r, &body, &blen) || px_build_headers(r)) {
-        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
-        r->ex->on_abort = NULL;
-        px_error(r, 500, NULL, "out of memory");
-        px_free(r);
+    if (px_body_for_backend(r, &body, &blen)) {
+        px_attempt_oom(r);
+        return;
+    }
+    /* Plain http with an origin-form target: the direct path (h1up.h). */
+    if (mm_h1up_url_ok(b->cfg->url) && r->path_len && r->path[0] == '/') {
+        px_start_direct(r, body, blen);
+        return;
+    }
+    memcpy(url, b->cfg->url, ulen);
+    memcpy(url + ulen, r->path, r->path_len);
+    url[ulen + r->path_len] = '\0';
+    if (px_build_headers(r)) {
+        px_attempt_oom(r);
         return;
     }
     CURL *e = mm_upstream_easy(r->t->up);
     if (!e) {
-        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
-        r->ex->on_abort = NULL;
-        px_error(r, 500, NULL, "out of memory");
-        px_free(r);
+        px_attempt_oom(r);
         return;
     }
     r->easy = e;
@@ -1062,13 +1194,9 @@ static void px_start_attempt(px_req *r)
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     if (b->cfg->timeouts.connect_ms > 0)
         curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)b->cfg->timeouts.connect_ms);
-    if (r->deadline_ns) {
-        uint64_t now = mm_now_ns();
-        long left = r->deadline_ns > now ? (long)((r->deadline_ns - now) / 1000000ull) : 1;
-        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, left > 0 ? left : 1L);
-    } else if (b->cfg->timeouts.total_ms > 0) {
-        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)b->cfg->timeouts.total_ms);
-    }
+    long total_ms = px_total_ms(r, b);
+    if (total_ms > 0)
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, total_ms);
     /* Do not reuse a connection idle longer than this: servers close idle
      * keep-alive connections (uvicorn after 5 s) and a request sent into a
      * closing connection has to be resent. */
@@ -1191,6 +1319,22 @@ static int is_json_type(const mm_http_request *q)
     return n > 5 && strncasecmp(h->value + n - 5, "+json", 5) == 0;
 }
 
+/* s[0..n) into dst, cut to fit and NUL-terminated (snprintf is slow). */
+static void px_copy_str(char *dst, size_t cap, const char *s, size_t n)
+{
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, s, n);
+    dst[n] = '\0';
+}
+
+static void px_hex64(char *out, uint64_t v)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (int i = 15; i >= 0; i--, v >>= 4)
+        out[i] = hex[v & 15];
+}
+
 static void px_set_reqid(px_req *r)
 {
     const mm_http_header *h = mm_http_find_header(&r->ex->req, "x-request-id");
@@ -1200,8 +1344,9 @@ static void px_set_reqid(px_req *r)
         return;
     }
     uint64_t a = mm_rng_next(&r->t->rng), b = mm_rng_next(&r->t->rng);
-    snprintf(r->reqid, sizeof r->reqid, "%016llx%016llx", (unsigned long long)a,
-             (unsigned long long)b);
+    px_hex64(r->reqid, a);
+    px_hex64(r->reqid + 16, b);
+    r->reqid[32] = '\0';
 }
 
 static void px_route_default(px_req *r, int status_without, const char *msg_without)
@@ -1347,7 +1492,10 @@ static void px_builtin_models(px_req *r)
 void mm_proxy_handle(mm_http_exchange *ex, void *arg)
 {
     mm_proxy_thread *t = arg;
-    px_req *r = calloc(1, sizeof *r);
+    /* Zeroing all of it would clear 4 KiB of arrays for every request. */
+    px_req *r = malloc(sizeof *r);
+    if (r)
+        memset(r, 0, offsetof(px_req, members));
     if (!r) {
         mm_http_respond_error(ex, 500, NULL, NULL, "out of memory");
         return;
@@ -1376,9 +1524,9 @@ void mm_proxy_handle(mm_http_exchange *ex, void *arg)
     px_set_reqid(r);
     const mm_http_request *q = &ex->req;
     r->start_ns = ex->start_ns;
-    snprintf(r->method, sizeof r->method, "%.*s", (int)(q->method_len < 15 ? q->method_len : 15), q->method);
-    snprintf(r->target, sizeof r->target, "%.*s", (int)(q->target_len < 1023 ? q->target_len : 1023), q->target);
-    snprintf(r->peer, sizeof r->peer, "%s", ex->peer);
+    px_copy_str(r->method, sizeof r->method, q->method, q->method_len);
+    px_copy_str(r->target, sizeof r->target, q->target, q->target_len);
+    px_copy_str(r->peer, sizeof r->peer, ex->peer, strlen(ex->peer));
     r->path = q->target;
     r->path_len = q->target_len;
     int is_get = ieq(q->method, q->method_len, "GET");

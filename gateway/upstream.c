@@ -11,12 +11,14 @@
 #include "upstream.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include <event2/event.h>
 
+#include "h1up.h"
 #include "log.h"
 
 #define UPSTREAM_FREE_EASY_MAX 256
@@ -31,6 +33,14 @@ typedef struct sock_ctx {
     int   active;      /* libcurl wants events on this fd */
 } sock_ctx;
 
+/* A connect-only transfer for the direct path (mm_upstream_connect). */
+typedef struct conn_hook {
+    CURL                *easy;
+    mm_upstream_conn_fn  fn;
+    void                *arg;
+    struct conn_hook    *next;
+} conn_hook;
+
 struct mm_upstream {
     struct event_base  *base;
     CURLM              *multi;
@@ -41,7 +51,55 @@ struct mm_upstream {
     int                 running;
     sock_ctx          **by_fd;
     size_t              nfd;
+    conn_hook          *hooks;   /* connects in flight: few, and short-lived */
+    curl_socket_t       adopt_fd;/* close_cb keeps this one open (hook_done) */
+    int                 adopted;
+    mm_h1up            *h1;
 };
+
+static conn_hook *hook_take(mm_upstream *u, CURL *easy)
+{
+    for (conn_hook **pp = &u->hooks; *pp; pp = &(*pp)->next) {
+        if ((*pp)->easy == easy) {
+            conn_hook *k = *pp;
+            *pp = k->next;
+            return k;
+        }
+    }
+    return NULL;
+}
+
+/* A connect-only transfer ended: take its socket over. Removing the handle
+ * makes libcurl drop the connection, and its close goes through close_cb,
+ * which leaves this one descriptor open for us (and unregisters libcurl's
+ * interest in it). Not a dup: the event loop defers epoll changes
+ * (changelist), so a registration of a closed duplicate would outlive the
+ * close and keep firing on the shared socket. */
+static void hook_done(mm_upstream *u, conn_hook *k, CURLcode rc)
+{
+    int fd = -1;
+    curl_socket_t s = CURL_SOCKET_BAD;
+    if (rc == CURLE_OK &&
+        (curl_easy_getinfo(k->easy, CURLINFO_ACTIVESOCKET, &s) != CURLE_OK || s == CURL_SOCKET_BAD))
+        rc = CURLE_COULDNT_CONNECT;
+    u->adopt_fd = rc == CURLE_OK ? s : CURL_SOCKET_BAD;
+    u->adopted = 0;
+    curl_multi_remove_handle(u->multi, k->easy);
+    if (u->adopted) {
+        fd = s;
+    } else if (rc == CURLE_OK) {
+        /* A libcurl that keeps connect-only connections after the removal
+         * (7.88 does not): share the socket, it stays open for us. */
+        if ((fd = fcntl(s, F_DUPFD_CLOEXEC, 0)) < 0)
+            rc = CURLE_OUT_OF_MEMORY;
+    }
+    u->adopt_fd = CURL_SOCKET_BAD;
+    mm_upstream_recycle(u, k->easy);
+    mm_upstream_conn_fn fn = k->fn;
+    void *arg = k->arg;
+    free(k);
+    fn(arg, rc, fd);
+}
 
 static void check_done(mm_upstream *u)
 {
@@ -52,6 +110,11 @@ static void check_done(mm_upstream *u)
             continue;
         CURL *easy = msg->easy_handle;
         CURLcode rc = msg->data.result;
+        conn_hook *k = u->hooks ? hook_take(u, easy) : NULL;
+        if (k) {
+            hook_done(u, k, rc);
+            continue;
+        }
         void *priv = NULL;
         curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&priv);
         curl_multi_remove_handle(u->multi, easy);
@@ -177,6 +240,10 @@ static int close_cb(void *clientp, curl_socket_t fd)
 {
     mm_upstream *u = clientp;
     ctx_drop(u, fd);
+    if (fd == u->adopt_fd) {
+        u->adopted = 1; /* handed to the direct path, see hook_done */
+        return 0;
+    }
     return close(fd);
 }
 
@@ -202,6 +269,7 @@ int mm_upstream_new(struct event_base *base, mm_upstream_done_fn done, mm_upstre
         return -ENOMEM;
     u->base = base;
     u->done = done;
+    u->adopt_fd = CURL_SOCKET_BAD;
     u->multi = curl_multi_init();
     u->timer = evtimer_new(base, on_timer, u);
     if (!u->multi || !u->timer) {
@@ -223,6 +291,14 @@ void mm_upstream_free(mm_upstream *u)
 {
     if (!u)
         return;
+    mm_h1up_free(u->h1);
+    while (u->hooks) {
+        conn_hook *k = u->hooks;
+        u->hooks = k->next;
+        curl_multi_remove_handle(u->multi, k->easy);
+        curl_easy_cleanup(k->easy);
+        free(k);
+    }
     for (int i = 0; i < u->nfree; i++)
         curl_easy_cleanup(u->free_easy[i]);
     /* Closing the multi handle closes its pooled connections through
@@ -279,6 +355,35 @@ void mm_upstream_recycle(mm_upstream *u, CURL *easy)
 
 void mm_upstream_cancel(mm_upstream *u, CURL *easy)
 {
+    free(u->hooks ? hook_take(u, easy) : NULL);
     curl_multi_remove_handle(u->multi, easy);
     mm_upstream_recycle(u, easy);
+}
+
+int mm_upstream_connect(mm_upstream *u, CURL *easy, mm_upstream_conn_fn fn, void *arg)
+{
+    conn_hook *k = calloc(1, sizeof *k);
+    if (!k)
+        return -ENOMEM;
+    k->easy = easy;
+    k->fn = fn;
+    k->arg = arg;
+    curl_easy_setopt(easy, CURLOPT_CONNECT_ONLY, 1L);
+    curl_easy_setopt(easy, CURLOPT_PRIVATE, arg);
+    CURLMcode mc = curl_multi_add_handle(u->multi, easy);
+    if (mc != CURLM_OK) {
+        mm_error("upstream: curl_multi_add_handle: %s", curl_multi_strerror(mc));
+        free(k);
+        return -EIO;
+    }
+    k->next = u->hooks;
+    u->hooks = k;
+    return 0;
+}
+
+mm_h1up *mm_upstream_h1(mm_upstream *u)
+{
+    if (!u->h1 && mm_h1up_new(u->base, u, u->done, &u->h1) != 0)
+        return NULL;
+    return u->h1;
 }
