@@ -1091,10 +1091,10 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
         nblk = 0x3fffffff;
     if (nblk < b->max_blocks) {
         mm_errf(err, errlen,
-                "KV cache too small: %lld blocks of %d positions (%.1f MiB each) hold fewer "
+                "KV cache too small: %lld blocks of %d positions (%.1f KiB each) hold fewer "
                 "than --max-model-len %d; %.2f GiB free after %.2f GiB of weights, "
                 "--gpu-memory-utilization %.2f; lower --max-model-len or raise the utilization",
-                nblk, b->base.block_size, (double)block_bytes / 1048576.0, o->max_len,
+                nblk, b->base.block_size, (double)block_bytes / 1024.0, o->max_len,
                 gib(free1), gib(wbytes), o->gpu_memory_utilization);
         rc = -ENOMEM;
         goto out;

@@ -234,6 +234,39 @@ run_check() {
                 [ -s "$TMP/cpu.json" ] && $CLIENT compare "$TMP/seq.json" "$TMP/cpu.json" --info \
                     --name "e2e: $E2E_DEVICE worker vs cpu worker (greedy, reported only)"
             fi
+            # The scheduler's preemption on the device: a KV pool of exactly
+            # one --max-model-len sequence (16 blocks of 16) for 8 requests
+            # at once; every answer must still equal the one-at-a-time run.
+            if start_worker "$E2E_DEVICE" "$m" "$TMP/w-pre.log" --max-num-seqs 16 \
+                --max-model-len 256 --num-gpu-blocks-override 16; then
+                $CLIENT complete --url "$URL" --concurrency 8 --out "$TMP/pre.json"
+                npre=$(curl -s "$URL/metrics" |
+                    sed -n 's/^vllm:num_preemptions_total{[^}]*} \([0-9][0-9.]*\).*/\1/p' | head -n 1)
+                stop_worker
+                $CLIENT compare "$TMP/pre.json" "$TMP/seq.json" \
+                    --name "e2e: $E2E_DEVICE worker, 8 at once on a 16-block KV pool vs one at a time" \
+                    >"$TMP/cmp-pre.txt"
+                cat "$TMP/cmp-pre.txt"
+                if grep -q '^ok ' "$TMP/cmp-pre.txt"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+                case ${npre:-0} in
+                0 | 0.0) notok "e2e: preemptions on the 16-block pool: ${npre:-none reported}" ;;
+                *) ok "e2e: preemptions on the 16-block pool: $npre" ;;
+                esac
+            else
+                notok "e2e: the $E2E_DEVICE worker with a 16-block pool did not start"
+            fi
+            # Not enough memory for the KV cache: a clear message, exit
+            # non-zero (the cpu backend ignores the utilization: cuda only).
+            if [ "$E2E_DEVICE" = cuda ]; then
+                timeout 60 $RUNENV "$WORKER" --model "$m" --device cuda --port 0 \
+                    --gpu-memory-utilization 0.000001 >"$TMP/w-oom.log" 2>&1
+                orc=$?
+                if [ $orc -ne 0 ] && [ $orc -ne 124 ] && grep -q 'KV cache too small' "$TMP/w-oom.log"; then
+                    ok "e2e: no room for the KV cache: exit $orc, $(grep -o 'KV cache too small[^;]*' "$TMP/w-oom.log" | head -n 1)"
+                else
+                    notok "e2e: no room for the KV cache: exit $orc, $(tail -n 1 "$TMP/w-oom.log")"
+                fi
+            fi
         fi
     else
         notok "e2e: the $E2E_DEVICE worker did not start"

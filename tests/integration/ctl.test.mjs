@@ -31,6 +31,9 @@ function ctl(args, opts = {}) {
         const t = setTimeout(() => { proc.kill('SIGKILL'); }, opts.timeoutMs || 20000);
         proc.on('error', (e) => { clearTimeout(t); reject(e); });
         proc.on('exit', (code, signal) => { clearTimeout(t); resolve({ code, signal, stdout, stderr }); });
+        // ctl may exit (a usage error) before it reads its input: the pipe
+        // then breaks, which is not the test's concern.
+        proc.stdin.on('error', () => {});
         proc.stdin.end(opts.stdin || '');
         if (opts.onSpawn) opts.onSpawn(proc);
     });
