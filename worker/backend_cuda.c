@@ -97,6 +97,7 @@ typedef struct cuda_backend {
     float   *delta;
     void    *h, *qkv, *q, *att, *gu, *act, *kc, *vc, *P, *hrows;
     int32_t *ids_d;
+    unsigned long long *keys_d; /* argmax scratch */
     int      Rmax;
     size_t   s_floats;
 
@@ -258,9 +259,38 @@ typedef struct placer {
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
-/* Upload a group of weights stacked along rows (q,k,v or gate,up) into one
- * matrix, converted to the backend's type, or to f32 when as_f32. */
+/* Upload a group of weights stacked along rows (q,k,v) into one matrix,
+ * converted to the backend's type, or to f32 when as_f32. With interleave
+ * (gate,up: same shapes) row r of each weight follows row r of the one
+ * before: gate 0, up 0, gate 1, up 1, ... */
+static int place_rows(placer *p, void **dst, const mm_weight *const *ws, int nw, int as_f32,
+                      int interleave);
 static int place(placer *p, void **dst, const mm_weight *const *ws, int nw, int as_f32)
+{
+    return place_rows(p, dst, ws, nw, as_f32, 0);
+}
+
+/* Convert n elements of w from index off into dst (stored type es). */
+static void stage_copy(const mm_weight *w, size_t off, size_t n, mm_dtype want, size_t es,
+                       char *dst)
+{
+    if (w->dtype == want) {
+        memcpy(dst, (const char *)w->data + off * es, n * es);
+        return;
+    }
+    for (size_t j = 0; j < n; j++) {
+        float f = elem_f32(w, off + j);
+        if (want == MM_DT_F32)
+            ((float *)dst)[j] = f;
+        else if (want == MM_DT_F16)
+            ((uint16_t *)dst)[j] = f32_to_f16(f);
+        else
+            ((uint16_t *)dst)[j] = f32_to_bf16(f);
+    }
+}
+
+static int place_rows(placer *p, void **dst, const mm_weight *const *ws, int nw, int as_f32,
+                      int interleave)
 {
     cuda_backend *b = p->b;
     char *err = p->err;
@@ -280,31 +310,34 @@ static int place(placer *p, void **dst, const mm_weight *const *ws, int nw, int 
     char *base = p->b->wbuf + p->off;
     *dst = base;
     mm_dtype want = as_f32 ? MM_DT_F32 : (b->dt == MM_KDT_F16 ? MM_DT_F16 : MM_DT_BF16);
-    size_t done = 0;
-    for (int i = 0; i < nw; i++) {
-        const mm_weight *w = ws[i];
-        size_t cnt = (size_t)w->rows * (size_t)w->cols, k = 0;
-        while (k < cnt) {
-            size_t chunk = cnt - k < p->stage_cap / es ? cnt - k : p->stage_cap / es;
-            if (w->dtype == want) {
-                memcpy(p->stage, (const char *)w->data + k * es, chunk * es);
-            } else {
-                for (size_t j = 0; j < chunk; j++) {
-                    float f = elem_f32(w, k + j);
-                    if (as_f32)
-                        ((float *)p->stage)[j] = f;
-                    else if (want == MM_DT_F16)
-                        ((uint16_t *)p->stage)[j] = f32_to_f16(f);
-                    else
-                        ((uint16_t *)p->stage)[j] = f32_to_bf16(f);
-                }
-            }
-            /* Synchronous from pinned memory: the staging buffer is reused
-             * at once, and loading is not on any hot path. */
-            CK(cudaMemcpy(base + (done + k) * es, p->stage, chunk * es, cudaMemcpyHostToDevice));
-            k += chunk;
+    /* Synchronous copies from pinned memory: the staging buffer is reused
+     * at once, and loading is not on any hot path. */
+    if (interleave) {
+        size_t cols = (size_t)ws[0]->cols, rows = (size_t)ws[0]->rows;
+        size_t per = (size_t)nw * cols * es, step = p->stage_cap / per, done = 0;
+        for (size_t r0 = 0; r0 < rows; r0 += step) {
+            size_t nr = rows - r0 < step ? rows - r0 : step;
+            for (size_t r = 0; r < nr; r++)
+                for (int i = 0; i < nw; i++)
+                    stage_copy(ws[i], (r0 + r) * cols, cols, want, es,
+                               p->stage + (r * (size_t)nw + (size_t)i) * cols * es);
+            CK(cudaMemcpy(base + done, p->stage, nr * per, cudaMemcpyHostToDevice));
+            done += nr * per;
         }
-        done += cnt;
+    } else {
+        size_t done = 0;
+        for (int i = 0; i < nw; i++) {
+            const mm_weight *w = ws[i];
+            size_t cnt = (size_t)w->rows * (size_t)w->cols, k = 0;
+            while (k < cnt) {
+                size_t chunk = cnt - k < p->stage_cap / es ? cnt - k : p->stage_cap / es;
+                stage_copy(w, k, chunk, want, es, p->stage);
+                CK(cudaMemcpy(base + (done + k) * es, p->stage, chunk * es,
+                              cudaMemcpyHostToDevice));
+                k += chunk;
+            }
+            done += cnt;
+        }
     }
     p->off = align256(p->off + bytes);
 out:
@@ -337,7 +370,7 @@ static int place_all(placer *p, const mm_model *m)
         PLACE1(&d->attn_norm, &s->attn_norm, 1);
         PLACE1(&d->mlp_norm, &s->mlp_norm, 1);
         if ((rc = place(p, &d->wqkv, qkv, 3, 0)) < 0 || (rc = place(p, &d->bqkv, bqkv, 3, 0)) < 0 ||
-            (rc = place(p, &d->wgu, gu, 2, 0)) < 0)
+            (rc = place_rows(p, &d->wgu, gu, 2, 0, 1)) < 0)
             return rc;
         PLACE1(&d->wo, &s->o, 0);
         PLACE1(&d->bo, &s->o_bias, 0);
@@ -443,6 +476,14 @@ static void prof_report(cuda_backend *b)
 
 /* ---- one sub-step ---- */
 
+/* Measured on an H200 (docs/GPU_NOTES.md): our kernel beats cuBLAS at one
+ * or two rows on every shape, and up to 8 rows on small matrices where
+ * cuBLAS's fixed cost dominates. */
+static int use_gemv(int M, int N, int K)
+{
+    return mm_k_gemv_ok(M, K) && (M <= 2 || (size_t)N * (size_t)K <= ((size_t)4 << 20));
+}
+
 /* y[M][N] = x[M][K] W[N][K]^T, y in the 16-bit type or float (y_f32).
  * Float products may come back as several partials over K (nparts set;
  * NULL: one), which the next norm sums. */
@@ -452,10 +493,7 @@ static int linear(cuda_backend *b, const void *W, const void *x, int M, int N, i
     int rc = 0;
     if (nparts)
         *nparts = 1;
-    /* Measured on an H200 (docs/GPU_NOTES.md): our kernel beats cuBLAS at
-     * one or two rows on every shape, and up to 8 rows on small matrices
-     * where cuBLAS's fixed cost dominates. */
-    if (mm_k_gemv_ok(M, K) && (M <= 2 || (size_t)N * (size_t)K <= ((size_t)4 << 20))) {
+    if (use_gemv(M, N, K)) {
         int splits = y_f32 && nparts ? mm_k_gemv_splits(N, K, b->nsm) : 1;
         CKK(mm_k_gemv(b->dt, W, x, M, N, K, y, y_f32, splits, b->stream));
         if (nparts)
@@ -482,12 +520,20 @@ static mm_k_cache layer_cache(const cuda_backend *b, int l)
     return c;
 }
 
-/* Splits of the decode kernel for R queries: enough blocks (one per kv
- * head and query) to cover the SMs twice, no more than the context has
- * chunks of 128. */
+/* Small batches attend with one block per query head (a block serving a
+ * whole group does its heads' arithmetic in series), larger ones with one
+ * per kv head (each K/V row read once per group). */
+static int attn_per_head(const cuda_backend *b, int R)
+{
+    return b->nkv * R < b->nsm / 2;
+}
+
+/* Splits of the decode kernel for R queries: enough blocks to cover the
+ * SMs twice, no more than the context has chunks of 128. */
 static int decode_splits(const cuda_backend *b, int R, int max_ctx)
 {
-    int want = (2 * b->nsm + b->nkv * R - 1) / (b->nkv * R);
+    int per = attn_per_head(b, R) ? b->nq : b->nkv;
+    int want = (2 * b->nsm + per * R - 1) / (per * R);
     int chunks = (max_ctx + 127) / 128;
     if (want > chunks)
         want = chunks;
@@ -568,8 +614,8 @@ static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big,
                             b->stream));
         prof_mark(b, P_ROPE);
         if (nd)
-            CKK(mm_k_attn_decode(b->dt, b->q, tok, pos, slot, nd, b->nq, b->window, b->scale, &c,
-                                 nsplit, b->part, b->att, b->stream));
+            CKK(mm_k_attn_decode(b->dt, b->q, tok, pos, slot, nd, b->nq, attn_per_head(b, nd),
+                                 b->window, b->scale, &c, nsplit, b->part, b->att, b->stream));
         for (int i = 0; i < nbig; i++)
             if ((rc = prefill_attention(b, &c, &big[i], err, errlen)) < 0)
                 goto out;
@@ -580,11 +626,16 @@ static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big,
         CKK(mm_k_add_rmsnorm(b->dt, b->x, b->delta, np, dstride, w->bo, w->mlp_norm, b->eps,
                              NULL, T, H, b->h, b->stream));
         prof_mark(b, P_NORM);
-        if ((rc = linear(b, w->wgu, b->h, T, 2 * I, H, b->gu, 0, NULL, err, errlen)) < 0)
-            goto out;
-        prof_mark(b, P_GU);
-        CKK(mm_k_swiglu(b->dt, b->gu, T, I, b->act, b->stream));
-        prof_mark(b, P_SWIGLU);
+        if (use_gemv(T, 2 * I, H)) { /* SwiGLU in the product's epilogue */
+            CKK(mm_k_gemv_swiglu(b->dt, w->wgu, b->h, T, I, H, b->act, b->stream));
+            prof_mark(b, P_GU);
+        } else {
+            if ((rc = linear(b, w->wgu, b->h, T, 2 * I, H, b->gu, 0, NULL, err, errlen)) < 0)
+                goto out;
+            prof_mark(b, P_GU);
+            CKK(mm_k_swiglu(b->dt, b->gu, T, I, b->act, b->stream));
+            prof_mark(b, P_SWIGLU);
+        }
         if ((rc = linear(b, w->wdown, b->act, T, H, I, b->delta, 1, &np, err, errlen)) < 0)
             goto out;
         prof_mark(b, P_DOWN);
@@ -597,7 +648,7 @@ static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big,
         goto out;
     if (argmax)
         CKK(mm_k_argmax(b->logits, R, b->V, b->base.n_valid > 0 ? b->base.n_valid : b->V,
-                        b->ids_d, b->stream));
+                        b->keys_d, b->ids_d, b->stream));
     prof_mark(b, P_HEAD);
 out:
     return rc;
@@ -846,7 +897,7 @@ static void cuda_free(mm_backend *base)
         cublasDestroy(b->blas);
     void *dev[] = {b->wbuf, b->kvbuf, b->d_tables, b->x, b->logits, b->part, b->S, b->h, b->qkv,
                    b->q, b->att, b->delta, b->gu, b->act, b->kc, b->vc, b->P, b->hrows, b->ids_d,
-                   b->meta_d, b->blas_ws, b->inv_freq};
+                   b->keys_d, b->meta_d, b->blas_ws, b->inv_freq};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i])
             cudaFree(dev[i]);
@@ -907,6 +958,7 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
         {&b->hrows, (size_t)b->Rmax * b->H * es},
         {(void **)&b->logits, (size_t)b->Rmax * b->V * 4},
         {(void **)&b->ids_d, (size_t)b->Rmax * 4},
+        {(void **)&b->keys_d, (size_t)b->Rmax * 8},
         {(void **)&b->part, parts * 4},
         {(void **)&b->S, b->s_floats * 4},
         {&b->P, b->s_floats * es},

@@ -1,5 +1,6 @@
 /* elementwise.cu: the row-wise kernels around the GEMMs - embedding
- * lookup, residual add fused with RMSNorm, SwiGLU. Each is one pass over
+ * lookup, residual add fused with RMSNorm, SwiGLU (over the gate/up
+ * product's interleaved output: gate i, up i side by side). Each is one pass over
  * its rows, memory bound; float32 math throughout, rounded to the 16-bit
  * type only where the next GEMM reads it. */
 #include "common.cuh"
@@ -91,11 +92,11 @@ __global__ void swiglu_k(const T *gu, int I, T *act)
     mm_pdl_release();
     mm_pdl_wait();
     int t = blockIdx.y;
-    const T *g = gu + (size_t)t * 2 * I, *u = g + I;
+    const T *row = gu + (size_t)t * 2 * I;
     T *a = act + (size_t)t * I;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < I; i += gridDim.x * blockDim.x) {
-        float gv = mm_to_f(g[i]);
-        a[i] = mm_from_f<T>(gv / (1.0f + __expf(-gv)) * mm_to_f(u[i]));
+        float gv = mm_to_f(row[2 * i]), uv = mm_to_f(row[2 * i + 1]);
+        a[i] = mm_from_f<T>(gv / (1.0f + __expf(-gv)) * uv);
     }
 }
 

@@ -144,3 +144,111 @@ extern "C" int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, 
     splits = (K + KS - 1) / KS;
     return MM_DISPATCH(dt, gemv, W, x, M, N, K, KS, splits, y, y_f32, s);
 }
+
+/* ---- gate/up with SwiGLU: one warp per (gate row, up row) pair ---- */
+
+template <typename T, int M>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T *act)
+{
+    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= I) {
+        mm_pdl_release();
+        return;
+    }
+    const T *wg = W + (size_t)(2 * n) * K, *wu = wg + K;
+    float ag[M], au[M];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+        ag[m] = au[m] = 0.0f;
+    constexpr int STEP = 32 * 8 * 2; /* two tiles of each row in flight */
+    int k0 = 0;
+    uint4 gv[2], uv[2];
+    if (STEP <= K)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            gv[u] = __ldcs((const uint4 *)(wg + u * 256 + lane * 8));
+            uv[u] = __ldcs((const uint4 *)(wu + u * 256 + lane * 8));
+        }
+    mm_pdl_release();
+    mm_pdl_wait();
+    for (; k0 + STEP <= K; k0 += STEP) {
+        if (k0)
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                gv[u] = __ldcs((const uint4 *)(wg + k0 + u * 256 + lane * 8));
+                uv[u] = __ldcs((const uint4 *)(wu + k0 + u * 256 + lane * 8));
+            }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            float gf[8], uf[8];
+            mm_unpack8<T>(gv[u], gf);
+            mm_unpack8<T>(uv[u], uf);
+            int k = k0 + u * 256 + lane * 8;
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float xf[8];
+                mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    ag[m] += gf[i] * xf[i];
+                    au[m] += uf[i] * xf[i];
+                }
+            }
+        }
+    }
+    for (int k = k0 + lane * 8; k < K; k += 256) {
+        float gf[8], uf[8];
+        mm_unpack8<T>(__ldcs((const uint4 *)(wg + k)), gf);
+        mm_unpack8<T>(__ldcs((const uint4 *)(wu + k)), uf);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float xf[8];
+            mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                ag[m] += gf[i] * xf[i];
+                au[m] += uf[i] * xf[i];
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float g = mm_warp_sum(ag[m]), u = mm_warp_sum(au[m]);
+        if (lane == 0) {
+            g = mm_to_f(mm_from_f<T>(g));
+            u = mm_to_f(mm_from_f<T>(u));
+            act[(size_t)m * I + n] = mm_from_f<T>(g / (1.0f + __expf(-g)) * u);
+        }
+    }
+}
+
+template <typename T>
+static int gemv_swiglu(const void *W, const void *x, int M, int I, int K, void *act,
+                       cudaStream_t s)
+{
+    dim3 grid((I + GEMV_WARPS - 1) / GEMV_WARPS);
+    const T *w = (const T *)W, *xx = (const T *)x;
+    T *a = (T *)act;
+    switch (M) {
+    case 1: mm_launch(gemv_swiglu_k<T, 1>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 2: mm_launch(gemv_swiglu_k<T, 2>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 3: mm_launch(gemv_swiglu_k<T, 3>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 4: mm_launch(gemv_swiglu_k<T, 4>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 5: mm_launch(gemv_swiglu_k<T, 5>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 6: mm_launch(gemv_swiglu_k<T, 6>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 7: mm_launch(gemv_swiglu_k<T, 7>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 8: mm_launch(gemv_swiglu_k<T, 8>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    default: return (int)cudaErrorInvalidValue;
+    }
+    return mm_launch_status();
+}
+
+extern "C" int mm_k_gemv_swiglu(mm_kdt dt, const void *W, const void *x, int M, int I, int K,
+                                void *act, cudaStream_t s)
+{
+    if (!mm_k_gemv_ok(M, K))
+        return (int)cudaErrorInvalidValue;
+    return MM_DISPATCH(dt, gemv_swiglu, W, x, M, I, K, act, s);
+}

@@ -41,7 +41,9 @@ int mm_k_add_rmsnorm(mm_kdt dt, float *x, const float *delta, int nd, size_t dst
                      const void *dbias, const float *w, float eps, const int32_t *rows, int R,
                      int H, void *y, cudaStream_t s);
 
-/* act[t, i] = silu(gu[t, i]) * gu[t, I + i] (gate and up side by side). */
+/* act[t, i] = silu(gu[t, 2i]) * gu[t, 2i + 1]: the gate/up weight is laid
+ * out with gate row i and up row i interleaved, so its product's output
+ * pairs them too (and the gemv below can finish SwiGLU itself). */
 int mm_k_swiglu(mm_kdt dt, const void *gu, int T, int I, void *act, cudaStream_t s);
 
 /* Bias, rotary embedding (rotate-half form, angle pos * inv_freq[i]) and
@@ -59,13 +61,14 @@ int mm_k_rope_store(mm_kdt dt, const void *qkv, const void *bias, const float *i
 /* Attention of R query tokens (token indices tok[r]) against their slot's
  * cache, each seeing positions [max(0, pos - window + 1), pos] (window 0 =
  * no limit): q [T][nq hd], out [T][nq hd]. One block serves all the query
- * heads of a kv head, so each K/V row is read once per group. The context
- * is split over nsplit blocks per (kv head, query) (flash-decoding),
- * merged by a second kernel; part needs mm_k_attn_part_floats(R, nq, hd,
- * nsplit) floats. */
+ * heads of a kv head, so each K/V row is read once per group, or with
+ * per_head (small batches: more, lighter blocks) one query head. The
+ * context is split over nsplit blocks per (kv head or head, query)
+ * (flash-decoding), merged by a second kernel; part needs
+ * mm_k_attn_part_floats(R, nq, hd, nsplit) floats. */
 size_t mm_k_attn_part_floats(int R, int nq, int hd, int nsplit);
 int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok, const int32_t *pos,
-                     const int32_t *slot, int R, int nq, int window, float scale,
+                     const int32_t *slot, int R, int nq, int per_head, int window, float scale,
                      const mm_k_cache *c, int nsplit, float *part, void *out, cudaStream_t s);
 
 /* Block-table updates: upd[0] = count (read on the device, so a captured
@@ -96,9 +99,18 @@ int mm_k_gemv_splits(int N, int K, int nsm);
 int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, int K, void *y, int y_f32,
               int splits, cudaStream_t s);
 
+/* The gate/up product with SwiGLU in its epilogue, for M <= 8 rows: W
+ * [2I][K] interleaved (gate i, up i), act[m][i] = silu(g) * u, each of g
+ * and u rounded to dt first as if stored (same results as the product
+ * followed by mm_k_swiglu). */
+int mm_k_gemv_swiglu(mm_kdt dt, const void *W, const void *x, int M, int I, int K, void *act,
+                     cudaStream_t s);
+
 /* ids[r] = argmax over columns < n_valid of logits row r (lowest id on
- * ties), R rows of ld floats. */
-int mm_k_argmax(const float *logits, int R, int ld, int n_valid, int32_t *ids, cudaStream_t s);
+ * ties, NaN and -inf never win, -1 when nothing is finite), R rows of ld
+ * floats; keys: R 64-bit words of scratch. */
+int mm_k_argmax(const float *logits, int R, int ld, int n_valid, unsigned long long *keys,
+                int32_t *ids, cudaStream_t s);
 
 #ifdef __cplusplus
 }

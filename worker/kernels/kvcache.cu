@@ -58,8 +58,12 @@ static int rope_store(const void *qkv, const void *bias, const float *inv_freq,
                       const int32_t *pos, const int32_t *slot, int T_, int nq,
                       const mm_k_cache *c, void *q_out, cudaStream_t s)
 {
+    /* one thread per rotated pair where possible: at batch 1 this kernel
+     * is a latency chain, not a throughput problem */
+    int threads = (nq + c->nkv) * (c->hd / 2);
+    threads = threads > 1024 ? 1024 : (threads + 31) / 32 * 32;
     if (T_ > 0)
-        mm_launch(rope_store_k<T>, T_, 256, 0, s, (const T *)qkv, (const T *)bias, inv_freq, pos, slot,
+        mm_launch(rope_store_k<T>, T_, threads, 0, s, (const T *)qkv, (const T *)bias, inv_freq, pos, slot,
                                            nq, *c, (T *)q_out);
     return mm_launch_status();
 }
