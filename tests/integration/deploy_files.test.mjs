@@ -22,6 +22,11 @@ const COMPOSE = path.join(ROOT, 'docker-compose.yml');
 const UNIT = path.join(ROOT, 'deploy', 'modelmux-gateway.service');
 const CONFIG_8GPU = path.join(ROOT, 'deploy', 'gateway.8gpu.json');
 const WORKER_STOP_MS = 10000;   // the fleet's SIGTERM -> SIGKILL for workers (fleet.h)
+// The 8-GPU layout, one worker per GPU (the worker has no tensor
+// parallelism): 14B replicas on GPUs 0-3, 32B replicas on 4-7. The compose
+// services are named after their GPU.
+const LAYOUT = { 'qwen-14b': ['0', '1', '2', '3'], 'qwen-32b': ['4', '5', '6', '7'] };
+const GPU_WORKERS = Object.entries(LAYOUT).flatMap(([m, gpus]) => gpus.map((g) => `worker-${m.slice(5)}-${g}`));
 
 // ---- a reader for the YAML subset the compose file is written in ----------
 //
@@ -29,11 +34,15 @@ const WORKER_STOP_MS = 10000;   // the fleet's SIGTERM -> SIGKILL for workers (f
 // sequences of scalars (may span lines), "{}", plain / single- / double-
 // quoted scalars, comments. Plain scalars resolve as YAML 1.1 does (PyYAML,
 // docker-compose v1): null, booleans (yes/no/on/off too), integers, floats.
-// Everything else (anchors, aliases, tags, block scalars, flow mappings,
-// documents, sexagesimal or octal-looking numbers) throws, so the file cannot
-// drift into YAML this reader would misread.
+// A mapping value may carry an anchor ("key: &name ...") and be an alias
+// ("key: *name"); "<<: *name" merges an anchored mapping, whose keys the
+// mapping's own keys override (YAML 1.1's merge key, which compose honours).
+// Everything else (anchors or aliases elsewhere, tags, block scalars, flow
+// mappings, documents, sexagesimal or octal-looking numbers) throws, so the
+// file cannot drift into YAML this reader would misread.
 function parseYamlSubset(text) {
     const lines = [];
+    const anchors = new Map();
     const raw = text.split('\n');
     for (let i = 0; i < raw.length; i++) {
         const ln = i + 1;
@@ -81,23 +90,47 @@ function parseYamlSubset(text) {
     }
     function parseMap(indent) {
         const obj = {};
+        const own = new Set();      // keys written in this mapping (merged ones may be overridden)
+        let merged = false;
         while (pos < lines.length && lines[pos].indent === indent) {
             const l = lines[pos];
             if (isItem(l.content)) throw new Error(`yaml line ${l.ln}: a sequence item inside a mapping`);
             const kv = keySplit(l.content, l.ln);
             if (!kv) throw new Error(`yaml line ${l.ln}: expected "key: value", got ${JSON.stringify(l.content)}`);
-            const [key, value] = kv;
-            if (Object.prototype.hasOwnProperty.call(obj, key)) throw new Error(`yaml line ${l.ln}: duplicate key ${key}`);
+            const [key] = kv;
+            let value = kv[1];
+            let anchor = null;
+            const am = /^&([^\s,[\]{}]+)(?:\s+(.*))?$/.exec(value);
+            if (am) [, anchor, value = ''] = am;
             pos++;
-            if (value !== '') {
-                obj[key] = scalar(value, l.ln);
+            let v;
+            if (value.startsWith('*')) {
+                if (anchor) throw new Error(`yaml line ${l.ln}: an anchor on an alias`);
+                const name = value.slice(1);
+                if (!anchors.has(name)) throw new Error(`yaml line ${l.ln}: alias *${name} before (or without) its anchor`);
+                v = structuredClone(anchors.get(name));
+            } else if (value !== '') {
+                v = scalar(value, l.ln);
             } else if (pos < lines.length && lines[pos].indent > indent) {
-                obj[key] = parseBlock(lines[pos].indent);
+                v = parseBlock(lines[pos].indent);
             } else if (pos < lines.length && lines[pos].indent === indent && isItem(lines[pos].content)) {
-                obj[key] = parseSeq(indent);   // "key:\n- item" at the key's own indentation
+                v = parseSeq(indent);   // "key:\n- item" at the key's own indentation
             } else {
-                obj[key] = null;
+                v = null;
             }
+            if (anchor) anchors.set(anchor, structuredClone(v));
+            if (key === '<<') {
+                if (merged) throw new Error(`yaml line ${l.ln}: duplicate key <<`);
+                if (!value.startsWith('*') || !v || typeof v !== 'object' || Array.isArray(v)) {
+                    throw new Error(`yaml line ${l.ln}: << takes one alias of a mapping`);
+                }
+                merged = true;
+                for (const [k, x] of Object.entries(v)) if (!own.has(k)) obj[k] = x;
+                continue;
+            }
+            if (own.has(key)) throw new Error(`yaml line ${l.ln}: duplicate key ${key}`);
+            own.add(key);
+            obj[key] = v;
         }
         if (pos < lines.length && lines[pos].indent > indent) throw new Error(`yaml line ${lines[pos].ln}: unexpected indentation`);
         return obj;
@@ -249,6 +282,37 @@ function mountedConfig(svc) {
     return path.resolve(ROOT, src);
 }
 
+// ---- does a model fit one GPU? -------------------------------------------------
+//
+// Each worker holds a whole model on one GPU, so the bf16 weights of the 32B
+// (~65.5 GB) leave an 80 GB card little room for the KV cache. The CUDA
+// backend's pool is --gpu-memory-utilization of what the weights and the
+// step buffers leave (worker/backend_cuda.c). Asked: the pool holds at least
+// two sequences of --max-model-len, so one maximal request does not starve
+// its replica. Shapes from the checkpoints' config.json (Qwen2: vocabulary
+// 152064, untied embeddings, q/k/v biases, 8 kv heads of 128); the card taken
+// at its label, 80e9 bytes (it has a little more), with 1.5 GB for the CUDA
+// context, cuBLAS and the step buffers.
+const SHAPES = { 'qwen-14b': { layers: 48, hidden: 5120, inter: 13824 }, 'qwen-32b': { layers: 64, hidden: 5120, inter: 27648 } };
+const GPU_BYTES = 80e9;
+const GPU_OVERHEAD = 1.5e9;
+
+function assertFitsOneGpu(who, model, args) {
+    const { layers: L, hidden: H, inter: I } = SHAPES[model];
+    const kvw = 8 * 128;
+    const params = 2 * 152064 * H + H + L * (H * (H + 2 * kvw) + (H + 2 * kvw) + H * H + 3 * H * I + 2 * H);
+    const weights = 2 * params;
+    const perPos = L * 2 * kvw * 2;   // K and V, bf16
+    const util = Number(argValue(args, '--gpu-memory-utilization') ?? 0.9);
+    const maxLen = Number(argValue(args, '--max-model-len'));
+    assert.ok(maxLen > 0, `${who}: --max-model-len is set (the default, the model's 131072, cannot fit)`);
+    assert.equal(argValue(args, '--dtype'), 'bfloat16', `${who}: bf16 weights`);
+    const pool = util * (GPU_BYTES - weights - GPU_OVERHEAD);
+    const seqs = pool / (maxLen * perPos);
+    assert.ok(seqs >= 2, `${who}: ${(weights / 1e9).toFixed(1)} GB of weights leave a KV pool of ${(pool / 1e9).toFixed(1)} GB, `
+        + `${seqs.toFixed(2)} sequences of --max-model-len ${maxLen}`);
+}
+
 // ---- compose ---------------------------------------------------------------
 
 test('the YAML reader agrees with PyYAML on docker-compose.yml (when PyYAML is installed)', (t) => {
@@ -262,10 +326,18 @@ test('the YAML reader agrees with PyYAML on docker-compose.yml (when PyYAML is i
 });
 
 test('the YAML reader refuses what it does not understand', () => {
-    for (const bad of ['a: &x 1', 'a: *x', 'a: |\n  b', 'a: {b: 1}', 'a: 1:30', 'a: 0755', 'a: b: c', 'a: [1, [2]]', '---\na: 1', 'a: 1\na: 2']) {
+    for (const bad of ['a: *x', 'a: *x\nb: &x 1', 'a: &x *y', 'a: [&x 1]', 'a: [*x]', '- &x 1', 'a: !!str 1',
+        'a: &x 1\nb:\n  <<: *x', 'a:\n  <<: {b: 1}', 'a: &x\n  b: 1\nc:\n  <<: *x\n  <<: *x',
+        'a: |\n  b', 'a: {b: 1}', 'a: 1:30', 'a: 0755', 'a: b: c', 'a: [1, [2]]', '---\na: 1', 'a: 1\na: 2']) {
         assert.throws(() => parseYamlSubset(bad), undefined, JSON.stringify(bad));
     }
     assert.deepEqual(parseYamlSubset('a:\n  - x: 1\n    y: "2"\n  - [p, \'q\']\nb: no\n'), { a: [{ x: 1, y: '2' }, ['p', 'q']], b: false });
+    // Anchors, aliases and merges: the mapping's own keys win wherever they
+    // stand; an alias is a copy; a merged mapping may itself merge.
+    const m = parseYamlSubset('x-b: &b\n  p: 1\n  q: [1, 2]\nx-c: &c\n  <<: *b\n  r: 3\ny:\n  q: 0\n  <<: *c\n  s: *b\nz: &n 5\nw: *n\n');
+    assert.deepEqual(m, { 'x-b': { p: 1, q: [1, 2] }, 'x-c': { p: 1, q: [1, 2], r: 3 }, y: { p: 1, q: 0, r: 3, s: { p: 1, q: [1, 2] } }, z: 5, w: 5 });
+    m.y.s.q.push(3);
+    assert.deepEqual(m['x-b'].q, [1, 2]);
 });
 
 test('compose: redis and the gateway always; each profile brings its own workers', () => {
@@ -277,7 +349,7 @@ test('compose: redis and the gateway always; each profile brings its own workers
     const cpu = activeServices(['cpu']);
     const gpu = activeServices(['gpu']);
     assert.deepEqual(cpu.sort(), ['gateway', 'make-model', 'redis', 'worker-14b-cpu', 'worker-32b-cpu']);
-    assert.deepEqual(gpu.sort(), ['gateway', 'redis', 'worker-14b', 'worker-32b']);
+    assert.deepEqual(gpu.sort(), ['gateway', 'redis', ...GPU_WORKERS].sort());
     for (const [name, s] of Object.entries(services)) {
         for (const p of s.profiles || []) assert.ok(['cpu', 'gpu'].includes(p), `${name}: profile ${p}`);
     }
@@ -329,6 +401,16 @@ test('compose: the gateway builds from deploy/Dockerfile and mounts a config tha
                 assert.equal(argValue(cmd, '--served-model-name'), b.served_model || m.name, `${owners[0]} serves ${m.name}`);
             }
         }
+        // ... and every worker of the profile is a backend (no replica left idle).
+        const named = new Set(cfg.models.flatMap((m) => (m.backends || []).map((b) => new URL(b.url).hostname)));
+        for (const n of active.filter((x) => services[x].command?.includes('--served-model-name'))) {
+            assert.ok(dnsNames(n).some((d) => named.has(d)), `${profile}: ${n} is no backend of ${mountedConfig(g)}`);
+        }
+    }
+    // The gpu profile's replicas, each its own backend of its model.
+    for (const [model, gpus] of Object.entries(LAYOUT)) {
+        const urls = cfg.models.find((m) => m.name === model).backends.map((b) => b.url);
+        assert.deepEqual(urls, gpus.map((gpu) => `http://worker-${model.slice(5)}-${gpu}:8000`), model);
     }
 });
 
@@ -348,9 +430,12 @@ test('compose: the cpu profile makes its models once and serves them on the CPU'
     }
 });
 
-test('compose: each gpu worker reserves its own GPUs (14B on 0-3, 32B on 4-7), tensor-parallel over all of them', () => {
+test('compose: one gpu worker per GPU, each reserving exactly that one (14B replicas on 0-3, 32B on 4-7), no tensor parallelism', () => {
+    const gpuWorkers = activeServices(['gpu']).filter((n) => services[n].profiles);
+    assert.deepEqual(gpuWorkers.sort(), [...GPU_WORKERS].sort());
     const seen = new Map();
-    for (const name of activeServices(['gpu']).filter((n) => services[n].profiles)) {
+    const byModel = {};
+    for (const name of gpuWorkers) {
         const s = services[name];
         const devs = s.deploy?.resources?.reservations?.devices;
         assert.ok(Array.isArray(devs) && devs.length === 1, `${name}: one device reservation`);
@@ -358,20 +443,41 @@ test('compose: each gpu worker reserves its own GPUs (14B on 0-3, 32B on 4-7), t
         assert.equal(d.driver, 'nvidia');
         assert.ok(d.capabilities.includes('gpu'), `${name}: capabilities [gpu]`);
         assert.equal(d.count, undefined, `${name}: device_ids, not a count`);
-        for (const id of d.device_ids) {
-            assert.equal(typeof id, 'string', 'device ids are strings');
-            assert.ok(!seen.has(id), `GPU ${id} reserved by ${name} and ${seen.get(id)}`);
-            seen.set(id, name);
-        }
+        assert.ok(Array.isArray(d.device_ids) && d.device_ids.length === 1, `${name}: exactly one GPU, got ${d.device_ids}`);
+        const id = d.device_ids[0];
+        assert.equal(typeof id, 'string', 'device ids are strings');
+        assert.ok(!seen.has(id), `GPU ${id} reserved by ${name} and ${seen.get(id)}`);
+        seen.set(id, name);
+        assert.equal(name.split('-').pop(), id, `${name} is named after its GPU`);
         assert.equal(argValue(s.command, '--device'), 'cuda');
-        assert.equal(Number(argValue(s.command, '--tensor-parallel-size')), d.device_ids.length, `${name}: TP = its GPUs`);
-        const model = argValue(s.command, '--model');
-        const want = /14B/.test(model) ? ['0', '1', '2', '3'] : /32B/.test(model) ? ['4', '5', '6', '7'] : null;
-        assert.deepEqual(d.device_ids, want, `${name} (${model})`);
+        // The worker exits 2 on a tensor-parallel size above 1.
+        const tp = argValue(s.command, '--tensor-parallel-size');
+        assert.ok(tp === undefined || tp === '1', `${name}: --tensor-parallel-size ${tp}`);
+        const served = argValue(s.command, '--served-model-name');
+        assert.ok(served in LAYOUT, `${name} serves ${served}`);
+        assert.match(argValue(s.command, '--model'), new RegExp(`^/models/.*${served.slice(5).toUpperCase()}$`));
+        (byModel[served] ||= []).push(id);
         const mount = s.volumes.map(interpolate).find((v) => v.split(':')[1] === '/models');
         assert.ok(mount && mount.endsWith(':ro'), `${name} mounts the host's models read-only at /models`);
+        assertFitsOneGpu(name, served, s.command);
     }
+    for (const [model, gpus] of Object.entries(LAYOUT)) assert.deepEqual(byModel[model].sort(), gpus, model);
     assert.deepEqual([...seen.keys()].sort(), ['0', '1', '2', '3', '4', '5', '6', '7']);
+});
+
+test('compose: the gpu workers run what gateway.8gpu.json launches, model by model', () => {
+    const cfg = JSON.parse(fs.readFileSync(CONFIG_8GPU, 'utf8'));
+    for (const name of GPU_WORKERS) {
+        const cmd = services[name].command.map(interpolate);
+        const model = argValue(cmd, '--served-model-name');
+        for (const { launch: l } of cfg.models.find((m) => m.name === model).backends) {
+            assert.equal(path.basename(argValue(cmd, '--model')), path.basename(l.model), `${name}: the model of ${model}`);
+            assert.equal(argValue(cmd, '--device'), l.device);
+            for (const flag of ['--dtype', '--max-model-len', '--max-num-seqs', '--gpu-memory-utilization']) {
+                assert.equal(argValue(cmd, flag), argValue(l.args, flag), `${name} ${flag} as in ${path.basename(CONFIG_8GPU)}`);
+            }
+        }
+    }
 });
 
 test('compose: one image tag is one build; every Dockerfile and build argument exists', () => {
@@ -406,7 +512,11 @@ test('compose CLI (when installed) accepts the file and agrees on the profiles',
             const j = JSON.parse(r.stdout);
             assert.deepEqual(Object.keys(j.services).sort(), activeServices([profile]).sort());
             if (profile === 'gpu') {
-                assert.deepEqual(j.services['worker-32b'].deploy.resources.reservations.devices[0].device_ids, ['4', '5', '6', '7']);
+                // Its merges (<<) came out as ours did.
+                for (const n of GPU_WORKERS) {
+                    assert.deepEqual(j.services[n].deploy.resources.reservations.devices[0].device_ids, [n.split('-').pop()]);
+                    assert.deepEqual(j.services[n].command, services[n].command.map(interpolate), n);
+                }
             }
         }
         return;
@@ -447,6 +557,7 @@ test('the cpu profile runs: its commands and config serve chat end to end', asyn
         assert.equal(r.stdout.includes('qwen2 model'), run === 0, `run ${run}: ${r.stdout}`);
     }
     const ports = new Map();
+    const portOf = {};   // served model -> its worker's port
     for (const name of ['worker-14b-cpu', 'worker-32b-cpu']) {
         const port = await getFreePort();
         const args = services[name].command.map((a) => local(interpolate(a)));
@@ -457,6 +568,7 @@ test('the cpu profile runs: its commands and config serve chat end to end', asyn
         p.stderr.on('data', (d) => { err += d; });
         procs.push(p);
         for (const n of dnsNames(name)) ports.set(n, port);
+        portOf[argValue(args, '--served-model-name')] = port;
         await waitFor(async () => {
             if (p.exitCode !== null) throw new Error(`${name} exited ${p.exitCode}: ${err}`);
             return (await request(port, { path: '/health', timeoutMs: 1000 })).status === 200;
@@ -479,7 +591,7 @@ test('the cpu profile runs: its commands and config serve chat end to end', asyn
         const r = await postJson(gw.port, '/v1/chat/completions', { model, max_tokens: 8, messages: [{ role: 'user', content: 'hi' }] });
         assert.equal(r.status, 200, r.body);
         assert.equal(r.json().model, model);
-        assert.equal(r.headers['x-modelmux-backend'], `http://127.0.0.1:${ports.get(model === 'qwen-14b' ? 'worker-14b' : 'worker-32b')}`);
+        assert.equal(r.headers['x-modelmux-backend'], `http://127.0.0.1:${portOf[model]}`);
     }
     const r = await postJson(gw.port, '/v1/chat/completions', { model: 'chat', max_tokens: 8, messages: [{ role: 'user', content: 'hi' }] },
         { 'x-user-id': 'alice' });
@@ -488,7 +600,7 @@ test('the cpu profile runs: its commands and config serve chat end to end', asyn
 });
 
 test('the gpu profile\'s worker flags are all accepted by modelmux-worker', () => {
-    for (const name of ['worker-14b', 'worker-32b']) {
+    for (const name of GPU_WORKERS) {
         const args = services[name].command.map(interpolate);
         args[args.indexOf('--port') + 1] = '0';
         const r = spawnSync(workerBin(), args, { encoding: 'utf8', timeout: 5000 });
@@ -549,6 +661,14 @@ for (const [file, target, bin] of [['deploy/Dockerfile', 'modelmux-gateway', gat
             copied.push(src);
         }
         assert.ok(!copied.includes('.'), `${file}: no COPY . (a host build/ would leak in)`);
+        // make stops at an `include` whose file is missing (`-include` does not).
+        const mk = fs.readFileSync(path.join(ROOT, 'Makefile'), 'utf8');
+        for (const m of mk.matchAll(/^include\s+(.+)$/gm)) {
+            for (const inc of m[1].trim().split(/\s+/)) {
+                assert.ok(copied.some((c) => inc === c || inc.startsWith(`${c.replace(/\/$/, '')}/`)),
+                    `${file}: the Makefile includes ${inc}, which no COPY brings in`);
+            }
+        }
         const incDirs = copied.filter((d) => fs.statSync(path.join(ROOT, d)).isDirectory());
         for (const d of incDirs.filter((x) => ['common', 'gateway', 'worker'].includes(x))) {
             for (const f of fs.readdirSync(path.join(ROOT, d)).filter((x) => /\.[ch]$/.test(x))) {
@@ -660,24 +780,40 @@ test('every example config in deploy/ passes --check', () => {
     }
 });
 
-test('gateway.8gpu.json: 14B on GPUs 0-3, 32B on 4-7, launched by the gateway, split "chat" between them', () => {
+test('gateway.8gpu.json: one worker per GPU launched by the gateway, 14B replicas on GPUs 0-3, 32B on 4-7, split "chat" between them', () => {
     const cfg = JSON.parse(fs.readFileSync(CONFIG_8GPU, 'utf8'));
     const model = (n) => cfg.models.find((m) => m.name === n);
-    const launch = (n) => { const m = model(n); assert.equal(m.backends.length, 1); return m.backends[0].launch; };
-    const l14 = launch('qwen-14b');
-    const l32 = launch('qwen-32b');
-    assert.match(l14.model, /^\/data\/models\/.*14B$/);
-    assert.match(l32.model, /^\/data\/models\/.*32B$/);
-    assert.equal(l14.gpus, '0,1,2,3');
-    assert.equal(l32.gpus, '4,5,6,7');
-    assert.notEqual(l14.port, l32.port);
-    assert.ok(!l14.share_gpus && !l32.share_gpus, 'no GPU shared');
+    const ports = new Set();
+    for (const [name, gpus] of Object.entries(LAYOUT)) {
+        const m = model(name);
+        assert.equal(m.strategy, 'least_outstanding', `${name}: the gateway balances its replicas`);
+        assert.equal(m.backends.length, gpus.length, `${name}: one replica per GPU`);
+        const got = [];
+        for (const b of m.backends) {
+            const l = b.launch;
+            assert.ok(l, `${name}: launched by the gateway`);
+            assert.match(l.model, new RegExp(`^/data/models/.*${name.slice(5).toUpperCase()}$`));
+            // The fleet passes --tensor-parallel-size = the number of GPUs,
+            // and the worker exits 2 above 1: exactly one GPU each.
+            assert.match(l.gpus, /^\d+$/, `${name}: one GPU per worker, got "${l.gpus}"`);
+            assert.equal(l.device, 'cuda');
+            assert.ok(!l.share_gpus, 'no GPU shared');
+            assert.ok(!ports.has(l.port), `port ${l.port} used twice`);
+            ports.add(l.port);
+            got.push(l.gpus);
+            assertFitsOneGpu(`${name} on GPU ${l.gpus}`, name, l.args || []);
+        }
+        assert.deepEqual(got.sort(), gpus, `${name}'s GPUs`);
+    }
+    assert.deepEqual(model('qwen-14b').fallback, ['qwen-32b']);
     const split = model('chat').split;
     assert.deepEqual(split.map((x) => x.model).sort(), ['qwen-14b', 'qwen-32b']);
     assert.ok(split.every((x) => x.weight > 0));
+    assert.equal(split.find((x) => x.model === 'qwen-14b').weight, 90);
+    assert.equal(split.find((x) => x.model === 'qwen-32b').weight, 10);
     // --check guards the layout: an overlapping GPU is refused.
     const bad = JSON.parse(JSON.stringify(cfg));
-    bad.models.find((m) => m.name === 'qwen-32b').backends[0].launch.gpus = '3,4,5,6';
+    bad.models.find((m) => m.name === 'qwen-32b').backends[0].launch.gpus = '3';
     fs.mkdirSync(TMP, { recursive: true });
     const f = path.join(TMP, `8gpu-overlap-${process.pid}.json`);
     fs.writeFileSync(f, JSON.stringify(bad));
@@ -686,12 +822,14 @@ test('gateway.8gpu.json: 14B on GPUs 0-3, 32B on 4-7, launched by the gateway, s
     assert.equal(r.status, 1);
     assert.match(r.stderr, /GPU 3 is also used by/);
     // The worker accepts the command line the fleet will give it (the
-    // fleet's own flags, then "args"): today it stops at the missing CUDA
-    // backend or GPU, never at a flag.
-    for (const [name, l] of [['qwen-14b', l14], ['qwen-32b', l32]]) {
-        const args = ['--model', l.model, '--port', '0', '--host', '127.0.0.1', '--served-model-name', name,
-            '--tensor-parallel-size', String(l.gpus.split(',').length), '--device', l.device || 'cuda', ...(l.args || [])];
-        const w = spawnSync(workerBin(), args, { encoding: 'utf8', timeout: 5000 });
-        assert.doesNotMatch(w.stderr, /unknown flag|--help' for the options|expected/, `${name}: ${w.stderr}`);
+    // fleet's own flags, then "args"): without a GPU, or in a build without
+    // the CUDA backend, it stops there, never at a flag.
+    for (const name of Object.keys(LAYOUT)) {
+        for (const { launch: l } of model(name).backends) {
+            const args = ['--model', l.model, '--port', '0', '--host', '127.0.0.1', '--served-model-name', name,
+                '--tensor-parallel-size', String(l.gpus.split(',').length), '--device', l.device || 'cuda', ...(l.args || [])];
+            const w = spawnSync(workerBin(), args, { encoding: 'utf8', timeout: 5000 });
+            assert.doesNotMatch(w.stderr, /unknown flag|--help' for the options|expected|tensor parallelism/, `${name}: ${w.stderr}`);
+        }
     }
 });
