@@ -94,4 +94,6 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
                         char *err, size_t errlen);
 /* 1 when this build has the CUDA backend. */
 int mm_backend_cuda_built(void);
+/* 1 when it has and at least one GPU is visible (--device auto). */
+int mm_backend_cuda_available(void);
 #endif

@@ -929,6 +929,12 @@ static const mm_backend_ops cuda_ops = {
 
 int mm_backend_cuda_built(void) { return 1; }
 
+int mm_backend_cuda_available(void)
+{
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
 static double gib(size_t n) { return (double)n / (double)(1ull << 30); }
 
 /* Device buffers of the step scratch, allocated in one go. */

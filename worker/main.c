@@ -64,7 +64,7 @@ static void usage(FILE *f)
         "  --served-model-name NAME...    names clients use (default: DIR's last component)\n"
         "  --host H                       listen address (default 0.0.0.0)\n"
         "  --port P                       listen port (default 8000; 0 = any free port)\n"
-        "  --device cpu|cuda              (default cpu)\n"
+        "  --device cpu|cuda|auto         (default cpu; auto: cuda if a GPU is visible)\n"
         "  --dtype auto|bfloat16|float16|float32   (default auto)\n"
         "  --max-model-len N              context length (default: the model's)\n"
         "  --max-num-seqs N               sequences in a batch at once (default 16 on cpu,\n"
@@ -218,7 +218,9 @@ static int parse_args(int argc, char **argv, worker_opts *w)
         } else if (strcmp(a, "--device") == 0) {
             if (strcmp(v, "cpu") && strcmp(v, "cuda") && strcmp(v, "auto"))
                 return bad_flag("--device: expected cpu or cuda, got '%s'%s", v, "");
-            w->device = strcmp(v, "auto") == 0 ? "cpu" : v;
+            /* auto: the GPU when this build has the CUDA backend and one is
+             * visible, else the CPU */
+            w->device = strcmp(v, "auto") != 0 ? v : mm_backend_cuda_available() ? "cuda" : "cpu";
         } else if (strcmp(a, "--dtype") == 0) {
             if (strcmp(v, "auto") && strcmp(v, "bfloat16") && strcmp(v, "float16") &&
                 strcmp(v, "float32") && strcmp(v, "half") && strcmp(v, "float"))
