@@ -13,6 +13,9 @@ LDFLAGS  += -pthread
 LIBS     := -levent -levent_pthreads -lcurl -ljansson -lhiredis -lm
 WORKER_LIBS := -lpcre2-8 -lopenblas
 BUILD    ?= build
+# make test / run / bench build with one job per core (the CUDA kernels take
+# a minute each to compile).
+JOBS     ?= $(shell nproc 2>/dev/null || echo 2)
 
 ifdef SANITIZE
 CFLAGS   += -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
@@ -120,7 +123,7 @@ deps:
 	@sh deploy/deps.sh
 
 test: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory -j$(JOBS) all
 	@BUILD=$(BUILD) sh tests/run.sh
 
 unit: all
@@ -130,17 +133,17 @@ integration: all
 	@BUILD=$(BUILD) sh tests/run.sh integration
 
 run: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory -j$(JOBS) all
 	@sh deploy/demo.sh
 
 bench: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory -j$(JOBS) all
 	@sh tests/bench/run.sh
 
 # The worker's CPU speed next to the memory roofline (docs/BENCHMARKS.md).
 .PHONY: bench-worker
 bench-worker: deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory -j$(JOBS) all
 	@BUILD=$(BUILD) sh tests/bench/worker.sh
 
 # libFuzzer target for the strict request parser; corpus in tests/fuzz/corpus.
