@@ -42,6 +42,7 @@
 
 #include "errmsg.h"
 #include "backend.h"
+#include "dtype.h"
 #include "model.h"
 
 /* Tokens per internal sub-step: bounds the activation buffers whatever the
@@ -232,48 +233,6 @@ static int pool_new(int n, pool **out)
     return 0;
 }
 
-/* ---- element conversion ---- */
-
-static inline float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp) {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) {
-        /* Subnormal: renormalise the mantissa. */
-        int e = -1;
-        do {
-            man <<= 1;
-            e++;
-        } while (!(man & 0x400));
-        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    } else {
-        u = sign;
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float elem(const mm_weight *w, int64_t i)
-{
-    switch (w->dtype) {
-    case MM_DT_BF16: return bf16_to_f32(((const uint16_t *)w->data)[i]);
-    case MM_DT_F16: return f16_to_f32(((const uint16_t *)w->data)[i]);
-    default: return ((const float *)w->data)[i];
-    }
-}
-
 /* Widen n elements starting at element off of w into dst. */
 static void widen(const mm_weight *w, int64_t off, int64_t n, float *dst)
 {
@@ -289,7 +248,7 @@ static void widen(const mm_weight *w, int64_t off, int64_t n, float *dst)
         }
     } else {
         for (int64_t i = 0; i < n; i++)
-            dst[i] = f16_to_f32(s[i]);
+            dst[i] = mm_f16_to_f32(s[i]);
     }
 }
 
@@ -318,8 +277,8 @@ typedef void (*dot_fn)(const void *w, size_t ldw, int nr, const float *x, const 
     }
 
 #define CONV_F32(v) (v)
-DOT_SCALAR(dot_scalar_bf16, uint16_t, bf16_to_f32)
-DOT_SCALAR(dot_scalar_f16, uint16_t, f16_to_f32)
+DOT_SCALAR(dot_scalar_bf16, uint16_t, mm_bf16_to_f32)
+DOT_SCALAR(dot_scalar_f16, uint16_t, mm_f16_to_f32)
 DOT_SCALAR(dot_scalar_f32, float, CONV_F32)
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -389,7 +348,7 @@ AVX2 static void dot_avx2_bf16(const void *w, size_t ldw, int nr, const float *x
     }
     float s[4] = {hsum256(_mm256_add_ps(a0, b0)), hsum256(_mm256_add_ps(a1, b1)),
                   hsum256(_mm256_add_ps(a2, b2)), hsum256(_mm256_add_ps(a3, b3))};
-    TAIL_AND_STORE(bf16_to_f32);
+    TAIL_AND_STORE(mm_bf16_to_f32);
 }
 
 #define DOT_AVX2_8(NAME, T, LOAD, CONV)                                                 \
@@ -413,7 +372,7 @@ AVX2 static void dot_avx2_bf16(const void *w, size_t ldw, int nr, const float *x
     }
 
 #define LOAD8_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
-DOT_AVX2_8(dot_avx2_f16, uint16_t, LOAD8_F16, f16_to_f32)
+DOT_AVX2_8(dot_avx2_f16, uint16_t, LOAD8_F16, mm_f16_to_f32)
 DOT_AVX2_8(dot_avx2_f32, float, _mm256_loadu_ps, CONV_F32)
 
 #define EO512(r, a, bb)                                                                 \
@@ -443,7 +402,7 @@ AVX512 static void dot_avx512_bf16(const void *w, size_t ldw, int nr, const floa
                   _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)),
                   _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)),
                   _mm512_reduce_add_ps(_mm512_add_ps(a3, b3))};
-    TAIL_AND_STORE(bf16_to_f32);
+    TAIL_AND_STORE(mm_bf16_to_f32);
 }
 
 #define DOT_AVX512_16(NAME, T, LOAD, CONV)                                              \
@@ -515,14 +474,14 @@ AVX512 static void dot4x4_avx512_bf16(const uint16_t *w, size_t ldw, int nr, con
         for (int j = 0; j < nr; j++) {
             float sum = _mm512_reduce_add_ps(acc[j][t]);
             for (int q = i; q < k; q++)
-                sum += bf16_to_f32(rr[j][q]) * xt[q];
+                sum += mm_bf16_to_f32(rr[j][q]) * xt[q];
             out[(size_t)t * ldo + j] = sum;
         }
     }
 }
 
 #define LOAD16_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
-DOT_AVX512_16(dot_avx512_f16, uint16_t, LOAD16_F16, f16_to_f32)
+DOT_AVX512_16(dot_avx512_f16, uint16_t, LOAD16_F16, mm_f16_to_f32)
 DOT_AVX512_16(dot_avx512_f32, float, _mm512_loadu_ps, CONV_F32)
 
 /* ---- the backend ---- */
@@ -650,7 +609,7 @@ static void lin_rows(cpu_backend *b, int tid, const lin_job *j, const lin_mat *m
         for (int t = 0; t < n; t++) {
             float *y = m->y + (size_t)t * (size_t)m->ldy;
             for (int r = r0; r < r1; r++)
-                y[r] += elem(m->bias, r);
+                y[r] += mm_weight_elem(m->bias, r);
         }
 }
 
@@ -758,7 +717,7 @@ static void rmsnorm(const float *x, const mm_weight *w, int H, double eps, float
         ss += (double)x[i] * x[i];
     float r = 1.0f / sqrtf((float)(ss / H) + (float)eps);
     for (int i = 0; i < H; i++)
-        y[i] = x[i] * r * elem(w, i);
+        y[i] = x[i] * r * mm_weight_elem(w, i);
 }
 
 static float *cache_at(const cpu_backend *b, float *c, int layer, int slot, int head)

@@ -35,6 +35,7 @@
 #include <cuda_runtime_api.h>
 
 #include "backend.h"
+#include "dtype.h"
 #include "errmsg.h"
 #include "kernels/kernels.h"
 #include "log.h"
@@ -174,77 +175,6 @@ static cudaDataType_t cu_type(const cuda_backend *b)
 
 /* ---- weights ---- */
 
-static float half_to_f32(uint16_t h)
-{
-    uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1f, m = h & 0x3ff, u;
-    if (e == 0 && m == 0) {
-        u = s;
-    } else if (e == 0) { /* subnormal: renormalize */
-        int sh = 0;
-        while (!(m & 0x400)) {
-            m <<= 1;
-            sh++;
-        }
-        u = s | ((uint32_t)(113 - sh) << 23) | ((m & 0x3ff) << 13);
-    } else if (e == 31) {
-        u = s | 0x7f800000u | (m << 13);
-    } else {
-        u = s | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static float elem_f32(const mm_weight *w, size_t i)
-{
-    const uint16_t *h = w->data;
-    if (w->dtype == MM_DT_F32)
-        return ((const float *)w->data)[i];
-    if (w->dtype == MM_DT_F16)
-        return half_to_f32(h[i]);
-    uint32_t u = (uint32_t)h[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static uint16_t f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-static uint16_t f32_to_f16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t s = (u >> 16) & 0x8000u;
-    int e = (int)((u >> 23) & 0xff) - 127 + 15;
-    uint32_t m = u & 0x7fffffu;
-    if (((u >> 23) & 0xff) == 0xff)
-        return (uint16_t)(s | 0x7c00u | (m ? 0x200u : 0));
-    if (e >= 31)
-        return (uint16_t)(s | 0x7c00u);
-    if (e <= 0) {
-        if (e < -10)
-            return (uint16_t)s;
-        m |= 0x800000u;
-        int sh = 14 - e;
-        uint32_t r = m >> sh, rem = m & ((1u << sh) - 1), halfway = 1u << (sh - 1);
-        if (rem > halfway || (rem == halfway && (r & 1)))
-            r++;
-        return (uint16_t)(s | r);
-    }
-    uint32_t r = ((uint32_t)e << 10) | (m >> 13), rem = m & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (r & 1)))
-        r++;
-    return (uint16_t)(s | r);
-}
-
 /* Weights are placed at 256-byte aligned offsets of one allocation; the
  * first pass (base == NULL) only measures. */
 typedef struct placer {
@@ -279,13 +209,13 @@ static void stage_copy(const mm_weight *w, size_t off, size_t n, mm_dtype want, 
         return;
     }
     for (size_t j = 0; j < n; j++) {
-        float f = elem_f32(w, off + j);
+        float f = mm_weight_elem(w, (int64_t)(off + j));
         if (want == MM_DT_F32)
             ((float *)dst)[j] = f;
         else if (want == MM_DT_F16)
-            ((uint16_t *)dst)[j] = f32_to_f16(f);
+            ((uint16_t *)dst)[j] = mm_f32_to_f16(f);
         else
-            ((uint16_t *)dst)[j] = f32_to_bf16(f);
+            ((uint16_t *)dst)[j] = mm_f32_to_bf16(f);
     }
 }
 

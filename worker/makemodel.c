@@ -7,6 +7,7 @@
  * so a backend that forgot to apply them would disagree with a reference. */
 #include "errmsg.h"
 #include "makemodel.h"
+#include "dtype.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -150,39 +151,6 @@ static float rnorm(uint64_t *s)
     return (float)((sum / 65536.0 - 2.0) * 1.7320508075688772);
 }
 
-static uint16_t f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fff + ((u >> 16) & 1);   /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-static uint16_t f32_to_f16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t sign = (u >> 16) & 0x8000;
-    int exp = (int)((u >> 23) & 0xff) - 127 + 15;
-    uint32_t man = u & 0x7fffff;
-    if (exp >= 31)
-        return (uint16_t)(sign | 0x7c00);
-    if (exp <= 0) {
-        if (exp < -10)
-            return (uint16_t)sign;
-        man |= 0x800000;
-        int shift = 14 - exp;
-        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-        if (rem > halfway || (rem == halfway && (h & 1)))
-            h++;
-        return (uint16_t)(sign | h);
-    }
-    uint32_t h = (uint32_t)exp << 10 | man >> 13, rem = man & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1)))
-        h++;   /* a carry into the exponent is the correct rounding */
-    return (uint16_t)(sign | h);
-}
-
 /* ---- weights ---- */
 
 enum { INIT_NORMAL, INIT_NORM };
@@ -290,7 +258,7 @@ static int write_weights(const char *path, const mm_makemodel_opts *o, char *err
                 if (o->dtype == MM_DT_F32) {
                     memcpy(out + 4 * k, &buf[k], 4);
                 } else {
-                    uint16_t h = o->dtype == MM_DT_BF16 ? f32_to_bf16(buf[k]) : f32_to_f16(buf[k]);
+                    uint16_t h = o->dtype == MM_DT_BF16 ? mm_f32_to_bf16(buf[k]) : mm_f32_to_f16(buf[k]);
                     out[2 * k] = (unsigned char)h;
                     out[2 * k + 1] = (unsigned char)(h >> 8);
                 }
