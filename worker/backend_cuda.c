@@ -51,6 +51,20 @@
 static const int graph_sizes[] = {1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 112, 128,
                                   160, 192, 224, 256};
 #define N_GRAPH ((int)(sizeof graph_sizes / sizeof graph_sizes[0]))
+/* Context buckets of the decode graphs: 512 positions, then x4 up to
+ * --max-model-len. A graph for short contexts does not launch the empty
+ * attention splits a 32k-position graph would. */
+#define N_CTXB 8
+static int ctx_bucket(int max_ctx, int max_len, int *bucket_ctx)
+{
+    int c = 512, i = 0;
+    while (c < max_ctx && c < max_len && i < N_CTXB - 1) {
+        c *= 4;
+        i++;
+    }
+    *bucket_ctx = i == N_CTXB - 1 ? max_len : c;
+    return i;
+}
 
 typedef struct cu_layer {
     float *attn_norm, *mlp_norm;
@@ -109,7 +123,9 @@ typedef struct cuda_backend {
     float   *logits_h;
     int32_t *ids_h;
 
-    cudaGraphExec_t graph[N_GRAPH];
+    /* one graph per padded batch size and context bucket (the attention's
+     * split count is baked into a graph, and depends on the context) */
+    cudaGraphExec_t graph[N_GRAPH][N_CTXB];
     int      graph_failed;
     /* Benchmark switch (environment MM_CUDA_GRAPHS=0): measure what the
      * decode graphs bring. */
@@ -609,18 +625,18 @@ out:
 
 /* Capture the decode model for a padded batch of gs tokens. A failure to
  * capture is not fatal: steps of that size run eagerly. */
-static int capture(cuda_backend *b, int gi, char *err, size_t errlen)
+static int capture(cuda_backend *b, int gi, int ci, int bucket_ctx, char *err, size_t errlen)
 {
     int gs = graph_sizes[gi], rc = 0;
     cudaGraph_t g = NULL;
-    int nsplit = decode_splits(b, gs, b->base.max_len);
+    int nsplit = decode_splits(b, gs, bucket_ctx);
     CK(cudaStreamBeginCapture(b->stream, cudaStreamCaptureModeThreadLocal));
     rc = run_model(b, gs, gs, nsplit, NULL, 0, gs, 1, 1, err, errlen);
     cudaError_t e = cudaStreamEndCapture(b->stream, &g);
     if (rc < 0)
         goto out;
     CK(e);
-    CK(cudaGraphInstantiate(&b->graph[gi], g, 0));
+    CK(cudaGraphInstantiate(&b->graph[gi][ci], g, 0));
 out:
     if (g)
         cudaGraphDestroy(g);
@@ -696,11 +712,11 @@ static int run_sub(cuda_backend *b, mm_batch_seq *seqs, int T, int nseg, int R, 
     /* A decode-only step: replay (or first capture) the graph of its size. */
     int gi = nbig == 0 && nd == T && R == T ? graph_index(T) : -1;
     if (gi >= 0 && !b->graph_failed && !b->no_graphs) {
-        int gs = graph_sizes[gi];
+        int gs = graph_sizes[gi], bctx, ci = ctx_bucket(max_ctx, b->base.max_len, &bctx);
         pad_rows(b, T, gs);
         if ((rc = upload_meta(b, err, errlen)) < 0)
             return rc;
-        if (!b->graph[gi] && capture(b, gi, err, errlen) < 0) {
+        if (!b->graph[gi][ci] && capture(b, gi, ci, bctx, err, errlen) < 0) {
             mm_warn("cuda: graph capture for batch %d failed (%s); running steps eagerly", gs,
                     err);
             b->graph_failed = 1;
@@ -708,7 +724,7 @@ static int run_sub(cuda_backend *b, mm_batch_seq *seqs, int T, int nseg, int R, 
              * with the same pending updates. */
             return -EAGAIN;
         }
-        CK(cudaGraphLaunch(b->graph[gi], b->stream));
+        CK(cudaGraphLaunch(b->graph[gi][ci], b->stream));
         b->n_upd = 0;
         return finish_rows(b, seqs, T, 1, logits, err, errlen);
     }
@@ -821,8 +837,9 @@ static void cuda_free(mm_backend *base)
         if (b->prof_ev[i])
             cudaEventDestroy(b->prof_ev[i]);
     for (int i = 0; i < N_GRAPH; i++)
-        if (b->graph[i])
-            cudaGraphExecDestroy(b->graph[i]);
+        for (int j = 0; j < N_CTXB; j++)
+            if (b->graph[i][j])
+                cudaGraphExecDestroy(b->graph[i][j]);
     if (b->blas)
         cublasDestroy(b->blas);
     void *dev[] = {b->wbuf, b->kvbuf, b->d_tables, b->x, b->logits, b->part, b->S, b->h, b->qkv,

@@ -24,7 +24,7 @@
 # the name to ALL_CASES.
 #
 # Knobs: BENCH_DURATION (10) BENCH_RUNS (3) BENCH_WARMUP (3) BENCH_CONNS (32)
-# BENCH_THREADS (2) SSE_EVENTS (2000) BENCH_OUT (build/bench) BUILD (build)
+# BENCH_THREADS (2) BENCH_PACE_MS (0: closed loop) SSE_EVENTS (2000) BENCH_OUT (build/bench) BUILD (build)
 # GATEWAY SSE_LATENCY (binaries) BENCH_PERF=1 (perf profile of the gateway
 # under load, top symbols written to $BENCH_OUT/perf-gateway.txt).
 # BENCH_REDIS_FLUSH_MS (1000) REDIS_SERVER REDIS_CLI (the redis case).
@@ -47,6 +47,10 @@ SSE_EVENTS=${SSE_EVENTS:-2000}
 SSE_RUNS=${SSE_RUNS:-$BENCH_RUNS}
 BENCH_OUT=${BENCH_OUT:-$BUILD/bench}
 BENCH_PERF=${BENCH_PERF:-0}
+# post.lua reads it: each connection waits this long before its next
+# request, so both proxies see the same offered load (0: as fast as it goes).
+BENCH_PACE_MS=${BENCH_PACE_MS:-0}
+export BENCH_PACE_MS
 NGINX=${NGINX:-nginx}
 WRK=${WRK:-wrk}
 
@@ -60,6 +64,11 @@ for v in BENCH_DURATION BENCH_RUNS BENCH_WARMUP BENCH_CONNS BENCH_THREADS SSE_EV
     esac
     [ "$val" -gt 0 ] || { echo "bench: $v must be > 0" >&2; exit 2; }
 done
+case $BENCH_PACE_MS in
+    ''|*[!0-9]*) echo "bench: BENCH_PACE_MS must be a whole number of ms, not '$BENCH_PACE_MS'" >&2; exit 2 ;;
+esac
+PACE_NOTE=""
+[ "$BENCH_PACE_MS" -gt 0 ] && PACE_NOTE="; paced: each connection waits ${BENCH_PACE_MS} ms between requests (BENCH_PACE_MS), so both see about the same req/s"
 
 # ---------------------------------------------------------------- plumbing
 
@@ -316,10 +325,14 @@ run_wrk_cases() {
         run_wrk "$c" "$url" "$BENCH_WARMUP" "$TMP/wrk-warmup-$c.txt"
     done
     # Interleaved rounds, so slow drift on a shared machine (thermal, other
-    # tenants) hits every case alike instead of whichever ran last.
+    # tenants) hits every case alike instead of whichever ran last; the order
+    # flips every round (a b, b a, ...) so no case always follows another.
+    rev=""
+    for c in $cases; do rev="$c $rev"; done
     r=1
     while [ "$r" -le "$BENCH_RUNS" ]; do
-        for c in $cases; do
+        if [ $((r % 2)) -eq 1 ]; then order=$cases; else order=$rev; fi
+        for c in $order; do
             eval "url=\$URL_$c"
             out="$TMP/wrk-$c-$r.txt"
             run_wrk "$c" "$url" "$BENCH_DURATION" "$out"
@@ -328,7 +341,7 @@ run_wrk_cases() {
             # shellcheck disable=SC2086
             set -- $m
             add_result "$c" "$r" "$1" "$2" "$3" "$4"
-            say "run $r/$BENCH_RUNS $c: $1 req/s, p50 $2 us, p99 $3 us, errors $4"
+            say "run $r/$BENCH_RUNS $c: $1 req/s, p50 $2 us, p99 $3 us, errors $4, load $(cut -d" " -f1 /proc/loadavg)"
             if [ "$4" != 0 ]; then
                 warn "case $c: $4 errors (non-2xx or socket errors), see $BENCH_OUT/$(basename "$out")"
                 STATUS=1
@@ -824,13 +837,18 @@ report() {
         echo "### Results $(date -u '+%Y-%m-%d %H:%M UTC')"
         echo
         echo "Command: \`make bench\` (BENCH_CASES=\"$SELECTED\", wrk -t$BENCH_THREADS -c$BENCH_CONNS," \
-            "$BENCH_RUNS interleaved runs of ${BENCH_DURATION}s after a ${BENCH_WARMUP}s warm-up, medians;" \
+            "$BENCH_RUNS interleaved runs of ${BENCH_DURATION}s after a ${BENCH_WARMUP}s warm-up, order flipped every round, medians;" \
             "SSE: $SSE_RUNS runs of $SSE_EVENTS events)."
         echo "Machine: $(nproc) cores, ${cpu:-unknown CPU}, Linux $(uname -r);" \
             "$("$NGINX" -v 2>&1 | sed 's|.*/||;s|^|nginx |')," \
             "$("$WRK" --version 2>&1 | head -1 | awk '{print "wrk", $2}')." \
             "Load average (1 min) at start $LOAD_START, at end $(cut -d' ' -f1 /proc/loadavg)" \
             "(above ~0.5 other processes shared the cores: expect noise)."
+        case " $SELECTED " in
+            *" nginx "*|*" modelmux "*)
+                echo "Same footing: nginx 2 worker processes, the gateway 2 threads, wrk $BENCH_THREADS threads," \
+                    "nothing pinned, all on the same $(nproc) cores; each proxy keeps its upstream connections alive$PACE_NOTE." ;;
+        esac
         echo
         if [ -f "$TMP/results.tsv" ]; then
             echo "| case | req/s | p50 (ms) | p99 (ms) | errors |"
@@ -848,14 +866,31 @@ report() {
                 rr=$(ratio "$(col_median "$TMP/results.tsv" modelmux 3)" "$(col_median "$TMP/results.tsv" nginx 3)")
                 pr=$(ratio "$(col_median "$TMP/results.tsv" modelmux 5)" "$(col_median "$TMP/results.tsv" nginx 5)")
                 p5=$(ratio "$(col_median "$TMP/results.tsv" modelmux 4)" "$(col_median "$TMP/results.tsv" nginx 4)")
-                echo "modelmux / nginx: req/s **$rr** (goal >= 1.0: $(goal "$rr" ">=" 1.0)), p99 **$pr** (goal <= 1.0: $(goal "$pr" "<=" 1.0)), p50 $p5."
-                # Ratios within each round are immune to drift between rounds.
+                if [ "$BENCH_PACE_MS" -gt 0 ]; then
+                    # Paced, req/s is what wrk offered, not what a proxy can do.
+                    echo "modelmux / nginx (paced, equal offered load): req/s $rr, p99 **$pr** (goal <= 1.0: $(goal "$pr" "<=" 1.0)), p50 $p5."
+                else
+                    echo "modelmux / nginx: req/s **$rr** (goal >= 1.0: $(goal "$rr" ">=" 1.0)), p99 **$pr** (goal <= 1.0: $(goal "$pr" "<=" 1.0)), p50 $p5."
+                fi
+                # Ratios within each round are immune to drift between rounds;
+                # their median and how many rounds went either way say more
+                # about p99 than one ratio of medians (docs/BENCHMARKS.md).
                 awk -F'\t' '$1 == "nginx" { n[$2] = $3; n99[$2] = $5 } $1 == "modelmux" { m[$2] = $3; m99[$2] = $5 }
+                    function med(q, k,   i, j, t) {
+                        for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (q[j] < q[i]) { t = q[i]; q[i] = q[j]; q[j] = t }
+                        return k % 2 ? q[(k + 1) / 2] : (q[k / 2] + q[k / 2 + 1]) / 2
+                    }
                     END {
                         for (r = 1; r in n && r in m; r++) {
-                            a = a sep sprintf("%.2f", m[r] / n[r]); b = b sep sprintf("%.2f", m99[r] / n99[r]); sep = ", "
+                            qr[r] = m[r] / n[r]; qp[r] = m99[r] / n99[r]
+                            a = a sep sprintf("%.2f", qr[r]); b = b sep sprintf("%.2f", qp[r]); sep = ", "
+                            wr += qr[r] >= 1; wp += qp[r] <= 1
                         }
-                        if (a != "") printf "Same ratios per round: req/s %s; p99 %s.\n", a, b
+                        k = r - 1
+                        if (k == 0) exit
+                        printf "Same ratios per round: req/s %s; p99 %s.\n", a, b
+                        printf "Median of the per-round ratios: req/s **%.2f** (>= 1.0 in %d of %d rounds), p99 **%.2f** (<= 1.0 in %d of %d rounds).\n",
+                            med(qr, k), wr, k, med(qp, k), wp, k
                     }' "$TMP/results.tsv"
                 echo
             fi
