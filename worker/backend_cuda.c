@@ -2,8 +2,8 @@
  *
  * Owns, on the one device CUDA_VISIBLE_DEVICES leaves visible first:
  *  - the weights, in one allocation, as bf16 or f16 (the checkpoint's type;
- *    f32 checkpoints become bf16); q/k/v and gate/up are laid side by side
- *    so each pair is one product;
+ *    f32 checkpoints become bf16); q/k/v side by side and gate/up rows
+ *    interleaved, so each group is one product;
  *  - the paged KV pool: fixed-size blocks handed to slots by reserve() and
  *    returned by truncate(), sized from --gpu-memory-utilization of the
  *    memory left after the weights and the step's scratch;
@@ -15,14 +15,16 @@
  * tokens attend through the decode kernel, block-table changes), runs the
  * layers, and copies back argmax ids and the logits rows the scheduler
  * asked for. Decode-only steps of up to MAX_GRAPH sequences replay a CUDA
- * graph captured once per padded batch size, so a small model is not
- * bound by kernel launches.
+ * graph captured once per padded batch size and context bucket, so a
+ * small model is not bound by kernel launches.
  *
- * Products: our gemv kernel for up to 8 rows (bandwidth bound), cuBLAS
- * beyond. Attention: the flash-decoding kernel for decodes and short
- * slices, and for longer prompt slices two strided-batched cuBLAS
- * products around a causal softmax (tensor cores, one kv head's group of
- * query heads per call).
+ * Products: our gemv kernel (bandwidth bound) for one or two rows, and up
+ * to 8 on small matrices, with SwiGLU in the gate/up product's epilogue;
+ * cuBLAS beyond. Attention: the flash-decoding kernel for decodes and
+ * short slices (a block per kv head and its query heads, or per query
+ * head for small batches), and for longer prompt slices two
+ * strided-batched cuBLAS products around a causal softmax (tensor cores,
+ * one kv head's group of query heads per call).
  *
  * Every CUDA and cuBLAS call and every launch is checked; a failure is
  * reported with the call and the library's message. */
