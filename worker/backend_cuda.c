@@ -32,6 +32,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -153,7 +154,8 @@ typedef struct cuda_backend {
 #define META_SLOT(m) ((m) + 2 * MAX_STEP)
 #define META_TOK(m)  ((m) + 3 * MAX_STEP)
 #define META_ROWS(m) ((m) + 4 * MAX_STEP)
-#define META_UPD(m)  ((m) + 5 * MAX_STEP)
+#define META_NVALID(m) ((m) + 5 * MAX_STEP) /* ARGMAX's id bound, set every step */
+#define META_UPD(m)  ((m) + 5 * MAX_STEP + 1)
 
 /* ---- error reporting ---- */
 
@@ -595,8 +597,8 @@ static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big,
     if ((rc = linear(b, b->lm_head, b->hrows, R, b->V, H, b->logits, 1, NULL, err, errlen)) < 0)
         goto out;
     if (argmax)
-        CKK(mm_k_argmax(b->logits, R, b->V, b->base.n_valid > 0 ? b->base.n_valid : b->V,
-                        b->keys_d, b->ids_d, b->stream));
+        CKK(mm_k_argmax(b->logits, R, b->V, META_NVALID(b->meta_d), b->keys_d, b->ids_d,
+                        b->stream));
     prof_mark(b, P_HEAD);
 out:
     return rc;
@@ -618,7 +620,9 @@ static int upload_meta(cuda_backend *b, char *err, size_t errlen)
     int rc = 0;
     int32_t *u = META_UPD(b->meta_h);
     u[0] = b->n_upd;
-    size_t n = (size_t)(5 * MAX_STEP + 1 + 2 * b->n_upd);
+    *META_NVALID(b->meta_h) = b->base.n_valid > 0 && b->base.n_valid < b->V ? b->base.n_valid
+                                                                            : b->V;
+    size_t n = (size_t)(5 * MAX_STEP + 2 + 2 * b->n_upd);
     CK(cudaMemcpyAsync(b->meta_d, b->meta_h, n * sizeof(int32_t), cudaMemcpyHostToDevice,
                        b->stream));
 out:
@@ -645,6 +649,43 @@ out:
     if (rc < 0)
         cudaGetLastError(); /* clear a capture error so eager steps go on */
     return rc;
+}
+
+/* Capture every decode graph a step can ask for (each padded batch size
+ * up to max_seqs, each context bucket up to max_len) before serving, so no
+ * step pays for a capture and nothing is instantiated on the serving path.
+ * Capture records launches without running them: the metadata need not be
+ * valid yet. A failure leaves decode steps eager. */
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void capture_all(cuda_backend *b)
+{
+    char err[256];
+    double t0 = mono_s();
+    int n = 0, top = graph_index(b->base.max_seqs);
+    if (b->no_graphs || top < 0)
+        return;
+    for (int gi = 0; gi <= top; gi++)
+        for (int c = 512;; c *= 4) {
+            int bctx, ci = ctx_bucket(c, b->base.max_len, &bctx);
+            if (!b->graph[gi][ci]) {
+                if (capture(b, gi, ci, bctx, err, sizeof err) < 0) {
+                    mm_warn("cuda: graph capture for batch %d failed (%s); decode steps run "
+                            "eagerly", graph_sizes[gi], err);
+                    b->graph_failed = 1;
+                    return;
+                }
+                n++;
+            }
+            if (bctx >= b->base.max_len || ci == N_CTXB - 1)
+                break;
+        }
+    mm_info("cuda: captured %d decode graphs in %.2f s", n, mono_s() - t0);
 }
 
 /* Fill the plan arrays for padded decode rows gs > n: token 0 at position
@@ -920,15 +961,15 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
         {&b->kc, (size_t)b->nkv * L * b->hd * es},
         {&b->vc, (size_t)b->nkv * L * b->hd * es},
         {&b->blas_ws, BLAS_WS},
-        {(void **)&b->meta_d, ((size_t)5 * MAX_STEP + 1 + 2 * (size_t)b->upd_cap) * 4},
+        {(void **)&b->meta_d, ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4},
     };
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++)
         CK(cudaMalloc(a[i].p, a[i].bytes));
     CK(cudaMallocHost((void **)&b->meta_h,
-                      ((size_t)5 * MAX_STEP + 1 + 2 * (size_t)b->upd_cap) * 4));
+                      ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4));
     CK(cudaMallocHost((void **)&b->logits_h, (size_t)b->Rmax * b->V * 4));
     CK(cudaMallocHost((void **)&b->ids_h, (size_t)b->Rmax * 4));
-    memset(b->meta_h, 0, ((size_t)5 * MAX_STEP + 1) * 4);
+    memset(b->meta_h, 0, ((size_t)5 * MAX_STEP + 2) * 4);
 out:
     return rc;
 }
@@ -1127,6 +1168,7 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
         b->free_blk[i] = (int)(nblk - i);
     b->n_free = (int)nblk;
     CK(cudaDeviceSynchronize());
+    capture_all(b);
     mm_info("cuda: %s, %d SMs; weights %.2f GiB (%s); KV cache %lld blocks x %d positions = "
             "%lld positions (%.2f GiB)",
             prop.name, b->nsm, gib(wbytes), b->dt == MM_KDT_F16 ? "f16" : "bf16", nblk,

@@ -243,10 +243,21 @@ run_check() {
                 npre=$(curl -s "$URL/metrics" |
                     sed -n 's/^vllm:num_preemptions_total{[^}]*} \([0-9][0-9.]*\).*/\1/p' | head -n 1)
                 stop_worker
-                $CLIENT compare "$TMP/pre.json" "$TMP/seq.json" \
+                # A preempted sequence's cache is recomputed by a prefill
+                # (GEMM attention, bf16 probabilities) where it was built by
+                # decode steps (float probabilities): on the GPU the two
+                # differ within bf16 tolerance (up to ~0.1 in a log-prob,
+                # docs/GPU_NOTES.md, so up to ~0.2 in a top-2 gap; seen: a
+                # 0.207 gap that the CPU's float32 reverses), so a near tie
+                # here is a gap under 0.25, not 0.05. (The CPU backend's
+                # test requires exact equality:
+                # tests/integration/worker_preempt.test.mjs.)
+                tie=0.05
+                [ "$E2E_DEVICE" = cuda ] && tie=0.25
+                $CLIENT compare "$TMP/pre.json" "$TMP/seq.json" --tie "$tie" \
                     --name "e2e: $E2E_DEVICE worker, 8 at once on a 16-block KV pool vs one at a time" \
                     >"$TMP/cmp-pre.txt"
-                cat "$TMP/cmp-pre.txt"
+                tee -a "$OUT/check.log" <"$TMP/cmp-pre.txt"
                 if grep -q '^ok ' "$TMP/cmp-pre.txt"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
                 case ${npre:-0} in
                 0 | 0.0) notok "e2e: preemptions on the 16-block pool: ${npre:-none reported}" ;;

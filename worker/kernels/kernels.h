@@ -106,10 +106,11 @@ int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, int K, void
 int mm_k_gemv_swiglu(mm_kdt dt, const void *W, const void *x, int M, int I, int K, void *act,
                      cudaStream_t s);
 
-/* ids[r] = argmax over columns < n_valid of logits row r (lowest id on
+/* ids[r] = argmax over columns < *n_valid of logits row r (lowest id on
  * ties, NaN and -inf never win, -1 when nothing is finite), R rows of ld
- * floats; keys: R 64-bit words of scratch. */
-int mm_k_argmax(const float *logits, int R, int ld, int n_valid, unsigned long long *keys,
+ * floats; keys: R 64-bit words of scratch. n_valid is read on the device,
+ * so a graph captured before it is known still uses the right one. */
+int mm_k_argmax(const float *logits, int R, int ld, const int *n_valid, unsigned long long *keys,
                 int32_t *ids, cudaStream_t s);
 
 #ifdef __cplusplus

@@ -18,11 +18,13 @@ __device__ __forceinline__ uint32_t ord_bits(float v)
  * (63 us under the profiler); slices spread it over the GPU. */
 #define ARGMAX_SLICES 32
 
-__global__ void argmax_k(const float *logits, int ld, int n_valid, unsigned long long *keys)
+__global__ void argmax_k(const float *logits, int ld, const int *n_valid_p,
+                         unsigned long long *keys)
 {
     __shared__ unsigned long long best_w[32];
     mm_pdl_release();
     mm_pdl_wait();
+    int n_valid = *n_valid_p;
     const float *row = logits + (size_t)blockIdx.y * ld;
     int per = (n_valid + gridDim.x - 1) / gridDim.x;
     int lo = blockIdx.x * per, hi = lo + per < n_valid ? lo + per : n_valid;
@@ -59,7 +61,7 @@ __global__ void argmax_ids_k(const unsigned long long *keys, int R, int32_t *ids
         ids[r] = keys[r] ? (int32_t)(0xffffffffu - (uint32_t)(keys[r] & 0xffffffffu)) : -1;
 }
 
-extern "C" int mm_k_argmax(const float *logits, int R, int ld, int n_valid,
+extern "C" int mm_k_argmax(const float *logits, int R, int ld, const int *n_valid,
                            unsigned long long *keys, int32_t *ids, cudaStream_t s)
 {
     if (R <= 0)
