@@ -112,6 +112,7 @@ def cmd_complete(a):
                "completion_tokens": json.loads(raw)["usage"]["completion_tokens"]}
         lp = ch.get("logprobs")
         if lp:
+            res["tokens"] = lp["tokens"]
             res["text_offset"] = lp["text_offset"]
             res["top"] = [sorted(t.values(), reverse=True)[:2] if t else None
                           for t in lp["top_logprobs"]]
@@ -158,7 +159,16 @@ def cmd_compare(a):
         if not offs or not top:
             bad.append(f"prompt {i}: texts differ at char {d} (no logprobs to judge)")
             continue
-        j = max(k for k in range(len(offs)) if offs[k] <= d) if offs[0] <= d else 0
+        if "tokens" in g and "tokens" in r:
+            # Both runs report their tokens: the first differing token is
+            # exact (character offsets are not, when tokens end inside a
+            # multi-byte character, as random models' outputs often do).
+            j = first_diff(g["tokens"], r["tokens"])
+            if j < 0:
+                equal += 1
+                continue
+        else:
+            j = max(k for k in range(len(offs)) if offs[k] <= d) if offs[0] <= d else 0
         t = top[j] if j < len(top) else None
         gap = (t[0] - t[1]) if t and len(t) >= 2 else float("inf")
         if gap < a.tie:
