@@ -7,6 +7,7 @@
  * again on the grown buffer, which is cheap because heads are small and the
  * common case is a head that arrives in one read. */
 #include "http_parse.h"
+#include "pctdec.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -401,13 +402,6 @@ void mm_chunked_init(mm_chunked *c)
     c->size_digits = 0;
 }
 
-static unsigned hexval(unsigned char ch)
-{
-    if (ch >= '0' && ch <= '9')
-        return ch - '0';
-    return (unsigned)(ascii_lower(ch) - 'a' + 10);
-}
-
 int mm_chunked_feed(mm_chunked *c, const char *in, size_t len, size_t *used,
                     mm_buf *out, char *err, size_t errlen)
 {
@@ -471,7 +465,7 @@ int mm_chunked_feed(mm_chunked *c, const char *in, size_t len, size_t *used,
                     goto fail;
                 }
                 c->size_digits++;
-                c->remaining = (c->remaining << 4) | hexval(ch);
+                c->remaining = (c->remaining << 4) | (unsigned)mm_hexval(ch);
                 break;
             }
             if (c->size_digits == 0) {

@@ -1,5 +1,6 @@
 /* jsonscan.c: strict JSON validation with top-level member spans. */
 #include "jsonscan.h"
+#include "pctdec.h"
 
 #include <errno.h>
 #include <stdint.h>
@@ -31,24 +32,13 @@ static void ws(scan *c)
     }
 }
 
-static int hexval(char h)
-{
-    if (h >= '0' && h <= '9')
-        return h - '0';
-    if (h >= 'a' && h <= 'f')
-        return h - 'a' + 10;
-    if (h >= 'A' && h <= 'F')
-        return h - 'A' + 10;
-    return -1;
-}
-
 static int hex4(scan *c, unsigned *out)
 {
     if (c->n - c->i < 4)
         return fail(c, "truncated \\u escape");
     unsigned v = 0;
     for (int k = 0; k < 4; k++) {
-        int h = hexval(c->s[c->i + (size_t)k]);
+        int h = mm_hexval(c->s[c->i + (size_t)k]);
         if (h < 0)
             return fail(c, "bad \\u escape");
         v = v << 4 | (unsigned)h;
@@ -351,12 +341,12 @@ int mm_json_decode_string(const char *val, size_t len, mm_buf *out)
         }
         unsigned cp = 0;
         for (int k = 0; k < 4; k++)
-            cp = cp << 4 | (unsigned)hexval(val[i + (size_t)k]);
+            cp = cp << 4 | (unsigned)mm_hexval(val[i + (size_t)k]);
         i += 4;
         if (cp >= 0xD800 && cp <= 0xDBFF) {
             unsigned lo = 0;
             for (int k = 0; k < 4; k++)
-                lo = lo << 4 | (unsigned)hexval(val[i + 2 + (size_t)k]);
+                lo = lo << 4 | (unsigned)mm_hexval(val[i + 2 + (size_t)k]);
             i += 6;
             cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
         }

@@ -1,5 +1,6 @@
 /* admin.c: the admin API. */
 #include "admin.h"
+#include "pctdec.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -172,17 +173,6 @@ static int token_equal(const char *got, size_t n, const char *want)
     return diff == 0;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* ?token=... in the page's own URL: a browser following a link cannot send
  * an Authorization header, so the page is the one place that takes the
  * token from the query (percent-decoded; '+' is literal because a token has
@@ -192,29 +182,15 @@ static int dashboard_query_token_ok(const mm_admin *a, const mm_http_request *q)
 {
     const char *p = memchr(q->target, '?', q->target_len);
     const char *end = q->target + q->target_len;
-    char tok[4097];   /* admin_token is at most 4096 chars */
+    char tok[4098];   /* admin_token is at most 4096 chars; one more can only fail */
     if (!p)
         return 0;
     for (p++; p < end;) {
         const char *amp = memchr(p, '&', (size_t)(end - p));
         const char *stop = amp ? amp : end;
         if (stop - p > 6 && memcmp(p, "token=", 6) == 0) {
-            size_t n = 0;
-            for (const char *s = p + 6; s < stop; s++) {
-                int c = (unsigned char)*s;
-                if (c == '%') {
-                    int hi = s + 2 < stop ? hexval(s[1]) : -1;
-                    int lo = hi >= 0 ? hexval(s[2]) : -1;
-                    if (lo < 0)
-                        return 0;
-                    c = hi * 16 + lo;
-                    s += 2;
-                }
-                if (n == sizeof tok)
-                    return 0;
-                tok[n++] = (char)c;
-            }
-            return token_equal(tok, n, a->cfg->admin_token);
+            int n = mm_pct_decode(p + 6, (size_t)(stop - p - 6), tok, sizeof tok);
+            return n >= 0 && token_equal(tok, (size_t)n, a->cfg->admin_token);
         }
         p = stop + 1;
     }

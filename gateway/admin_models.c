@@ -1,5 +1,6 @@
 /* admin_models.c: GET/POST/DELETE/PATCH /admin/models (see admin_models.h). */
 #include "admin_models.h"
+#include "pctdec.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -232,17 +233,6 @@ out:
     json_decref(doc);
 }
 
-static int hexdig(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 int mm_admin_models_route(mm_runtime *rt, mm_admin_workers_fn workers, void *warg,
                           mm_http_exchange *ex)
 {
@@ -261,26 +251,13 @@ int mm_admin_models_route(mm_runtime *rt, mm_admin_workers_fn workers, void *war
         if (rest[0] != '/' || rl - 1 == 0)
             return 0;
         /* Percent-decode: clients encode names with reserved characters. */
-        size_t o = 0;
-        for (size_t k = 1; k < rl; k++) {
-            char ch = rest[k];
-            if (ch == '%') {
-                int hi = k + 2 < rl ? hexdig(rest[k + 1]) : -1;
-                int lo = k + 2 < rl ? hexdig(rest[k + 2]) : -1;
-                if (hi < 0 || lo < 0) {
-                    mm_http_respond_error(ex, 400, "name", NULL, "bad %%-escape in the model name");
-                    return 1;
-                }
-                ch = (char)(hi << 4 | lo);
-                k += 2;
-            }
-            if (o + 1 >= sizeof name || ch == '\0') {
-                mm_http_respond_error(ex, 400, "name", NULL, "model name too long or invalid");
-                return 1;
-            }
-            name[o++] = ch;
+        int n = mm_pct_decode(rest + 1, rl - 1, name, sizeof name);
+        if (n < 0) {
+            mm_http_respond_error(ex, 400, "name", NULL,
+                                  n == -EINVAL ? "bad %%-escape in the model name"
+                                               : "model name too long or invalid");
+            return 1;
         }
-        name[o] = '\0';
     }
     int is = 0;
 #define METHOD(m) (q->method_len == sizeof m - 1 && memcmp(q->method, m, sizeof m - 1) == 0)

@@ -18,6 +18,7 @@
  * key; on any error the partly built config is freed with mm_config_free, so
  * every array is allocated zeroed with its count set up front. */
 #include "config.h"
+#include "pctdec.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -666,41 +667,17 @@ static int parse_listen(walk *w, const json_t *v, int port_lo, char **host, int 
     return set_str(w, host, h, hn);
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* %XX-decode s[0..n) into a new string *out (a password may hold "@" or
- * "/"). -EINVAL for a bad escape or an encoded NUL. */
+ * "/"). -EINVAL for a bad escape or a NUL. */
 static int pct_decode(const char *s, size_t n, char **out)
 {
-    char *o = malloc(n + 1);
-    if (!(*out = o))
+    if (!(*out = malloc(n + 1)))
         return -ENOMEM;
-    for (size_t i = 0; i < n; i++) {
-        int hi, lo;
-        if (s[i] != '%') {
-            *o++ = s[i];
-            continue;
-        }
-        hi = i + 1 < n ? hexval(s[i + 1]) : -1;
-        lo = i + 2 < n ? hexval(s[i + 2]) : -1;
-        if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) {
-            free(*out);
-            *out = NULL;
-            return -EINVAL;
-        }
-        *o++ = (char)(hi * 16 + lo);
-        i += 2;
+    if (mm_pct_decode(s, n, *out, n + 1) < 0) {
+        free(*out);
+        *out = NULL;
+        return -EINVAL;
     }
-    *o = '\0';
     return 0;
 }
 

@@ -44,6 +44,7 @@
 #include "backend.h"
 #include "dtype.h"
 #include "model.h"
+#include "sampler.h"
 
 /* Tokens per internal sub-step: bounds the activation buffers whatever the
  * scheduler sends (a long prefill is processed in slices, each appending to
@@ -818,17 +819,6 @@ static void att_task(void *ctx, int task, int tid)
                     V + (size_t)jmin * hd, hd, 0.0f, O, ldq);
 }
 
-/* The sampler's greedy choice (sampler.c): the largest logit that is not
- * -inf or NaN, the lowest id on ties; -1 when there is none. */
-static int32_t row_argmax(const float *x, int n)
-{
-    int32_t best = -1;
-    for (int i = 0; i < n; i++)
-        if (x[i] > -INFINITY && (best < 0 || x[i] > x[best]))
-            best = i;
-    return best;
-}
-
 static void run_step(cpu_backend *b, const cpu_weights *m, step *s, float *logits)
 {
     const mm_model_config *c = b->cfg;
@@ -914,7 +904,7 @@ static void run_step(cpu_backend *b, const cpu_weights *m, step *s, float *logit
         for (int r = 0; r < n; r++) {
             const float *y = b->head + (size_t)r * V;
             if (s->out_row[r0 + r] < 0)
-                *s->out_amx[r0 + r] = row_argmax(y, n_valid);
+                *s->out_amx[r0 + r] = mm_sampler_argmax(y, n_valid);
             else
                 memcpy(logits + (size_t)s->out_row[r0 + r] * V, y, V * sizeof *y);
         }

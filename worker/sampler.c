@@ -284,7 +284,7 @@ int mm_sampler_dist(const mm_sampling *sp, mm_sampler_ws *ws)
     return n;
 }
 
-static int32_t argmax(const float *x, int n)
+int32_t mm_sampler_argmax(const float *x, int n)
 {
     int32_t best = -1;
     for (int i = 0; i < n; i++)
@@ -298,7 +298,7 @@ int32_t mm_sample(const float *logits, int n_vocab, int n_valid, const mm_sampli
 {
     mm_sampler_process(logits, n_vocab, n_valid, sp, h, ws);
     if (!(sp->temperature >= MM_GREEDY_EPS))
-        return argmax(ws->x, ws->n_x);
+        return mm_sampler_argmax(ws->x, ws->n_x);
     int n = mm_sampler_dist(sp, ws);
     if (n == 0)
         return -1;

@@ -104,6 +104,10 @@ int32_t mm_sample(const float *logits, int n_vocab, int n_valid, const mm_sampli
  * not matter to greedy. Then a backend may pick the token itself
  * (MM_LOGITS_ARGMAX), when nothing else needs the row (logprobs). */
 int mm_sampling_plain_greedy(const mm_sampling *sp, const mm_sample_hist *h);
+/* The greedy choice over x[0..n): the largest logit that is not -inf or
+ * NaN, the lowest id on ties; -1 when there is none. Backends that pick on
+ * their own (MM_LOGITS_ARGMAX) follow this rule. */
+int32_t mm_sampler_argmax(const float *x, int n);
 
 /* log_softmax of the raw logits over [0, n_valid): the chosen token's
  * log-probability into *chosen_lp, and the k (<= MM_MAX_LOGPROBS) most

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "template_impl.h"
+#include "pctdec.h"
 
 typedef struct lexer {
     const char *s;
@@ -124,17 +125,6 @@ static int emit_data(lexer *L, const char *text, size_t len, int sign, int lstri
     return 0;
 }
 
-static int hexval(int c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Decode a string literal's body as Python's "unicode-escape" codec does
  * (Jinja's choice): \n \t \\ \' \" \xhh \uhhhh \Uhhhhhhhh \ooo ...;
  * an unknown escape stays as written. */
@@ -190,7 +180,7 @@ static int decode_string(lexer *L, const char *s, size_t n, int line, mm_tpl_tok
         }
         cp = 0;
         for (int m = 0; m < digits; m++) {
-            int h = i + 1 + (size_t)m < n ? hexval((unsigned char)s[i + 1 + m]) : -1;
+            int h = i + 1 + (size_t)m < n ? mm_hexval((unsigned char)s[i + 1 + m]) : -1;
             if (h < 0)
                 return lex_fail(L, line, "truncated \\%s escape in a string",
                                 c == 'x' ? "xXX" : c == 'u' ? "uXXXX" : "UXXXXXXXX");
@@ -276,7 +266,7 @@ static size_t match_int(const char *s, size_t n, size_t i, int *base)
             size_t r = q;
             if (r < n && s[r] == '_')
                 r++;
-            int h = r < n ? hexval((unsigned char)s[r]) : -1;
+            int h = r < n ? mm_hexval((unsigned char)s[r]) : -1;
             if (h < 0 || h >= *base)
                 break;
             q = r + 1;

@@ -6,9 +6,12 @@
  * Each binary ends with "N passed, N failed"; tests/run.sh adds them up. */
 #ifndef MM_TEST_H
 #define MM_TEST_H
+#include <dirent.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 static int test_passed, test_failed, test_cur_failed;
 
@@ -79,6 +82,28 @@ static int test_passed, test_failed, test_cur_failed;
             return;                                                \
         }                                                          \
     } while (0)
+
+/* Remove a scratch directory a test made (files and subdirectories). */
+static inline void test_rm_tree(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    char p[512];
+    while (d && (e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        if ((size_t)snprintf(p, sizeof p, "%s/%s", dir, e->d_name) >= sizeof p)
+            continue; /* no test makes paths this long */
+        struct stat st;
+        if (stat(p, &st) == 0 && S_ISDIR(st.st_mode))
+            test_rm_tree(p);
+        else
+            unlink(p);
+    }
+    if (d)
+        closedir(d);
+    rmdir(dir);
+}
 
 static int test_summary(void)
 {

@@ -21,26 +21,6 @@
 
 static char root[64];
 
-static void rm_tree(const char *dir)
-{
-    DIR *d = opendir(dir);
-    struct dirent *e;
-    char p[512];
-    while (d && (e = readdir(d))) {
-        if (e->d_name[0] == '.')
-            continue;
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        struct stat st;
-        if (stat(p, &st) == 0 && S_ISDIR(st.st_mode))
-            rm_tree(p);
-        else
-            unlink(p);
-    }
-    if (d)
-        closedir(d);
-    rmdir(dir);
-}
-
 static void test_opts(mm_makemodel_opts *o, const char *arch)
 {
     mm_makemodel_defaults(o);
@@ -968,6 +948,6 @@ int main(void)
     RUN(golden_llama);
     RUN(golden_qwen2);
     RUN(golden_mistral);
-    rm_tree(root);
+    test_rm_tree(root);
     return test_summary();
 }

@@ -25,26 +25,6 @@
 static char root[64];
 static char model_dir[128];
 
-static void rm_tree(const char *dir)
-{
-    DIR *d = opendir(dir);
-    struct dirent *e;
-    char p[512];
-    while (d && (e = readdir(d))) {
-        if (e->d_name[0] == '.')
-            continue;
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        struct stat st;
-        if (stat(p, &st) == 0 && S_ISDIR(st.st_mode))
-            rm_tree(p);
-        else
-            unlink(p);
-    }
-    if (d)
-        closedir(d);
-    rmdir(dir);
-}
-
 /* ---- a model, a backend and an engine ---- */
 
 static pthread_mutex_t poke_m = PTHREAD_MUTEX_INITIALIZER;
@@ -823,6 +803,6 @@ int main(void)
     RUN(pool_smaller_than_one_sequence_is_refused);
     RUN(plain_greedy_predicate);
     RUN(argmax_path_picks_what_the_sampler_picks);
-    rm_tree(root);
+    test_rm_tree(root);
     return test_summary();
 }

@@ -18,6 +18,29 @@
 #define GEMV_WARPS 4
 #define GEMV_UNROLL 4
 
+/* One 16-byte weight tile of each of NR rows (8 weights at column k)
+ * against the M input rows: acc[r * M + m] += w[r] . x[m][k..k+8). Each input
+ * tile is loaded once for all NR rows. */
+template <typename T, int M, int NR>
+__device__ __forceinline__ void gemv_tile(const uint4 *w, const T *__restrict__ x, int K, int k,
+                                          float *acc)
+{
+    float wf[NR][8];
+#pragma unroll
+    for (int r = 0; r < NR; r++)
+        mm_unpack8<T>(w[r], wf[r]);
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float xf[8];
+        mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                acc[r * M + m] += wf[r][i] * xf[i];
+    }
+}
+
 template <typename T, int M, bool F32>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
@@ -50,31 +73,12 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
             for (int u = 0; u < GEMV_UNROLL; u++)
                 wv[u] = __ldcs((const uint4 *)(wr + k0 + u * 256 + lane * 8));
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) {
-            float wf[8];
-            mm_unpack8<T>(wv[u], wf);
-            int k = k0 + u * 256 + lane * 8;
-#pragma unroll
-            for (int m = 0; m < M; m++) {
-                float xf[8];
-                mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
-#pragma unroll
-                for (int i = 0; i < 8; i++)
-                    acc[m] += wf[i] * xf[i];
-            }
-        }
+        for (int u = 0; u < GEMV_UNROLL; u++)
+            gemv_tile<T, M, 1>(&wv[u], x, K, k0 + u * 256 + lane * 8, acc);
     }
     for (int k = k0 + lane * 8; k < ke; k += 256) {
-        float wf[8];
-        mm_unpack8<T>(__ldcs((const uint4 *)(wr + k)), wf);
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-            float xf[8];
-            mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                acc[m] += wf[i] * xf[i];
-        }
+        uint4 w = __ldcs((const uint4 *)(wr + k));
+        gemv_tile<T, M, 1>(&w, x, K, k, acc);
     }
 #pragma unroll
     for (int m = 0; m < M; m++) {
@@ -158,18 +162,18 @@ gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T 
         return;
     }
     const T *wg = W + (size_t)(2 * n) * K, *wu = wg + K;
-    float ag[M], au[M];
+    float acc[2 * M]; /* gate rows, then up rows */
 #pragma unroll
-    for (int m = 0; m < M; m++)
-        ag[m] = au[m] = 0.0f;
+    for (int m = 0; m < 2 * M; m++)
+        acc[m] = 0.0f;
     constexpr int STEP = 32 * 8 * 2; /* two tiles of each row in flight */
     int k0 = 0;
-    uint4 gv[2], uv[2];
+    uint4 wv[2][2];                  /* [tile][gate, up] */
     if (STEP <= K)
 #pragma unroll
         for (int u = 0; u < 2; u++) {
-            gv[u] = __ldcs((const uint4 *)(wg + u * 256 + lane * 8));
-            uv[u] = __ldcs((const uint4 *)(wu + u * 256 + lane * 8));
+            wv[u][0] = __ldcs((const uint4 *)(wg + u * 256 + lane * 8));
+            wv[u][1] = __ldcs((const uint4 *)(wu + u * 256 + lane * 8));
         }
     mm_pdl_release();
     mm_pdl_wait();
@@ -177,45 +181,20 @@ gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T 
         if (k0)
 #pragma unroll
             for (int u = 0; u < 2; u++) {
-                gv[u] = __ldcs((const uint4 *)(wg + k0 + u * 256 + lane * 8));
-                uv[u] = __ldcs((const uint4 *)(wu + k0 + u * 256 + lane * 8));
+                wv[u][0] = __ldcs((const uint4 *)(wg + k0 + u * 256 + lane * 8));
+                wv[u][1] = __ldcs((const uint4 *)(wu + k0 + u * 256 + lane * 8));
             }
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            float gf[8], uf[8];
-            mm_unpack8<T>(gv[u], gf);
-            mm_unpack8<T>(uv[u], uf);
-            int k = k0 + u * 256 + lane * 8;
-#pragma unroll
-            for (int m = 0; m < M; m++) {
-                float xf[8];
-                mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    ag[m] += gf[i] * xf[i];
-                    au[m] += uf[i] * xf[i];
-                }
-            }
-        }
+        for (int u = 0; u < 2; u++)
+            gemv_tile<T, M, 2>(wv[u], x, K, k0 + u * 256 + lane * 8, acc);
     }
     for (int k = k0 + lane * 8; k < K; k += 256) {
-        float gf[8], uf[8];
-        mm_unpack8<T>(__ldcs((const uint4 *)(wg + k)), gf);
-        mm_unpack8<T>(__ldcs((const uint4 *)(wu + k)), uf);
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-            float xf[8];
-            mm_unpack8<T>(__ldg((const uint4 *)(x + (size_t)m * K + k)), xf);
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                ag[m] += gf[i] * xf[i];
-                au[m] += uf[i] * xf[i];
-            }
-        }
+        uint4 w[2] = {__ldcs((const uint4 *)(wg + k)), __ldcs((const uint4 *)(wu + k))};
+        gemv_tile<T, M, 2>(w, x, K, k, acc);
     }
 #pragma unroll
     for (int m = 0; m < M; m++) {
-        float g = mm_warp_sum(ag[m]), u = mm_warp_sum(au[m]);
+        float g = mm_warp_sum(acc[m]), u = mm_warp_sum(acc[M + m]);
         if (lane == 0) {
             g = mm_to_f(mm_from_f<T>(g));
             u = mm_to_f(mm_from_f<T>(u));
