@@ -139,6 +139,14 @@ typedef struct cuda_backend {
      * little above the unprofiled step time; it is for finding where the
      * time goes, not for reporting speed. */
     int      prof;
+    /* MM_CUDA_SKIP=mask of SKIP_* (measurement only: the results are
+     * wrong): leave kernels out of every step to see what each costs
+     * inside the chain. Scratch starts zeroed, so what is left stays
+     * finite. */
+    int      skip;
+    /* the device launches thread-block clusters (sm_90+): attention's
+     * HEAD_CLUSTER mode; MM_CUDA_CLUSTER=0 turns it off (for comparison) */
+    int      cluster_attn;
     cudaEvent_t prof_ev[64];
     int      prof_n, prof_id[64];
     double   prof_ms[16];
@@ -426,6 +434,11 @@ static void prof_report(cuda_backend *b)
 
 /* ---- one sub-step ---- */
 
+enum {
+    SKIP_NORM = 1, SKIP_ROPE = 2, SKIP_ATTN = 4, SKIP_QKV = 8, SKIP_O = 16, SKIP_GU = 32,
+    SKIP_DOWN = 64
+};
+
 /* Measured on an H200 (docs/GPU_NOTES.md): our kernel beats cuBLAS at one
  * or two rows on every shape, and up to 8 rows on small matrices where
  * cuBLAS's fixed cost dominates. */
@@ -478,15 +491,33 @@ static int attn_per_head(const cuda_backend *b, int R)
     return b->nkv * R < b->nsm / 2;
 }
 
+/* Chunks of 128 positions in max_ctx, and up to how many of them the
+ * cluster kernel takes (two a block: past that the splits' own chain of
+ * chunks costs more than the merge kernel it saves). */
+static int ctx_chunks(int max_ctx) { return (max_ctx + 127) / 128; }
+#define CLUSTER_CHUNKS (2 * MM_K_ATTN_CLUSTER_MAX)
+
+static int attn_mode(const cuda_backend *b, int R, int max_ctx)
+{
+    if (!attn_per_head(b, R))
+        return MM_K_ATTN_GROUP;
+    return b->cluster_attn && b->hd <= 128 && ctx_chunks(max_ctx) <= CLUSTER_CHUNKS
+               ? MM_K_ATTN_HEAD_CLUSTER
+               : MM_K_ATTN_HEAD;
+}
+
 /* Splits of the decode kernel for R queries: enough blocks to cover the
- * SMs twice, no more than the context has chunks of 128. */
+ * SMs twice, no more than the context has chunks of 128, no more than a
+ * cluster holds in the cluster mode. */
 static int decode_splits(const cuda_backend *b, int R, int max_ctx)
 {
     int per = attn_per_head(b, R) ? b->nq : b->nkv;
     int want = (2 * b->nsm + per * R - 1) / (per * R);
-    int chunks = (max_ctx + 127) / 128;
+    int chunks = ctx_chunks(max_ctx);
     if (want > chunks)
         want = chunks;
+    if (attn_mode(b, R, max_ctx) == MM_K_ATTN_HEAD_CLUSTER && want > MM_K_ATTN_CLUSTER_MAX)
+        want = MM_K_ATTN_CLUSTER_MAX;
     return want < 1 ? 1 : want;
 }
 
@@ -528,11 +559,12 @@ out:
 }
 
 /* The model over T tokens whose metadata is on the device: nd tokens
- * (META_TOK) attend through the decode kernel with nsplit splits, the
- * segments listed in big[] through cuBLAS; R logits rows (META_ROWS, or
- * all T tokens when rows_all) end in b->logits, and in b->ids_d when
- * argmax. Launches only: capturable when nbig == 0. */
-static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big, int nbig, int R,
+ * (META_TOK) attend through the decode kernel (its splits and mode sized
+ * for contexts up to max_ctx), the segments listed in big[] through
+ * cuBLAS; R logits rows (META_ROWS, or all T tokens when rows_all) end in
+ * b->logits, and in b->ids_d when argmax. Launches only: capturable when
+ * nbig == 0. */
+static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big, int nbig, int R,
                      int rows_all, int argmax, char *err, size_t errlen)
 {
     int rc = 0, H = b->H, I = b->I;
@@ -546,6 +578,8 @@ static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big,
      * of T x H each, added to the residual by the next norm */
     size_t dstride = (size_t)T * (size_t)H;
     int np = 0;
+    int nsplit = decode_splits(b, nd ? nd : 1, max_ctx);
+    int amode = attn_mode(b, nd ? nd : 1, max_ctx);
     for (int l = 0; l < b->L; l++) {
         const cu_layer *w = &b->layers[l];
         mm_k_cache c = layer_cache(b, l);
@@ -554,29 +588,36 @@ static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big,
             prof_flush(b);
             prof_mark(b, P_NORM);
         }
-        CKK(mm_k_add_rmsnorm(b->dt, b->x, l ? b->delta : NULL, np, dstride, NULL, w->attn_norm,
-                             b->eps, NULL, T, H, b->h, b->stream));
+        if (!(b->skip & SKIP_NORM))
+            CKK(mm_k_add_rmsnorm(b->dt, b->x, l ? b->delta : NULL, np, dstride, NULL,
+                                 w->attn_norm, b->eps, NULL, T, H, b->h, b->stream));
         prof_mark(b, P_NORM);
-        if ((rc = linear(b, w->wqkv, b->h, T, b->qkvw, H, b->qkv, 0, NULL, err, errlen)) < 0)
+        if (!(b->skip & SKIP_QKV) &&
+            (rc = linear(b, w->wqkv, b->h, T, b->qkvw, H, b->qkv, 0, NULL, err, errlen)) < 0)
             goto out;
         prof_mark(b, P_QKV);
-        CKK(mm_k_rope_store(b->dt, b->qkv, w->bqkv, b->inv_freq, pos, slot, T, b->nq, &c, b->q,
-                            b->stream));
+        if (!(b->skip & SKIP_ROPE))
+            CKK(mm_k_rope_store(b->dt, b->qkv, w->bqkv, b->inv_freq, pos, slot, T, b->nq, &c,
+                                b->q, b->stream));
         prof_mark(b, P_ROPE);
-        if (nd)
-            CKK(mm_k_attn_decode(b->dt, b->q, tok, pos, slot, nd, b->nq, attn_per_head(b, nd),
+        if (nd && !(b->skip & SKIP_ATTN))
+            CKK(mm_k_attn_decode(b->dt, b->q, tok, pos, slot, nd, b->nq, amode,
                                  b->window, b->scale, &c, nsplit, b->part, b->att, b->stream));
         for (int i = 0; i < nbig; i++)
             if ((rc = prefill_attention(b, &c, &big[i], err, errlen)) < 0)
                 goto out;
         prof_mark(b, P_ATTN);
-        if ((rc = linear(b, w->wo, b->att, T, H, b->qd, b->delta, 1, &np, err, errlen)) < 0)
+        if (!(b->skip & SKIP_O) &&
+            (rc = linear(b, w->wo, b->att, T, H, b->qd, b->delta, 1, &np, err, errlen)) < 0)
             goto out;
         prof_mark(b, P_O);
-        CKK(mm_k_add_rmsnorm(b->dt, b->x, b->delta, np, dstride, w->bo, w->mlp_norm, b->eps,
-                             NULL, T, H, b->h, b->stream));
+        if (!(b->skip & SKIP_NORM))
+            CKK(mm_k_add_rmsnorm(b->dt, b->x, b->delta, np, dstride, w->bo, w->mlp_norm, b->eps,
+                                 NULL, T, H, b->h, b->stream));
         prof_mark(b, P_NORM);
-        if (use_gemv(T, 2 * I, H)) { /* SwiGLU in the product's epilogue */
+        if (b->skip & SKIP_GU) {
+            /* measuring: no gate/up */
+        } else if (use_gemv(T, 2 * I, H)) { /* SwiGLU in the product's epilogue */
             CKK(mm_k_gemv_swiglu(b->dt, w->wgu, b->h, T, I, H, b->act, b->stream));
             prof_mark(b, P_GU);
         } else {
@@ -586,7 +627,8 @@ static int run_model(cuda_backend *b, int T, int nd, int nsplit, const seg *big,
             CKK(mm_k_swiglu(b->dt, b->gu, T, I, b->act, b->stream));
             prof_mark(b, P_SWIGLU);
         }
-        if ((rc = linear(b, w->wdown, b->act, T, H, I, b->delta, 1, &np, err, errlen)) < 0)
+        if (!(b->skip & SKIP_DOWN) &&
+            (rc = linear(b, w->wdown, b->act, T, H, I, b->delta, 1, &np, err, errlen)) < 0)
             goto out;
         prof_mark(b, P_DOWN);
     }
@@ -635,9 +677,8 @@ static int capture(cuda_backend *b, int gi, int ci, int bucket_ctx, char *err, s
 {
     int gs = graph_sizes[gi], rc = 0;
     cudaGraph_t g = NULL;
-    int nsplit = decode_splits(b, gs, bucket_ctx);
     CK(cudaStreamBeginCapture(b->stream, cudaStreamCaptureModeThreadLocal));
-    rc = run_model(b, gs, gs, nsplit, NULL, 0, gs, 1, 1, err, errlen);
+    rc = run_model(b, gs, gs, bucket_ctx, NULL, 0, gs, 1, 1, err, errlen);
     cudaError_t e = cudaStreamEndCapture(b->stream, &g);
     if (rc < 0)
         goto out;
@@ -776,8 +817,7 @@ static int run_sub(cuda_backend *b, mm_batch_seq *seqs, int T, int nseg, int R, 
     int rows_all = R == T;
     for (int r = 0; r < R && rows_all; r++)
         rows_all = META_ROWS(b->meta_h)[r] == r;
-    if ((rc = run_model(b, T, nd, decode_splits(b, nd ? nd : 1, max_ctx), big, nbig, R, rows_all,
-                        any_argmax, err, errlen)) < 0)
+    if ((rc = run_model(b, T, nd, max_ctx, big, nbig, R, rows_all, any_argmax, err, errlen)) < 0)
         return rc;
     b->n_upd = 0;
     return finish_rows(b, seqs, R, any_argmax, logits, err, errlen);
@@ -963,8 +1003,10 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
         {&b->blas_ws, BLAS_WS},
         {(void **)&b->meta_d, ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4},
     };
-    for (size_t i = 0; i < sizeof a / sizeof a[0]; i++)
+    for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) {
         CK(cudaMalloc(a[i].p, a[i].bytes));
+        CK(cudaMemset(*a[i].p, 0, a[i].bytes));
+    }
     CK(cudaMallocHost((void **)&b->meta_h,
                       ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4));
     CK(cudaMallocHost((void **)&b->logits_h, (size_t)b->Rmax * b->V * 4));
@@ -1007,6 +1049,11 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     b->dt = m->layers[0].q.dtype == MM_DT_F16 ? MM_KDT_F16 : MM_KDT_BF16;
     const char *env = getenv("MM_CUDA_GRAPHS");
     b->no_graphs = env && strcmp(env, "0") == 0;
+    env = getenv("MM_CUDA_SKIP");
+    b->skip = env ? atoi(env) & 127 : 0;
+    if (b->skip)
+        mm_warn("cuda: MM_CUDA_SKIP=%d leaves kernels out of every step: answers are wrong "
+                "(for measuring only)", b->skip);
     env = getenv("MM_CUDA_PROFILE");
     b->prof = env && strcmp(env, "1") == 0;
     b->no_graphs |= b->prof;
@@ -1050,6 +1097,11 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     struct cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     b->nsm = prop.multiProcessorCount;
+    int cl = 0;
+    CK(cudaDeviceGetAttribute(&cl, cudaDevAttrClusterLaunch, 0));
+    env = getenv("MM_CUDA_CLUSTER");
+    b->cluster_attn = cl && !(env && strcmp(env, "0") == 0);
+
     CK(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
     CKB(cublasCreate(&b->blas));
     CKB(cublasSetStream(b->blas, b->stream));

@@ -16,7 +16,8 @@
  *    llama3 RoPE (the fixtures only have 16 and 32), 40- and 300-token
  *    prompts (the latter prefilled as 128 + 128 + 44 over three forwards,
  *    so it spans several KV blocks and chunk boundaries) against the CPU
- *    backend in one forward, and greedy continuations;
+ *    backend in one forward, and greedy continuations; with cuda also the
+ *    decode attention's cluster kernel against its per-head kernel;
  *  - batch: 8 sequences of different lengths stepping together (some still
  *    prefilling while others decode, LAST / ALL / ARGMAX mixed, one of them
  *    preempted and resumed in another slot) against each alone;
@@ -630,6 +631,68 @@ out:
     free(scratch);
 }
 
+/* The decode attention's two small-batch kernels on one model: the
+ * cluster kernel (the default on sm_90+, splits merged in distributed
+ * shared memory) against one block per head and a merge kernel
+ * (MM_CUDA_CLUSTER=0), on the same tokens: a 300-token prompt, then
+ * SHAPE_GREEDY decode steps whose contexts span 3 chunks of 128, so the
+ * merge has several splits to combine. The two do the same arithmetic in
+ * the same order: they agree to rounding (limit 1e-3). */
+static void check_attn_modes(checker *c, const shape *sh, const gen_model *gm)
+{
+    const mm_model *m = gm->m;
+    int V = m->cfg.vocab_size;
+    char name[160], err[1024] = "";
+    mm_backend *ba = NULL, *bb = NULL;
+    float *ra = malloc(sizeof *ra * (size_t)V * SHAPE_GREEDY);
+    float *rb = malloc(sizeof *rb * (size_t)V * SHAPE_GREEDY);
+    double *scratch = malloc(sizeof *scratch * 2 * (size_t)V);
+    int32_t prompt[SHAPE_LONG], toks[SHAPE_GREEDY];
+    const double limit = 1e-3;
+    begin(c);
+    snprintf(name, sizeof name, "shape %s: decode attention, cluster kernel = per-head kernel",
+             sh->name);
+    if (!ra || !rb || !scratch) {
+        report(c, 0, name, NULL, "out of memory");
+        goto out;
+    }
+    int rc = open_backend(c, "cuda", m, 1, 512, 0, &ba, err, sizeof err);
+    if (rc >= 0) {
+        setenv("MM_CUDA_CLUSTER", "0", 1);
+        rc = open_backend(c, "cuda", m, 1, 512, 0, &bb, err, sizeof err);
+        unsetenv("MM_CUDA_CLUSTER");
+    }
+    if (rc < 0) {
+        report(c, 0, name, NULL, "%s", err);
+        goto out;
+    }
+    fill_prompt(prompt, SHAPE_LONG, V, 2);
+    if (greedy_run(ba, 0, prompt, SHAPE_LONG, SHAPE_GREEDY, 0, toks, NULL, ra, NULL, err,
+                   sizeof err) < 0 ||
+        mm_gpu_step(bb, 0, prompt, SHAPE_LONG, 0, MM_LOGITS_LAST, rb, NULL, err, sizeof err) <
+            0) {
+        report(c, 0, name, NULL, "%s", err);
+        goto out;
+    }
+    for (int i = 1; i < SHAPE_GREEDY; i++)
+        if (mm_gpu_step(bb, 0, &toks[i - 1], 1, SHAPE_LONG + i - 1, MM_LOGITS_LAST,
+                        rb + (size_t)i * V, NULL, err, sizeof err) < 0) {
+            report(c, 0, name, NULL, "step %d: %s", i, err);
+            goto out;
+        }
+    double d = rows_diff(ra, rb, SHAPE_GREEDY, V, scratch);
+    report(c, d <= limit, name, json_pack("{s:f, s:f}", "max_diff", d, "limit", limit),
+           "max |dlogprob| over %d decode rows %.2e (limit %.0e)", SHAPE_GREEDY, d, limit);
+out:
+    if (ba)
+        ba->ops->free(ba);
+    if (bb)
+        bb->ops->free(bb);
+    free(ra);
+    free(rb);
+    free(scratch);
+}
+
 /* ---- batching invariance ---- */
 
 typedef struct bseq {
@@ -1180,6 +1243,8 @@ int main(int argc, char **argv)
         printf("# generated %s (%.0f MB) in %.2f s\n", sh->name, (double)gm.m->weight_bytes / 1e6,
                mm_gpu_now() - tg0);
         check_shape(&c, sh, &gm);
+        if (c.cuda)
+            check_attn_modes(&c, sh, &gm);
         if (i == 0) {
             check_batch(&c, &gm);
             check_preempt(&c, &gm);

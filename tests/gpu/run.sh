@@ -19,6 +19,17 @@
 # bench.json, bench.log, summary.txt (with the decode roofline). The last
 # line is "N passed, N failed"; exit 1 when anything failed.
 #
+#   ab (~1 min per model and setting): single-stream decode of each of
+#     $BENCH_MODELS under each environment setting in $AB_CONFIGS (words;
+#     one word is one setting, VAR=value pairs joined by "+", e.g.
+#     "MM_CUDA_CLUSTER=0 MM_CUDA_CLUSTER=1"; GPU_BENCH=path in a setting
+#     runs that gpu_bench binary instead, e.g. one built from an older
+#     commit), $AB_ROUNDS rounds (3),
+#     the settings alternating within each round so drifts of the machine
+#     hit all of them alike; the median per setting and its share of the
+#     copy-bandwidth roofline go to ab.txt. For deciding an optimization
+#     (docs/GPU_NOTES.md), not for the figures of record.
+#
 #   libs (run HERE, before carrying): copy the shared libraries our binaries
 #     need beyond glibc, libstdc++/libgcc and CUDA's into $BUILD/lib, for a
 #     GPU machine that lacks them (its ldd says which); run.sh then puts
@@ -40,7 +51,7 @@ cd "$(dirname "$0")/../.." || exit 1
 
 BUILD=${BUILD:-build}
 what=${1:-all}
-case $what in check|bench|all|libs) ;; *) echo "usage: tests/gpu/run.sh [check|bench|all|libs]" >&2; exit 2 ;; esac
+case $what in check|bench|all|libs|ab) ;; *) echo "usage: tests/gpu/run.sh [check|bench|all|libs|ab]" >&2; exit 2 ;; esac
 OUT=${OUT:-$BUILD/gpu-results}
 CHECK_BACKEND=${CHECK_BACKEND:-cuda}
 E2E_DEVICE=${E2E_DEVICE:-cuda}
@@ -400,7 +411,50 @@ run_bench() {
     say "# bench took $(($(now) - t_bench)) s"
 }
 
-[ "$what" = bench ] || run_check
-[ "$what" = check ] || run_bench
+run_ab() {
+    ensure "$WORKER" "$T/gpu_bench" "$T/gpu_bw"
+    AB_CONFIGS=${AB_CONFIGS:-MM_CUDA_CLUSTER=0 MM_CUDA_CLUSTER=1}
+    AB_ROUNDS=${AB_ROUNDS:-3}
+    bw=$(timeout 120 "$T/gpu_bw" 2>/dev/null | grep '"d2d_copy"' |
+        sed -n 's/.*"best_gbs":\([0-9.]*\).*/\1/p' | sort -n | tail -n 1)
+    say "# copy bandwidth ${bw:-?} GB/s"
+    : >"$TMP/ab.txt"
+    for m in $BENCH_MODELS; do
+        gen_model "$m" || { notok "generate $m"; continue; }
+        r=1
+        while [ "$r" -le "$AB_ROUNDS" ]; do
+            for cfg in $AB_CONFIGS; do
+                bin=$(echo "$cfg" | tr + '\n' | sed -n 's/^GPU_BENCH=//p')
+                line=$(env $(echo "$cfg" | tr + ' ') $RUNENV timeout 240 "${bin:-$T/gpu_bench}" --model "$BENCH_DIR/$m" \
+                    --backend "$BENCH_BACKEND" --name "$m" --only single $BENCH_ARGS 2>"$TMP/ab-err.txt" | grep '"decode_single"')
+                tok=$(echo "$line" | sed -n 's/.*"tok_s":\([0-9.]*\).*/\1/p')
+                wb=$(echo "$line" | sed -n 's/.*"bytes_per_step":\([0-9.e+]*\).*/\1/p')
+                if [ -n "$tok" ]; then
+                    echo "$m $cfg $r $tok $wb" >>"$TMP/ab.txt"
+                    say "  $m round $r $cfg: $tok tok/s"
+                else
+                    notok "ab $m $cfg round $r: $(tail -c 300 "$TMP/ab-err.txt")"
+                fi
+            done
+            r=$((r + 1))
+        done
+    done
+    { echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC') copy bandwidth ${bw:-?} GB/s; model setting rounds median-tok/s ms/token %roofline"
+      sort -k1,1 -k2,2 -k4,4n "$TMP/ab.txt" | awk -v bw="${bw:-0}" '
+        { k = $1 " " $2; n[k]++; v[k, n[k]] = $4; b[k] = $5 }
+        END { for (k in n) { c = n[k]; med = (c % 2) ? v[k, (c + 1) / 2] : (v[k, c / 2] + v[k, c / 2 + 1]) / 2
+                roof = (bw > 0 && b[k] > 0) ? bw * 1e9 / b[k] : 0
+                printf "%s %d %.1f %.3f %s\n", k, c, med, 1000 / med, roof ? sprintf("%.1f", 100 * med / roof) : "?" } }' | sort
+      echo "# raw: model setting round tok/s bytes/step"; cat "$TMP/ab.txt"; } >"$OUT/ab.txt"
+    cat "$OUT/ab.txt"
+    [ -s "$TMP/ab.txt" ] && ok "ab"
+}
+
+if [ "$what" = ab ]; then
+    run_ab
+else
+    [ "$what" = bench ] || run_check
+    [ "$what" = check ] || run_bench
+fi
 say "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

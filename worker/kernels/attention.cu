@@ -8,18 +8,22 @@
  * warp per 32 positions with the lanes over the head's dimensions. Serving
  * the group from one block reads each K/V row once instead of once per
  * query head (6x less cache traffic on Qwen2.5-1.5B). Small batches launch
- * one block per query head instead (per_head): there are too few (kv head,
+ * one block per query head instead (MM_K_ATTN_HEAD): there are too few (kv head,
  * query) pairs to fill the GPU, and a block serving a group does the
  * group's arithmetic in series (measured: 35 us vs ~6 us per layer at
  * batch 1 on Qwen2.5-1.5B). Each block leaves an unnormalized partial (o, max,
  * sum) and a second kernel merges them. (Merging in the last block to
  * finish, with an arrival counter, measured slower: 1.49 vs 1.44 ms per
- * token.) The grid depends only on the
+ * token.) On sm_90+ the small-batch case has a third kernel,
+ * attn_head_cluster_k below, whose splits merge inside a thread-block
+ * cluster instead. The grid depends only on the
  * number of queries and nsplit, never on context lengths (read from pos on
  * the device), so a decode step can be replayed as a CUDA graph.
  *
  * Long prompt slices go through cuBLAS instead (backend_cuda.c): the causal
  * softmax between the two GEMMs is here. */
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 #define CHUNK 128
@@ -254,6 +258,174 @@ attn_decode_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t 
     }
 }
 
+/* HEAD_CLUSTER (small batches, hd <= 128): one query head a block, the
+ * head's splits one cluster. Built for latency, since at batch 1 this
+ * kernel is a chain of memory round trips inside every layer (measured:
+ * 13 us of a 54 us layer on Qwen2.5-1.5B with HEAD and its merge kernel):
+ * a thread's block-table entry, then its K row and its warp's 32 V rows
+ * (lanes over the dimensions) all in flight at once, the softmax weights
+ * passed to P.V by shuffle, and the splits merged by cluster rank 0 from
+ * the other blocks' shared memory instead of by a second kernel. */
+template <int BYTES> struct vraw_t; /* one lane's raw V elements */
+template <> struct vraw_t<2> { typedef uint16_t t; };
+template <> struct vraw_t<4> { typedef uint32_t t; };
+template <> struct vraw_t<8> { typedef uint2 t; };
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(CHUNK)
+attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
+                    int nq, int window, float scale, mm_k_cache c, int nsplit, T *out)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    constexpr int DPL = HD >= 32 ? HD / 32 : 1; /* dims per lane in P.V */
+    constexpr int LANES = HD / DPL;
+    constexpr int NW = CHUNK / 32;
+    typedef typename vraw_t<(int)sizeof(T) * DPL>::t vraw;
+    __shared__ float qs[HD];
+    __shared__ float red[2][NW];
+    __shared__ float accs[NW][HD];
+    __shared__ float mine[HD + 2]; /* this block's o, m, l, for rank 0 */
+    mm_pdl_release();
+    mm_pdl_wait();
+    int h = blockIdx.x, r = blockIdx.y, sp = blockIdx.z;
+    int kvh = h / (nq / c.nkv);
+    int t = tok[r], P = pos[t], sl = slot[t];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int lo = window > 0 && P - window + 1 > 0 ? P - window + 1 : 0;
+    const T *K = (const T *)c.k, *V = (const T *)c.v;
+    const int32_t *table = c.block_tables + (size_t)sl * c.max_blocks;
+    float qv = threadIdx.x < HD ? mm_to_f(q[((size_t)t * nq + h) * HD + threadIdx.x]) * scale
+                                : 0.0f;
+    bool first = true;
+    float m = -INFINITY, l = 0.0f, acc[DPL];
+#pragma unroll
+    for (int e = 0; e < DPL; e++)
+        acc[e] = 0.0f;
+    for (int ch = lo / CHUNK + sp; ch <= P / CHUNK; ch += nsplit) {
+        /* every position of the chunk lies in [lo, P] or is clamped into
+         * it (its weight is then 0): the chunk always has a valid one */
+        int j = ch * CHUNK + threadIdx.x;
+        bool valid = j >= lo && j <= P;
+        int jc = j < lo ? lo : (j > P ? P : j);
+        int blk = table[jc / c.bs];
+        const T *kr = K + (((size_t)blk * c.nkv + kvh) * c.bs + jc % c.bs) * HD;
+        uint4 kv[HD / 8];
+#pragma unroll
+        for (int d = 0; d < HD / 8; d++)
+            kv[d] = *(const uint4 *)(kr + d * 8);
+        /* lane i's position is j0 + i (clamped alike): its block id comes
+         * by shuffle */
+        int j0 = ch * CHUNK + w * 32;
+        vraw vr[32];
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int bi = __shfl_sync(0xffffffffu, blk, i);
+            int jj = j0 + i < lo ? lo : (j0 + i > P ? P : j0 + i);
+            if (lane < LANES)
+                vr[i] = *(const vraw *)(V + (((size_t)bi * c.nkv + kvh) * c.bs + jj % c.bs) * HD +
+                                        lane * DPL);
+        }
+        if (first) {
+            if (threadIdx.x < HD)
+                qs[threadIdx.x] = qv;
+            __syncthreads();
+            first = false;
+        }
+        float s = -INFINITY;
+        if (valid) {
+            s = 0.0f;
+#pragma unroll
+            for (int d = 0; d < HD; d += 8) {
+                float f[8];
+                mm_unpack8<T>(kv[d / 8], f);
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    s += f[i] * qs[d + i];
+            }
+        }
+        float wm = mm_warp_max(s);
+        if (lane == 0)
+            red[0][w] = wm;
+        __syncthreads();
+        float cm = red[0][0];
+#pragma unroll
+        for (int x = 1; x < NW; x++)
+            cm = fmaxf(cm, red[0][x]);
+        float mn = fmaxf(m, cm);
+        float e = valid ? __expf(s - mn) : 0.0f;
+        float fac = m == -INFINITY ? 0.0f : __expf(m - mn);
+        m = mn;
+        float ws = mm_warp_sum(e);
+        if (lane == 0)
+            red[1][w] = ws;
+#pragma unroll
+        for (int x = 0; x < DPL; x++)
+            acc[x] *= fac;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            float pi = __shfl_sync(0xffffffffu, e, i);
+            const T *hv = reinterpret_cast<const T *>(&vr[i]);
+#pragma unroll
+            for (int x = 0; x < DPL; x++)
+                acc[x] += pi * mm_to_f(hv[x]);
+        }
+        __syncthreads();
+        float cs = 0.0f;
+#pragma unroll
+        for (int x = 0; x < NW; x++)
+            cs += red[1][x];
+        l = l * fac + cs;
+    }
+    /* the warps' sums share the block's running max: add them up */
+    if (lane < LANES)
+#pragma unroll
+        for (int x = 0; x < DPL; x++)
+            accs[w][lane * DPL + x] = acc[x];
+    __syncthreads();
+    float o = 0.0f;
+    if (threadIdx.x < HD)
+#pragma unroll
+        for (int x = 0; x < NW; x++)
+            o += accs[x][threadIdx.x];
+    T *dst = out + ((size_t)t * nq + h) * HD;
+    if (nsplit == 1) {
+        if (threadIdx.x < HD)
+            dst[threadIdx.x] = mm_from_f<T>(o / l);
+        return;
+    }
+    if (threadIdx.x < HD)
+        mine[threadIdx.x] = o;
+    if (threadIdx.x == 0) {
+        mine[HD] = m;
+        mine[HD + 1] = l;
+    }
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    if (cl.block_rank() == 0 && threadIdx.x < HD) {
+        float M = -INFINITY;
+        for (int k = 0; k < nsplit; k++)
+            M = fmaxf(M, cl.map_shared_rank(mine, k)[HD]);
+        float L = 0.0f, O = 0.0f;
+        for (int k = 0; k < nsplit; k++) {
+            const float *pk = cl.map_shared_rank(mine, k);
+            float lk = pk[HD + 1];
+            if (lk <= 0.0f)
+                continue;
+            float wgt = __expf(pk[HD] - M);
+            L += lk * wgt;
+            O += pk[threadIdx.x] * wgt;
+        }
+        dst[threadIdx.x] = mm_from_f<T>(O / L);
+    }
+    /* the others' shared memory must outlive rank 0's reads */
+    cl.sync();
+#else
+    (void)q, (void)tok, (void)pos, (void)slot, (void)nq, (void)window, (void)scale, (void)c;
+    (void)nsplit, (void)out;
+#endif
+}
+
 template <typename T>
 __global__ void attn_merge_k(const int32_t *tok, int nq, int hd, int nsplit,
                              const float *part_o, const float *part_ml, T *out)
@@ -279,11 +451,31 @@ __global__ void attn_merge_k(const int32_t *tok, int nq, int hd, int nsplit,
 
 template <typename T, int HD>
 static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
-                      int R, int nq, int per_head, int window, float scale, const mm_k_cache *c,
+                      int R, int nq, int mode, int window, float scale, const mm_k_cache *c,
                       int nsplit, float *part, void *out, cudaStream_t s)
 {
+    if constexpr (HD <= 128) {
+    if (mode == MM_K_ATTN_HEAD_CLUSTER && nsplit <= MM_K_ATTN_CLUSTER_MAX) {
+        cudaLaunchAttribute at[2];
+        at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[0].val.programmaticStreamSerializationAllowed = 1;
+        at[1].id = cudaLaunchAttributeClusterDimension;
+        at[1].val.clusterDim.x = 1;
+        at[1].val.clusterDim.y = 1;
+        at[1].val.clusterDim.z = (unsigned)nsplit;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(nq, R, nsplit);
+        cfg.blockDim = dim3(CHUNK);
+        cfg.stream = s;
+        cfg.attrs = at;
+        cfg.numAttrs = 2;
+        cudaLaunchKernelEx(&cfg, attn_head_cluster_k<T, HD>, (const T *)q, tok, pos, slot, nq,
+                           window, scale, *c, nsplit, (T *)out);
+        return;
+    }
+    }
     float *part_ml = part + (size_t)R * nq * nsplit * HD;
-    if (per_head)
+    if (mode != MM_K_ATTN_GROUP)
         mm_launch(attn_decode_k<T, HD, 1>, dim3(nq, R, nsplit), CHUNK, 0, s, (const T *)q, tok,
                   pos, slot, nq, 1, window, scale, *c, nsplit, part, part_ml);
     else
@@ -296,17 +488,17 @@ static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, con
 
 template <typename T>
 static int decode(const void *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
-                  int R, int nq, int per_head, int window, float scale, const mm_k_cache *c,
+                  int R, int nq, int mode, int window, float scale, const mm_k_cache *c,
                   int nsplit, float *part, void *out, cudaStream_t s)
 {
     if (R <= 0)
         return 0;
     switch (c->hd) {
-    case 16: decode_hd<T, 16>(q, tok, pos, slot, R, nq, per_head, window, scale, c, nsplit, part, out, s); break;
-    case 32: decode_hd<T, 32>(q, tok, pos, slot, R, nq, per_head, window, scale, c, nsplit, part, out, s); break;
-    case 64: decode_hd<T, 64>(q, tok, pos, slot, R, nq, per_head, window, scale, c, nsplit, part, out, s); break;
-    case 128: decode_hd<T, 128>(q, tok, pos, slot, R, nq, per_head, window, scale, c, nsplit, part, out, s); break;
-    case 256: decode_hd<T, 256>(q, tok, pos, slot, R, nq, per_head, window, scale, c, nsplit, part, out, s); break;
+    case 16: decode_hd<T, 16>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 32: decode_hd<T, 32>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 64: decode_hd<T, 64>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 128: decode_hd<T, 128>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 256: decode_hd<T, 256>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
     default: return (int)cudaErrorInvalidValue;
     }
     return mm_launch_status();
@@ -314,10 +506,10 @@ static int decode(const void *q, const int32_t *tok, const int32_t *pos, const i
 
 extern "C" int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok,
                                 const int32_t *pos, const int32_t *slot, int R, int nq,
-                                int per_head, int window, float scale, const mm_k_cache *c,
+                                int mode, int window, float scale, const mm_k_cache *c,
                                 int nsplit, float *part, void *out, cudaStream_t s)
 {
-    return MM_DISPATCH(dt, decode, q, tok, pos, slot, R, nq, per_head, window, scale, c, nsplit,
+    return MM_DISPATCH(dt, decode, q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit,
                        part, out, s);
 }
 

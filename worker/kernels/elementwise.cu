@@ -31,12 +31,19 @@ extern "C" int mm_k_embed(mm_kdt dt, const void *table, const int32_t *ids, int 
     return MM_DISPATCH(dt, embed, table, ids, T, H, x, s);
 }
 
-/* One block per row; the row is read once into registers-sized chunks of
- * shared memory so the normalization pass does not re-read global memory. */
-template <typename T>
-__global__ void add_rmsnorm_k(float *x, const float *delta, int nd, size_t dstride,
-                              const T *dbias, const float *w, float eps, const int32_t *rows,
-                              int H, T *y)
+/* One block per row. At decode sizes this kernel is a latency chain
+ * (measured: 2.4 us of each 54 us layer on Qwen2.5-1.5B, 5 us of 158 on
+ * the 7B shape, where a loop of dependent loads made four round trips):
+ * so with ND, the number of partials, known at compile time, and rows of
+ * up to NORM_U x blockDim elements held in registers, every load of the
+ * row (x, partials, bias, norm weights) is issued before the first is
+ * used. Longer rows go through shared memory in a loop. */
+#define NORM_U 4
+template <typename T, int ND>
+__global__ void __launch_bounds__(1024)
+add_rmsnorm_k(float *__restrict__ x, const float *__restrict__ delta, size_t dstride,
+              const T *__restrict__ dbias, const float *__restrict__ w, float eps,
+              const int32_t *__restrict__ rows, int H, T *__restrict__ y)
 {
     mm_pdl_release();
     mm_pdl_wait();
@@ -44,23 +51,75 @@ __global__ void add_rmsnorm_k(float *x, const float *delta, int nd, size_t dstri
     __shared__ float red[32];
     int r = blockIdx.x, t = rows ? rows[r] : r;
     float *xr = x + (size_t)t * H;
+    const float *dr = delta ? delta + (size_t)t * H : NULL;
+    T *yr = y + (size_t)r * H;
     float ss = 0.0f;
+    if (H <= NORM_U * (int)blockDim.x) {
+        float v[NORM_U], wv[NORM_U];
+#pragma unroll
+        for (int u = 0; u < NORM_U; u++) {
+            int i = threadIdx.x + u * blockDim.x;
+            v[u] = i < H ? xr[i] : 0.0f;
+            wv[u] = i < H ? w[i] : 0.0f;
+        }
+#pragma unroll
+        for (int p = 0; p < ND; p++)
+#pragma unroll
+            for (int u = 0; u < NORM_U; u++) {
+                int i = threadIdx.x + u * blockDim.x;
+                if (i < H)
+                    v[u] += dr[p * dstride + i];
+            }
+        if (dbias)
+#pragma unroll
+            for (int u = 0; u < NORM_U; u++) {
+                int i = threadIdx.x + u * blockDim.x;
+                if (i < H)
+                    v[u] += mm_to_f(dbias[i]);
+            }
+#pragma unroll
+        for (int u = 0; u < NORM_U; u++)
+            ss += v[u] * v[u];
+        ss = mm_block_sum(ss, red);
+        float inv = rsqrtf(ss / (float)H + eps);
+#pragma unroll
+        for (int u = 0; u < NORM_U; u++) {
+            int i = threadIdx.x + u * blockDim.x;
+            if (i < H) {
+                if (!rows)
+                    xr[i] = v[u];
+                yr[i] = mm_from_f<T>(v[u] * inv * wv[u]);
+            }
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
         float v = xr[i];
-        for (int p = 0; p < nd; p++)
-            v += delta[p * dstride + (size_t)t * H + i];
+#pragma unroll
+        for (int p = 0; p < ND; p++)
+            v += dr[p * dstride + i];
         if (dbias)
             v += mm_to_f(dbias[i]);
         row[i] = v;
-        if (!rows)
-            xr[i] = v;
         ss += v * v;
     }
     ss = mm_block_sum(ss, red);
     float inv = rsqrtf(ss / (float)H + eps);
-    T *yr = y + (size_t)r * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x)
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        if (!rows)
+            xr[i] = row[i];
         yr[i] = mm_from_f<T>(row[i] * inv * w[i]);
+    }
+}
+
+template <typename T, int ND>
+static void add_rmsnorm_nd(float *x, const float *delta, size_t dstride, const void *dbias,
+                           const float *w, float eps, const int32_t *rows, int R, int H, void *y,
+                           cudaStream_t s)
+{
+    mm_launch(add_rmsnorm_k<T, ND>, R, H >= 1024 ? 1024 : ((H + 31) / 32) * 32,
+              (size_t)H * sizeof(float), s, x, delta, dstride, (const T *)dbias, w, eps, rows, H,
+              (T *)y);
 }
 
 template <typename T>
@@ -68,10 +127,20 @@ static int add_rmsnorm(float *x, const float *delta, int nd, size_t dstride, con
                        const float *w, float eps, const int32_t *rows, int R, int H, void *y,
                        cudaStream_t s)
 {
-    if (R > 0)
-        mm_launch(add_rmsnorm_k<T>, R, H >= 1024 ? 1024 : ((H + 31) / 32) * 32,
-                  (size_t)H * sizeof(float), s, x, delta, delta ? nd : 0, dstride,
-                  (const T *)dbias, w, eps, rows, H, (T *)y);
+    if (R <= 0)
+        return mm_launch_status();
+    switch (delta ? nd : 0) {
+    case 0: add_rmsnorm_nd<T, 0>(x, NULL, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    case 1: add_rmsnorm_nd<T, 1>(x, delta, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    case 2: add_rmsnorm_nd<T, 2>(x, delta, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    case 3: add_rmsnorm_nd<T, 3>(x, delta, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    case 4: add_rmsnorm_nd<T, 4>(x, delta, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    case 5: add_rmsnorm_nd<T, 5>(x, delta, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    case 6: add_rmsnorm_nd<T, 6>(x, delta, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    case 7: add_rmsnorm_nd<T, 7>(x, delta, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    case 8: add_rmsnorm_nd<T, 8>(x, delta, dstride, dbias, w, eps, rows, R, H, y, s); break;
+    default: return (int)cudaErrorInvalidValue;
+    }
     return mm_launch_status();
 }
 

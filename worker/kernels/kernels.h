@@ -34,7 +34,7 @@ int mm_k_embed(mm_kdt dt, const void *table, const int32_t *ids, int T, int H, f
                cudaStream_t s);
 
 /* The residual add fused with RMSNorm. For r < R, t = rows ? rows[r] : r:
- * v = x[t] + sum over the nd partials of delta[p * dstride + t * H] +
+ * v = x[t] + sum over the nd (<= 8) partials of delta[p * dstride + t * H] +
  * dbias (delta float, dbias dt; either may be NULL); when rows is NULL
  * x[t] = v is stored; y[r] = v / sqrt(mean(v^2) + eps) * w, in dt. */
 int mm_k_add_rmsnorm(mm_kdt dt, float *x, const float *delta, int nd, size_t dstride,
@@ -60,15 +60,24 @@ int mm_k_rope_store(mm_kdt dt, const void *qkv, const void *bias, const float *i
 
 /* Attention of R query tokens (token indices tok[r]) against their slot's
  * cache, each seeing positions [max(0, pos - window + 1), pos] (window 0 =
- * no limit): q [T][nq hd], out [T][nq hd]. One block serves all the query
- * heads of a kv head, so each K/V row is read once per group, or with
- * per_head (small batches: more, lighter blocks) one query head. The
- * context is split over nsplit blocks per (kv head or head, query)
- * (flash-decoding), merged by a second kernel; part needs
- * mm_k_attn_part_floats(R, nq, hd, nsplit) floats. */
+ * no limit): q [T][nq hd], out [T][nq hd]. The context is split over
+ * nsplit blocks per (head or kv head, query) (flash-decoding). Modes:
+ *  - GROUP: one block serves all the query heads of a kv head, so each
+ *    K/V row is read once per group; a second kernel merges the splits;
+ *  - HEAD (small batches: more, lighter blocks): one query head a block,
+ *    merged by the second kernel;
+ *  - HEAD_CLUSTER: as HEAD, but the splits of a head form one thread-block
+ *    cluster (sm_90+) and merge through distributed shared memory, with
+ *    each block's K and V rows all loaded before any arithmetic: no
+ *    second kernel and one memory round trip a chunk. Needs nsplit <=
+ *    MM_K_ATTN_CLUSTER_MAX and hd <= 128 (else HEAD is used).
+ * part needs mm_k_attn_part_floats(R, nq, hd, nsplit) floats (unused by
+ * HEAD_CLUSTER). */
+enum { MM_K_ATTN_GROUP = 0, MM_K_ATTN_HEAD = 1, MM_K_ATTN_HEAD_CLUSTER = 2 };
+#define MM_K_ATTN_CLUSTER_MAX 8
 size_t mm_k_attn_part_floats(int R, int nq, int hd, int nsplit);
 int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok, const int32_t *pos,
-                     const int32_t *slot, int R, int nq, int per_head, int window, float scale,
+                     const int32_t *slot, int R, int nq, int mode, int window, float scale,
                      const mm_k_cache *c, int nsplit, float *part, void *out, cudaStream_t s);
 
 /* Block-table updates: upd[0] = count (read on the device, so a captured
