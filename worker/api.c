@@ -1230,7 +1230,12 @@ static void handle_generate(mm_api *a, mm_http_exchange *ex, int chat)
     r->sp.samp.bias_val = NULL;
     r->sp.samp.n_bias = 0;
     for (int i = 0; i < r->n_ch; i++) {
-        if (mm_engine_submit(a->rt.engine, r->ch[i].seq) < 0) {
+        int src = mm_engine_submit(a->rt.engine, r->ch[i].seq);
+        if (src == -ENOTRECOVERABLE) {
+            fail(&e, 503, NULL, "the GPU failed; the worker is exiting to be restarted");
+            goto fail;
+        }
+        if (src < 0) {
             fail(&e, 503, NULL, "the server is shutting down");
             goto fail;
         }
@@ -1487,7 +1492,9 @@ void mm_api_handle(mm_http_exchange *ex, void *arg)
     }
     switch (i) {
     case 0:
-        if (a->ready)
+        if (a->ready && mm_engine_dead(a->rt.engine, NULL, 0))
+            mm_http_respond(ex, 503, CT_JSON, "{\"status\":\"failed\"}", 19);
+        else if (a->ready)
             mm_http_respond(ex, 200, CT_JSON, "{\"status\":\"ok\"}", 15);
         else
             mm_http_respond(ex, 503, CT_JSON "Retry-After: 1\r\n", "{\"status\":\"loading\"}", 20);

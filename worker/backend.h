@@ -39,7 +39,10 @@ typedef struct mm_backend_ops {
      * want == LAST and n_tokens rows with want == ALL, each row vocab_size
      * floats (the model's config vocab_size); ARGMAX sequences take no row
      * and get seqs[i].argmax instead. Every slot in the batch must have been
-     * reserve()d for pos + n_tokens positions. Returns 0 or -errno. */
+     * reserve()d for pos + n_tokens positions. Returns 0 or -errno;
+     * -ENOTRECOVERABLE when the device can run no step again (a sticky
+     * CUDA error): the engine then fails everything and the worker exits,
+     * to be restarted. */
     int  (*forward)(mm_backend *b, mm_batch_seq *seqs, int nseqs, float *logits,
                     char *err, size_t errlen);
     /* Make a slot's cache able to hold n positions (n <= max_len), taking
@@ -84,6 +87,12 @@ typedef struct mm_backend_opts {
  * CPU). The model must outlive the backend (it reads the config). */
 int mm_backend_cpu_new(const struct mm_model *m, const mm_backend_opts *o, mm_backend **out,
                        char *err, size_t errlen);
+
+/* Test hook (backend_fault.c): wrap inner so that every step after the
+ * first steps fails with -ENOTRECOVERABLE, as on a lost GPU. The wrapper
+ * owns inner from then on (its free frees both). */
+int mm_backend_fault_wrap(mm_backend *inner, long steps, mm_backend **out, char *err,
+                          size_t errlen);
 
 /* The CUDA backend (backend_cuda.c, kernels in worker/kernels/): weights in
  * one device allocation, a paged KV pool sized from

@@ -147,6 +147,12 @@ typedef struct cuda_backend {
     /* the device launches thread-block clusters (sm_90+): attention's
      * HEAD_CLUSTER mode; MM_CUDA_CLUSTER=0 turns it off (for comparison) */
     int      cluster_attn;
+    /* a sticky CUDA error happened: every step fails (device_lost) */
+    int      lost;
+    char     lost_msg[400];
+    /* test hook MM_CUDA_TEST_FAULT_STEP=n: the n-th forward launches a
+     * kernel that faults (worker/kernels/fault.cu) */
+    long     fault_step, steps_run;
     cudaEvent_t prof_ev[64];
     int      prof_n, prof_id[64];
     double   prof_ms[16];
@@ -825,10 +831,10 @@ out:
     return rc;
 }
 
-static int cuda_forward(mm_backend *base, mm_batch_seq *seqs, int nseqs, float *logits,
-                        char *err, size_t errlen)
+static int forward_steps(cuda_backend *b, mm_batch_seq *seqs, int nseqs, float *logits,
+                         char *err, size_t errlen)
 {
-    cuda_backend *b = (cuda_backend *)base;
+    mm_backend *base = &b->base;
     for (int i = 0; i < nseqs; i++) {
         const mm_batch_seq *q = &seqs[i];
         if (q->slot < 0 || q->slot >= base->max_seqs) {
@@ -904,6 +910,40 @@ static int cuda_forward(mm_backend *base, mm_batch_seq *seqs, int nseqs, float *
     if (b->prof && ++b->prof_steps == 64)
         prof_report(b);
     return 0;
+}
+
+/* After a failed step: is the error sticky (an illegal address, a launch
+ * failure, ...)? Such an error stays with the context - every later call
+ * returns it again, even after cudaGetLastError - so no step can run
+ * until the process restarts. A plain one (a bad launch configuration)
+ * clears, and the stream then synchronizes. */
+static int device_lost(cuda_backend *b)
+{
+    cudaGetLastError();
+    if (cudaStreamSynchronize(b->stream) == cudaSuccess)
+        return 0;
+    cudaGetLastError();
+    return cudaDeviceSynchronize() != cudaSuccess;
+}
+
+static int cuda_forward(mm_backend *base, mm_batch_seq *seqs, int nseqs, float *logits,
+                        char *err, size_t errlen)
+{
+    cuda_backend *b = (cuda_backend *)base;
+    if (b->lost) {
+        mm_errf(err, errlen, "%s", b->lost_msg);
+        return -ENOTRECOVERABLE;
+    }
+    if (b->fault_step > 0 && ++b->steps_run == b->fault_step)
+        mm_k_test_fault(b->stream);
+    int rc = forward_steps(b, seqs, nseqs, logits, err, errlen);
+    if (rc < 0 && rc != -EINVAL && device_lost(b)) {
+        b->lost = 1;
+        snprintf(b->lost_msg, sizeof b->lost_msg, "the CUDA device is unusable: %s", err);
+        mm_errf(err, errlen, "%s", b->lost_msg);
+        return -ENOTRECOVERABLE;
+    }
+    return rc;
 }
 
 /* ---- lifetime ---- */
@@ -1049,6 +1089,8 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     b->dt = m->layers[0].q.dtype == MM_DT_F16 ? MM_KDT_F16 : MM_KDT_BF16;
     const char *env = getenv("MM_CUDA_GRAPHS");
     b->no_graphs = env && strcmp(env, "0") == 0;
+    env = getenv("MM_CUDA_TEST_FAULT_STEP");
+    b->fault_step = env ? atol(env) : 0;
     env = getenv("MM_CUDA_SKIP");
     b->skip = env ? atoi(env) & 127 : 0;
     if (b->skip)

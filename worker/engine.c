@@ -104,6 +104,10 @@ struct mm_engine {
     pthread_mutex_t lock;
     pthread_cond_t  cond;
     int             stop;
+    /* the backend reported its device lost (-ENOTRECOVERABLE): every
+     * sequence then and after fails with dead_msg */
+    int             dead;
+    char            dead_msg[320];
     mm_seq         *sub_head, *sub_tail;
     mm_seq         *dirty_head;
     mm_xrng          seed_rng;
@@ -429,9 +433,10 @@ static void seq_finish(mm_engine *e, mm_seq *s, mm_finish why, const char *msg)
 int mm_engine_submit(mm_engine *e, mm_seq *s)
 {
     pthread_mutex_lock(&e->lock);
-    if (e->stop) {
+    if (e->stop || e->dead) {
+        int rc = e->stop ? -ESHUTDOWN : -ENOTRECOVERABLE;
         pthread_mutex_unlock(&e->lock);
-        return -ESHUTDOWN;
+        return rc;
     }
     seq_ref(s);
     s->engine = e;
@@ -893,6 +898,8 @@ static int build_batch(mm_engine *e)
     return nb;
 }
 
+static void engine_die(mm_engine *e, const char *msg);
+
 static void engine_step(mm_engine *e)
 {
     /* Cancelled sequences leave first, so their slots serve this step. */
@@ -931,6 +938,8 @@ static void engine_step(mm_engine *e)
         mm_error("engine: %s", msg);
         for (int i = 0; i < nb; i++)
             seq_finish(e, e->batch_seq[i], MM_FINISH_ERROR, msg);
+        if (rc == -ENOTRECOVERABLE)
+            engine_die(e, msg);
         return;
     }
 
@@ -977,6 +986,47 @@ static void engine_step(mm_engine *e)
     }
 }
 
+/* The device is lost: no step can run again. Fail every sequence the
+ * engine holds or is handed, and say so (mm_engine_dead) so the process
+ * can exit and be restarted by its supervisor. */
+static void engine_die(mm_engine *e, const char *msg)
+{
+    pthread_mutex_lock(&e->lock);
+    e->dead = 1;
+    snprintf(e->dead_msg, sizeof e->dead_msg, "%s", msg);
+    mm_seq *list = e->sub_head;
+    e->sub_head = e->sub_tail = NULL;
+    pthread_mutex_unlock(&e->lock);
+    while (list) {
+        mm_seq *n = list->next;
+        list->next = NULL;
+        seq_finish(e, list, MM_FINISH_ERROR, msg);
+        list = n;
+    }
+    while (e->run_head)
+        seq_finish(e, e->run_head, MM_FINISH_ERROR, msg);
+    while (e->wait_head) {
+        mm_seq *s = e->wait_head;
+        e->wait_head = s->next;
+        if (!e->wait_head)
+            e->wait_tail = NULL;
+        s->next = NULL;
+        e->n_waiting--;
+        seq_finish(e, s, MM_FINISH_ERROR, msg);
+    }
+    e->published = 1;
+}
+
+int mm_engine_dead(mm_engine *e, char *msg, size_t len)
+{
+    pthread_mutex_lock(&e->lock);
+    int dead = e->dead;
+    if (dead && msg && len)
+        snprintf(msg, len, "%s", e->dead_msg);
+    pthread_mutex_unlock(&e->lock);
+    return dead;
+}
+
 static void publish_gauges(mm_engine *e)
 {
     pthread_mutex_lock(&e->lock);
@@ -996,7 +1046,7 @@ static void *engine_main(void *arg)
     mm_engine *e = arg;
     for (;;) {
         pthread_mutex_lock(&e->lock);
-        while (!e->stop && !e->sub_head && !e->run_head && !e->wait_head)
+        while (!e->stop && (e->dead || (!e->sub_head && !e->run_head && !e->wait_head)))
             pthread_cond_wait(&e->cond, &e->lock);
         if (e->stop) {
             pthread_mutex_unlock(&e->lock);

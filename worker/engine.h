@@ -135,8 +135,13 @@ int  mm_engine_start(mm_engine *e, char *err, size_t errlen);
 void mm_engine_free(mm_engine *e);
 
 /* Queue a sequence; the engine takes its own reference. -ESHUTDOWN after
- * mm_engine_free began. */
+ * mm_engine_free began, -ENOTRECOVERABLE once the engine is dead. */
 int  mm_engine_submit(mm_engine *e, mm_seq *s);
+/* 1 once the backend reported its device lost (forward returned
+ * -ENOTRECOVERABLE): every sequence held then failed with the error, and
+ * every later one is refused. msg (may be NULL) receives the error. The
+ * process should exit so that its supervisor starts a fresh one. */
+int  mm_engine_dead(mm_engine *e, char *msg, size_t len);
 /* Call fn for every sequence with unseen output (each at most once per
  * call), in the caller's thread. */
 void mm_engine_drain(mm_engine *e, void (*fn)(mm_seq *s, void *arg), void *arg);

@@ -320,6 +320,7 @@ typedef struct loader {
     mm_api            *api;
     int                max_model_len;
     struct event      *done_ev;
+    struct event      *dead_ev;    /* the engine reported its device lost */
     /* results */
     int                rc;
     char               err[1024];
@@ -393,6 +394,16 @@ static void load_template(loader *L, const char *dir)
     json_decref(cfg);
 }
 
+/* The engine's "something was published" (its thread): wake the API,
+ * and the main loop too once the engine is dead. */
+static void worker_notify(void *arg)
+{
+    loader *L = arg;
+    mm_api_notify(L->api);
+    if (mm_engine_dead(L->engine, NULL, 0))
+        event_active(L->dead_ev, EV_READ, 1);
+}
+
 static void *load_main(void *arg)
 {
     loader *L = arg;
@@ -425,8 +436,20 @@ static void *load_main(void *arg)
         L->rc = mm_backend_cpu_new(L->model, &bo, &L->be, L->err, sizeof L->err);
     if (L->rc < 0)
         goto out;
+    /* A test hook: lose the "device" after this many steps (backend_fault.c). */
+    const char *fault = getenv("MM_WORKER_TEST_FAULT_STEPS");
+    long long steps;
+    if (fault && parse_ll(fault, 0, 1000000000, &steps) == 0) {
+        mm_backend *wrapped = NULL;
+        if ((L->rc = mm_backend_fault_wrap(L->be, (long)steps, &wrapped, L->err,
+                                           sizeof L->err)) < 0)
+            goto out;
+        L->be = wrapped;
+        mm_warn("MM_WORKER_TEST_FAULT_STEPS=%lld: every step after that many fails as on a "
+                "lost device", steps);
+    }
     mm_engine_opts eo = {.step_tokens = w->max_batched, .seed = (uint64_t)w->seed,
-                         .notify = mm_api_notify, .notify_ud = L->api};
+                         .notify = worker_notify, .notify_ud = L};
     if ((L->rc = mm_engine_new(L->be, L->tok, &L->model->cfg, &eo, &L->engine, L->err,
                                sizeof L->err)) < 0 ||
         (L->rc = mm_engine_start(L->engine, L->err, sizeof L->err)) < 0)
@@ -479,6 +502,23 @@ static void loaded_cb(evutil_socket_t fd, short what, void *arg)
                          .tpl = W->L.tpl, .tpl_err = W->L.tpl_err[0] ? W->L.tpl_err : NULL,
                          .specials = W->L.specials, .max_model_len = W->L.max_model_len};
     mm_api_set_ready(W->api, &rt);
+}
+
+/* The device is lost for good: the engine failed every request it held
+ * and refuses new ones; /health says 503. Exit 1 shortly (the error
+ * responses get out first) so that a supervisor - the gateway's fleet,
+ * systemd, Kubernetes - starts a fresh process on a fresh device context. */
+static void dead_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    worker *W = arg;
+    char msg[320] = "";
+    mm_engine_dead(W->L.engine, msg, sizeof msg);
+    mm_error("%s: the device cannot run again; exiting so that the worker is restarted", msg);
+    W->exit_code = 1;
+    struct timeval flush = {0, 300 * 1000};
+    event_base_loopexit(W->base, &flush);
 }
 
 static void signal_cb(evutil_socket_t sig, short what, void *arg)
@@ -567,7 +607,8 @@ int main(int argc, char **argv)
     W.L.api = W.api;
     W.L.max_model_len = max_len;
     W.L.done_ev = event_new(W.base, -1, 0, loaded_cb, &W);
-    if (!sigterm || !sigint || !W.L.done_ev || evsignal_add(sigterm, NULL) < 0 ||
+    W.L.dead_ev = event_new(W.base, -1, 0, dead_cb, &W);
+    if (!sigterm || !sigint || !W.L.done_ev || !W.L.dead_ev || evsignal_add(sigterm, NULL) < 0 ||
         evsignal_add(sigint, NULL) < 0) {
         fprintf(stderr, PROG ": cannot set up events\n");
         goto out;
@@ -579,6 +620,7 @@ int main(int argc, char **argv)
     }
     W.exit_code = 0;
     event_base_dispatch(W.base);
+    /* (dead_cb set exit_code 1: a lost device) */
     if (!W.L.joined) {
         /* Interrupted while loading: the loader cannot be stopped midway
          * and owns nothing the OS will not reclaim. */
@@ -594,6 +636,8 @@ out:
     mm_api_free(W.api);
     if (W.L.done_ev)
         event_free(W.L.done_ev);
+    if (W.L.dead_ev)
+        event_free(W.L.dead_ev);
     if (sigterm)
         event_free(sigterm);
     if (sigint)

@@ -8,7 +8,10 @@
 #     then end to end: a generated small model behind modelmux-worker
 #     --device cuda, 8 greedy /v1/completions at once against the same one
 #     at a time (texts must match up to near ties, judged by the sequential
-#     run's top-2 logprobs), and against a --device cpu worker (reported).
+#     run's top-2 logprobs), and against a --device cpu worker (reported);
+#     preemptions on a small pool, the KV out-of-memory message, and a
+#     sticky CUDA error (MM_CUDA_TEST_FAULT_STEP) failing the request and
+#     making the worker exit 1.
 #   bench (~6 min): gpu_bw, gpu_gemm, then for generated bf16 models of
 #     Qwen2.5-1.5B's and Qwen2.5-7B's shapes gpu_bench (decode single and
 #     batched, prefill, TTFT) and streaming HTTP load through the worker at
@@ -286,6 +289,38 @@ run_check() {
                     ok "e2e: no room for the KV cache: exit $orc, $(grep -o 'KV cache too small[^;]*' "$TMP/w-oom.log" | head -n 1)"
                 else
                     notok "e2e: no room for the KV cache: exit $orc, $(tail -n 1 "$TMP/w-oom.log")"
+                fi
+                # A sticky CUDA error (the test hook launches a kernel that
+                # stores to an invalid address at the 3rd step): the request
+                # fails with the cause and the worker exits 1 by itself, for
+                # its supervisor to restart it.
+                export MM_CUDA_TEST_FAULT_STEP=3
+                if start_worker cuda "$m" "$TMP/w-fault.log" --max-model-len 256 \
+                    --gpu-memory-utilization 0.3; then
+                    unset MM_CUDA_TEST_FAULT_STEP
+                    code=$(curl -s -m 60 -o "$TMP/fault.json" -w '%{http_code}' \
+                        -H 'content-type: application/json' -d '{"model": "bench", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "ignore_eos": true}' \
+                        "$URL/v1/completions")
+                    i=0
+                    while kill -0 "$WPID" 2>/dev/null && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+                    if kill -0 "$WPID" 2>/dev/null; then
+                        wrc="still running after 30 s"
+                        stop_worker
+                    else
+                        wait "$WPID"
+                        wrc=$?
+                        WPID=""
+                    fi
+                    { echo "== worker with a fault at step 3 (log tail)"; tail -n 8 "$TMP/w-fault.log"; } >>"$OUT/check.log"
+                    if [ "$code" = 500 ] && grep -q 'CUDA device is unusable' "$TMP/fault.json" &&
+                        [ "$wrc" = 1 ] && grep -q 'exiting so that the worker is restarted' "$TMP/w-fault.log"; then
+                        ok "e2e: a sticky CUDA error: HTTP 500 ($(grep -o 'unusable: [^"]*' "$TMP/fault.json" | head -c 120)), worker exit 1"
+                    else
+                        notok "e2e: a sticky CUDA error: HTTP $code, exit $wrc, $(head -c 300 "$TMP/fault.json")"
+                    fi
+                else
+                    unset MM_CUDA_TEST_FAULT_STEP
+                    notok "e2e: the worker with a fault hook did not start"
                 fi
             fi
         fi

@@ -48,9 +48,10 @@ typedef struct rig {
 } rig;
 
 /* block_size / num_blocks 0: the backend's defaults (a pool that never
- * runs short). */
-static int rig_new_pool(rig *r, int max_seqs, int max_len, int step_tokens, int block_size,
-                        int num_blocks)
+ * runs short). fault_steps >= 0: the backend loses its "device" after that
+ * many steps (backend_fault.c). */
+static int rig_new_fault(rig *r, int max_seqs, int max_len, int step_tokens, int block_size,
+                         int num_blocks, long fault_steps)
 {
     char err[512], path[256];
     memset(r, 0, sizeof *r);
@@ -62,12 +63,20 @@ static int rig_new_pool(rig *r, int max_seqs, int max_len, int step_tokens, int 
     if (mm_model_load(model_dir, &lo, &r->m, err, sizeof err) < 0 ||
         mm_tokenizer_load(path, &r->tok, err, sizeof err) < 0 ||
         mm_backend_cpu_new(r->m, &bo, &r->be, err, sizeof err) < 0 ||
+        (fault_steps >= 0 &&
+         mm_backend_fault_wrap(r->be, fault_steps, &r->be, err, sizeof err) < 0) ||
         mm_engine_new(r->be, r->tok, &r->m->cfg, &eo, &r->e, err, sizeof err) < 0 ||
         mm_engine_start(r->e, err, sizeof err) < 0) {
         printf("  rig: %s\n", err);
         return -1;
     }
     return 0;
+}
+
+static int rig_new_pool(rig *r, int max_seqs, int max_len, int step_tokens, int block_size,
+                        int num_blocks)
+{
+    return rig_new_fault(r, max_seqs, max_len, step_tokens, block_size, num_blocks, -1);
 }
 
 static int rig_new(rig *r, int max_seqs, int max_len, int step_tokens)
@@ -772,6 +781,40 @@ TEST(argmax_path_picks_what_the_sampler_picks)
     rig_free(&r);
 }
 
+/* A backend that reports its device lost, as the CUDA backend does on a
+ * sticky error (here injected after 3 steps): the sequences held then -
+ * the running one and the one waiting for its slot - fail with the error,
+ * the engine says it is dead, and it refuses new sequences. */
+TEST(lost_device_fails_everything_and_refuses_more)
+{
+    rig r;
+    ASSERT_EQ(rig_new_fault(&r, 1, 128, 512, 0, 0, 3), 0);
+    mm_seq_params p = greedy(20);
+    tseq t[2], late;
+    ASSERT_EQ(tseq_new(&r, &t[0], prompts[0], &p), 0);
+    ASSERT_EQ(tseq_new(&r, &t[1], prompts[1], &p), 0);
+    ASSERT_EQ(mm_engine_submit(r.e, t[0].s), 0);
+    ASSERT_EQ(mm_engine_submit(r.e, t[1].s), 0);
+    ASSERT_EQ(wait_all(&r, t, 2, 10000), 0);
+    for (int i = 0; i < 2; i++) {
+        ASSERT_EQ(t[i].got.finish, MM_FINISH_ERROR);
+        ASSERT_TRUE(strstr(t[i].got.error, "device lost") != NULL);
+    }
+    /* one slot: the first ran (prefill and two decode steps' worth of
+     * tokens at most), the second never started */
+    ASSERT_TRUE(t[0].got.n_gen >= 1 && t[0].got.n_gen < 20);
+    ASSERT_EQ(t[1].got.n_gen, 0);
+    char msg[320] = "";
+    ASSERT_EQ(mm_engine_dead(r.e, msg, sizeof msg), 1);
+    ASSERT_TRUE(strstr(msg, "device lost") != NULL);
+    ASSERT_EQ(tseq_new(&r, &late, prompts[2], &p), 0);
+    ASSERT_EQ(mm_engine_submit(r.e, late.s), -ENOTRECOVERABLE);
+    tseq_free(&late);
+    tseq_free(&t[0]);
+    tseq_free(&t[1]);
+    rig_free(&r);
+}
+
 int main(void)
 {
     snprintf(root, sizeof root, "/tmp/mm_test_engine_XXXXXX");
@@ -803,6 +846,7 @@ int main(void)
     RUN(pool_smaller_than_one_sequence_is_refused);
     RUN(plain_greedy_predicate);
     RUN(argmax_path_picks_what_the_sampler_picks);
+    RUN(lost_device_fails_everything_and_refuses_more);
     test_rm_tree(root);
     return test_summary();
 }

@@ -122,6 +122,10 @@ int mm_k_gemv_swiglu(mm_kdt dt, const void *W, const void *x, int M, int I, int 
 int mm_k_argmax(const float *logits, int R, int ld, const int *n_valid, unsigned long long *keys,
                 int32_t *ids, cudaStream_t s);
 
+/* Test hook: a kernel that stores to an invalid address, leaving the
+ * context with a sticky illegal-address error (fault.cu). */
+int mm_k_test_fault(cudaStream_t s);
+
 #ifdef __cplusplus
 }
 #endif
