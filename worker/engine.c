@@ -900,6 +900,23 @@ static int build_batch(mm_engine *e)
 
 static void engine_die(mm_engine *e, const char *msg);
 
+/* Append submitted sequences (detached from sub_head under the lock) to
+ * the waiting list (engine thread). */
+static void wait_append(mm_engine *e, mm_seq *list)
+{
+    while (list) {
+        mm_seq *n = list->next;
+        list->next = NULL;
+        if (e->wait_tail)
+            e->wait_tail->next = list;
+        else
+            e->wait_head = list;
+        e->wait_tail = list;
+        e->n_waiting++;
+        list = n;
+    }
+}
+
 static void engine_step(mm_engine *e)
 {
     /* Cancelled sequences leave first, so their slots serve this step. */
@@ -997,23 +1014,11 @@ static void engine_die(mm_engine *e, const char *msg)
     mm_seq *list = e->sub_head;
     e->sub_head = e->sub_tail = NULL;
     pthread_mutex_unlock(&e->lock);
-    while (list) {
-        mm_seq *n = list->next;
-        list->next = NULL;
-        seq_finish(e, list, MM_FINISH_ERROR, msg);
-        list = n;
-    }
+    wait_append(e, list);
     while (e->run_head)
         seq_finish(e, e->run_head, MM_FINISH_ERROR, msg);
-    while (e->wait_head) {
-        mm_seq *s = e->wait_head;
-        e->wait_head = s->next;
-        if (!e->wait_head)
-            e->wait_tail = NULL;
-        s->next = NULL;
-        e->n_waiting--;
-        seq_finish(e, s, MM_FINISH_ERROR, msg);
-    }
+    while (e->wait_head)
+        seq_finish(e, wait_pop(e), MM_FINISH_ERROR, msg);
     e->published = 1;
 }
 
@@ -1055,17 +1060,7 @@ static void *engine_main(void *arg)
         mm_seq *list = e->sub_head;
         e->sub_head = e->sub_tail = NULL;
         pthread_mutex_unlock(&e->lock);
-        while (list) {
-            mm_seq *n = list->next;
-            list->next = NULL;
-            if (e->wait_tail)
-                e->wait_tail->next = list;
-            else
-                e->wait_head = list;
-            e->wait_tail = list;
-            e->n_waiting++;
-            list = n;
-        }
+        wait_append(e, list);
         e->published = 0;
         engine_step(e);
         publish_gauges(e);
