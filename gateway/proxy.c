@@ -700,7 +700,6 @@ static void px_on_client_abort(mm_http_exchange *ex, void *udata)
     px_free(r);
 }
 
-static void px_arm_timer(px_req *r);
 static void px_respond_busy(px_req *r, const char *why);
 
 static void px_on_timer(evutil_socket_t fd, short what, void *arg)
@@ -1031,12 +1030,33 @@ static int px_body_for_backend(px_req *r, const char **body, size_t *len)
     return 0;
 }
 
-static void px_attempt_oom(px_req *r)
+/* An attempt that cannot go out ends the request: give the backend's slot
+ * back and answer status with msg. */
+static void px_attempt_fail(px_req *r, int status, const char *msg)
 {
     px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
     r->ex->on_abort = NULL;
-    px_error(r, 500, NULL, "out of memory");
+    px_error(r, status, NULL, msg);
     px_free(r);
+}
+
+static void px_attempt_oom(px_req *r) { px_attempt_fail(r, 500, "out of memory"); }
+
+/* Stamp the attempt's start; after the transport took it (rc 0) arm its
+ * timer, else end the request. */
+static void px_attempt_stamp(px_req *r)
+{
+    r->curl_err[0] = '\0';
+    r->attempt_ns = mm_now_ns();
+    r->last_ns = r->attempt_ns;
+}
+
+static void px_attempt_launched(px_req *r, int rc)
+{
+    if (rc != 0)
+        px_attempt_fail(r, 500, "cannot start upstream transfer");
+    else
+        px_arm_timer(r);
 }
 
 /* The whole-transfer limit for this attempt in ms, 0 for none: what is left
@@ -1110,17 +1130,8 @@ static void px_start_direct(px_req *r, const char *body, size_t blen)
         .ud = r,
         .errbuf = r->curl_err,
     };
-    r->curl_err[0] = '\0';
-    r->attempt_ns = mm_now_ns();
-    r->last_ns = r->attempt_ns;
-    if (mm_h1up_start(x, &rq, r) != 0) {
-        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
-        r->ex->on_abort = NULL;
-        px_error(r, 500, NULL, "cannot start upstream transfer");
-        px_free(r);
-        return;
-    }
-    px_arm_timer(r);
+    px_attempt_stamp(r);
+    px_attempt_launched(r, mm_h1up_start(x, &rq, r));
 }
 
 static void px_start_attempt(px_req *r)
@@ -1152,10 +1163,7 @@ static void px_start_attempt(px_req *r)
     char url[4096];
     size_t ulen = strlen(b->cfg->url);
     if (ulen + r->path_len >= sizeof url) {
-        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
-        r->ex->on_abort = NULL;
-        px_error(r, 414, NULL, "request target too long");
-        px_free(r);
+        px_attempt_fail(r, 414, "request target too long");
         return;
     }
     if (px_body_for_backend(r, &body, &blen)) {
@@ -1218,17 +1226,8 @@ static void px_start_attempt(px_req *r)
         if (strcmp(method, "POST") != 0)
             curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
     }
-    r->curl_err[0] = '\0';
-    r->attempt_ns = mm_now_ns();
-    r->last_ns = r->attempt_ns;
-    if (mm_upstream_add(r->t->up, e, r) != 0) {
-        px_release_attempt(r, 0, MM_OUTCOME_CANCEL);
-        r->ex->on_abort = NULL;
-        px_error(r, 500, NULL, "cannot start upstream transfer");
-        px_free(r);
-        return;
-    }
-    px_arm_timer(r);
+    px_attempt_stamp(r);
+    px_attempt_launched(r, mm_upstream_add(r->t->up, e, r));
 }
 
 void mm_proxy_upstream_done(CURL *easy, CURLcode rc, void *priv)

