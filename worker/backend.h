@@ -105,4 +105,7 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
 int mm_backend_cuda_built(void);
 /* 1 when it has and at least one GPU is visible (--device auto). */
 int mm_backend_cuda_available(void);
+/* 1 when b (a cuda backend) runs single-sequence decode steps as the one
+ * persistent kernel (opt-in: MM_CUDA_MEGA=1, sm_90+, shapes it fits). */
+int mm_backend_cuda_mega(const mm_backend *b);
 #endif

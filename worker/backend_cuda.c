@@ -147,6 +147,15 @@ typedef struct cuda_backend {
     /* the device launches thread-block clusters (sm_90+): attention's
      * HEAD_CLUSTER mode; MM_CUDA_CLUSTER=0 turns it off (for comparison) */
     int      cluster_attn;
+    /* Single-sequence decode steps as one persistent kernel (mega.cu),
+     * opt-in with MM_CUDA_MEGA=1 where the device and shape allow: it is
+     * correct but, measured, slower than the layered kernels (1.39 against
+     * 1.25 ms on the 1.5B shape, 4.16 against 3.98 on 7B; docs/GPU_NOTES.md
+     * v16-v19), so the layered kernels serve every step by default. */
+    int      mega;
+    mm_k_mega mk;
+    mm_k_mega_layer *mk_layers; /* device */
+    char    *mk_scratch;        /* device: its partials and counters */
     /* a sticky CUDA error happened: every step fails (device_lost) */
     int      lost;
     char     lost_msg[400];
@@ -577,6 +586,13 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
     const int32_t *ids = META_IDS(b->meta_d), *pos = META_POS(b->meta_d);
     const int32_t *slot = META_SLOT(b->meta_d), *tok = META_TOK(b->meta_d);
     CKK(mm_k_table_update(b->d_tables, META_UPD(b->meta_d), b->stream));
+    if (b->mega && T == 1 && nd == 1 && nbig == 0 && R == 1) {
+        CKK(mm_k_mega_run(b->dt, &b->mk, b->nsm, b->stream));
+        if (argmax)
+            CKK(mm_k_argmax(b->logits, 1, b->V, META_NVALID(b->meta_d), b->keys_d, b->ids_d,
+                            b->stream));
+        goto out;
+    }
     prof_mark(b, P_EMBED);
     CKK(mm_k_embed(b->dt, b->embed, ids, T, H, b->x, b->stream));
     prof_mark(b, P_EMBED);
@@ -967,7 +983,7 @@ static void cuda_free(mm_backend *base)
         cublasDestroy(b->blas);
     void *dev[] = {b->wbuf, b->kvbuf, b->d_tables, b->x, b->logits, b->part, b->S, b->h, b->qkv,
                    b->q, b->att, b->delta, b->gu, b->act, b->kc, b->vc, b->P, b->hrows, b->ids_d,
-                   b->keys_d, b->meta_d, b->blas_ws, b->inv_freq};
+                   b->keys_d, b->meta_d, b->blas_ws, b->inv_freq, b->mk_layers, b->mk_scratch};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i])
             cudaFree(dev[i]);
@@ -999,6 +1015,11 @@ static const mm_backend_ops cuda_ops = {
 
 int mm_backend_cuda_built(void) { return 1; }
 
+int mm_backend_cuda_mega(const mm_backend *base)
+{
+    return base && base->ops == &cuda_ops && ((const cuda_backend *)base)->mega;
+}
+
 int mm_backend_cuda_available(void)
 {
     int n = 0;
@@ -1006,6 +1027,69 @@ int mm_backend_cuda_available(void)
 }
 
 static double gib(size_t n) { return (double)n / (double)(1ull << 30); }
+
+/* The persistent decode kernel, when asked for (MM_CUDA_MEGA=1) and where
+ * it applies: sm_90+, a shape mm_k_mega_setup accepts, no measuring switch
+ * that it would bypass. Not applying is not an error: the layered kernels
+ * serve those steps. */
+static int setup_mega(cuda_backend *b, const struct cudaDeviceProp *prop, char *err,
+                      size_t errlen)
+{
+    int rc = 0;
+    const char *env = getenv("MM_CUDA_MEGA");
+    if (!env || strcmp(env, "1") != 0 || b->skip || b->prof || prop->major < 9)
+        return 0;
+    mm_k_mega *p = &b->mk;
+    *p = (mm_k_mega){.L = b->L, .H = b->H, .I = b->I, .nq = b->nq, .nkv = b->nkv, .hd = b->hd,
+                     .V = b->V, .window = b->window, .eps = b->eps, .scale = b->scale,
+                     .embed = b->embed, .lm_head = b->lm_head, .norm = b->norm,
+                     .inv_freq = b->inv_freq, .kv = b->kvbuf,
+                     .kv_layer_bytes = b->kv_layer_bytes, .block_tables = b->d_tables,
+                     .max_blocks = b->max_blocks, .bs = b->base.block_size,
+                     .ids = META_IDS(b->meta_d), .pos = META_POS(b->meta_d),
+                     .slot = META_SLOT(b->meta_d), .x = b->x, .logits = b->logits,
+                     .qkv = b->qkv, .att = b->att, .act = b->act};
+    env = getenv("MM_CUDA_MEGA_SKIP");
+    p->skip = env ? atoi(env) & 15 : 0;
+    if (p->skip)
+        mm_warn("cuda: MM_CUDA_MEGA_SKIP=%d leaves work out of the persistent kernel: answers "
+                "are wrong (for measuring only)", p->skip);
+    int e = mm_k_mega_setup(b->dt, p, b->nsm, prop->sharedMemPerBlockOptin);
+    if (e) {
+        cudaGetLastError();
+        mm_info("cuda: single-sequence steps use the layered kernels (the persistent kernel "
+                "does not fit this shape: %s)", cudaGetErrorString((cudaError_t)e));
+        return 0;
+    }
+    size_t nl = (size_t)b->L;
+    mm_k_mega_layer *hl = calloc(nl, sizeof *hl);
+    if (!hl) {
+        mm_errf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    for (int l = 0; l < b->L; l++) {
+        const cu_layer *w = &b->layers[l];
+        hl[l] = (mm_k_mega_layer){w->wqkv, w->bqkv, w->wo, w->bo, w->wgu, w->wdown,
+                                  w->attn_norm, w->mlp_norm};
+    }
+    CK(cudaMalloc((void **)&b->mk_layers, nl * sizeof *hl));
+    CK(cudaMemcpy(b->mk_layers, hl, nl * sizeof *hl, cudaMemcpyHostToDevice));
+    /* the attention splits' partials, then the counters, zeroed */
+    size_t part = (size_t)b->nq * (size_t)b->nsm * (size_t)(b->hd + 2) * sizeof(float);
+    size_t ctrs = (size_t)b->nq * sizeof(int) + MM_K_MEGA_CTRS * sizeof(unsigned);
+    CK(cudaMalloc((void **)&b->mk_scratch, part + ctrs));
+    CK(cudaMemset(b->mk_scratch, 0, part + ctrs));
+    p->part = (float *)b->mk_scratch;
+    p->head_ctr = (int *)(b->mk_scratch + part);
+    p->ctr = (unsigned *)(p->head_ctr + b->nq);
+    p->layers = b->mk_layers;
+    b->mega = 1;
+    mm_info("cuda: single-sequence decode steps run as one persistent kernel (%d blocks, "
+            "%d stages of %d KiB)", b->nsm, p->nst, p->stg / 1024);
+out:
+    free(hl);
+    return rc;
+}
 
 /* Device buffers of the step scratch, allocated in one go. */
 static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
@@ -1261,6 +1345,8 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     for (long long i = 0; i < nblk; i++)
         b->free_blk[i] = (int)(nblk - i);
     b->n_free = (int)nblk;
+    if ((rc = setup_mega(b, &prop, err, errlen)) < 0)
+        goto out;
     CK(cudaDeviceSynchronize());
     capture_all(b);
     mm_info("cuda: %s, %d SMs; weights %.2f GiB (%s); KV cache %lld blocks x %d positions = "

@@ -8,6 +8,7 @@
 
 int mm_backend_cuda_built(void) { return 0; }
 int mm_backend_cuda_available(void) { return 0; }
+int mm_backend_cuda_mega(const mm_backend *b) { (void)b; return 0; }
 
 int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_backend **out,
                         char *err, size_t errlen)

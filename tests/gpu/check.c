@@ -17,7 +17,9 @@
  *    prompts (the latter prefilled as 128 + 128 + 44 over three forwards,
  *    so it spans several KV blocks and chunk boundaries) against the CPU
  *    backend in one forward, and greedy continuations; with cuda also the
- *    decode attention's cluster kernel against its per-head kernel;
+ *    decode attention's cluster kernel against its per-head kernel, and
+ *    the persistent single-sequence kernel (MM_CUDA_MEGA=1) against the
+ *    layered kernels;
  *  - batch: 8 sequences of different lengths stepping together (some still
  *    prefilling while others decode, LAST / ALL / ARGMAX mixed, one of them
  *    preempted and resumed in another slot) against each alone;
@@ -637,8 +639,17 @@ out:
  * (MM_CUDA_CLUSTER=0), on the same tokens: a 300-token prompt, then
  * SHAPE_GREEDY decode steps whose contexts span 3 chunks of 128, so the
  * merge has several splits to combine. The two do the same arithmetic in
- * the same order: they agree to rounding (limit 1e-3). */
-static void check_attn_modes(checker *c, const shape *sh, const gen_model *gm)
+ * the same order: they agree to rounding (limit 1e-3).
+ *
+ * The persistent single-sequence kernel (opt-in, MM_CUDA_MEGA=1) against
+ * the layered kernels, on the same tokens: the same roundings to the
+ * 16-bit type in other summation orders, so a rounding may flip and
+ * propagate like batching's (limit --tol-batch).
+ *
+ * check_same: the same greedy decode with environment variable env set to
+ * on, then to off, logits within limit. */
+static void check_same(checker *c, const shape *sh, const gen_model *gm, const char *env,
+                       const char *on, const char *off, const char *what, double limit)
 {
     const mm_model *m = gm->m;
     int V = m->cfg.vocab_size;
@@ -648,22 +659,25 @@ static void check_attn_modes(checker *c, const shape *sh, const gen_model *gm)
     float *rb = malloc(sizeof *rb * (size_t)V * SHAPE_GREEDY);
     double *scratch = malloc(sizeof *scratch * 2 * (size_t)V);
     int32_t prompt[SHAPE_LONG], toks[SHAPE_GREEDY];
-    const double limit = 1e-3;
     begin(c);
-    snprintf(name, sizeof name, "shape %s: decode attention, cluster kernel = per-head kernel",
-             sh->name);
+    snprintf(name, sizeof name, "shape %s: %s", sh->name, what);
     if (!ra || !rb || !scratch) {
         report(c, 0, name, NULL, "out of memory");
         goto out;
     }
+    setenv(env, on, 1);
     int rc = open_backend(c, "cuda", m, 1, 512, 0, &ba, err, sizeof err);
     if (rc >= 0) {
-        setenv("MM_CUDA_CLUSTER", "0", 1);
+        setenv(env, off, 1);
         rc = open_backend(c, "cuda", m, 1, 512, 0, &bb, err, sizeof err);
-        unsetenv("MM_CUDA_CLUSTER");
     }
+    unsetenv(env);
     if (rc < 0) {
         report(c, 0, name, NULL, "%s", err);
+        goto out;
+    }
+    if (strcmp(env, "MM_CUDA_MEGA") == 0 && !mm_backend_cuda_mega(ba)) {
+        report(c, 0, name, NULL, "MM_CUDA_MEGA=1 did not set up the persistent kernel");
         goto out;
     }
     fill_prompt(prompt, SHAPE_LONG, V, 2);
@@ -1243,8 +1257,13 @@ int main(int argc, char **argv)
         printf("# generated %s (%.0f MB) in %.2f s\n", sh->name, (double)gm.m->weight_bytes / 1e6,
                mm_gpu_now() - tg0);
         check_shape(&c, sh, &gm);
-        if (c.cuda)
-            check_attn_modes(&c, sh, &gm);
+        if (c.cuda) {
+            check_same(&c, sh, &gm, "MM_CUDA_CLUSTER", "1", "0",
+                       "decode attention, cluster kernel = per-head kernel", 1e-3);
+            check_same(&c, sh, &gm, "MM_CUDA_MEGA", "1", "0",
+                       "single-sequence decode, persistent kernel = layered kernels",
+                       c.tol_batch);
+        }
         if (i == 0) {
             check_batch(&c, &gm);
             check_preempt(&c, &gm);

@@ -122,6 +122,48 @@ int mm_k_gemv_swiglu(mm_kdt dt, const void *W, const void *x, int M, int I, int 
 int mm_k_argmax(const float *logits, int R, int ld, const int *n_valid, unsigned long long *keys,
                 int32_t *ids, cudaStream_t s);
 
+/* The decode step of one sequence (token ids[0] at position pos[0] of
+ * slot[0]) as one persistent kernel of nb blocks, one per SM (mega.cu):
+ * from the embedding to logits[0, V) in float. Needs sm_90 (TMA bulk
+ * copies, mma), head_dim 64/128/256, H <= 6144, H and I multiples of 16.
+ * mm_k_mega_setup fills nst, stg, cmax, xs_bytes and acc_floats from the
+ * shared memory a block may use and sets the kernel's attributes; it
+ * fails (non-zero) when the shape does not fit. Scratch: x H floats, qkv,
+ * att, act as the layered path's (one token); part nq x nb x (hd + 2)
+ * floats; head_ctr nq ints and ctr MM_K_MEGA_CTRS counters, both zeroed
+ * once at allocation (the kernel leaves them zeroed). */
+#define MM_K_MEGA_CTRS 4
+typedef struct mm_k_mega_layer {
+    const void  *wqkv, *bqkv, *wo, *bo, *wgu, *wdown;
+    const float *attn_norm, *mlp_norm;
+} mm_k_mega_layer;
+typedef struct mm_k_mega {
+    int L, H, I, nq, nkv, hd, V, window;
+    float eps, scale;
+    const void *embed, *lm_head;
+    const float *norm, *inv_freq;
+    const mm_k_mega_layer *layers; /* device array of L */
+    void *kv;                      /* the pool: layer l's K at 2l, V at 2l + 1 */
+    size_t kv_layer_bytes;
+    const int32_t *block_tables;
+    int max_blocks, bs;
+    const int32_t *ids, *pos, *slot;
+    float *x, *logits, *part;
+    void *qkv, *att, *act;
+    int *head_ctr;
+    unsigned *ctr;
+    int nst, stg, cmax, xs_bytes, acc_floats; /* set by mm_k_mega_setup */
+    int skip; /* measuring only (results wrong): MM_K_MEGA_SKIP_* */
+} mm_k_mega;
+enum {
+    MM_K_MEGA_SKIP_ATTN = 1, /* no attention work items */
+    MM_K_MEGA_SKIP_DOT = 2,  /* consumers take stages without the arithmetic */
+    MM_K_MEGA_SKIP_SYNC = 4, /* no waiting for other blocks */
+    MM_K_MEGA_SKIP_NORM = 8  /* no norms or input fetches */
+};
+int mm_k_mega_setup(mm_kdt dt, mm_k_mega *p, int nb, size_t smem_optin);
+int mm_k_mega_run(mm_kdt dt, const mm_k_mega *p, int nb, cudaStream_t s);
+
 /* Test hook: a kernel that stores to an invalid address, leaving the
  * context with a sticky illegal-address error (fault.cu). */
 int mm_k_test_fault(cudaStream_t s);
