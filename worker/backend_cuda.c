@@ -22,9 +22,10 @@
  * to 8 on small matrices, with SwiGLU in the gate/up product's epilogue;
  * cuBLAS beyond. Attention: the flash-decoding kernel for decodes and
  * short slices (a block per kv head and its query heads, or per query
- * head for small batches), and for longer prompt slices two
- * strided-batched cuBLAS products around a causal softmax (tensor cores,
- * one kv head's group of query heads per call).
+ * head for small batches), and for longer prompt slices the flash kernel
+ * (flash.cu: scores on chip, tensor cores; sm_80+, head_dim 64/128) or
+ * else two strided-batched cuBLAS products around a causal softmax (one
+ * kv head's group of query heads per call).
  *
  * Every CUDA and cuBLAS call and every launch is checked; a failure is
  * reported with the call and the library's message. */
@@ -156,6 +157,10 @@ typedef struct cuda_backend {
     mm_k_mega mk;
     mm_k_mega_layer *mk_layers; /* device */
     char    *mk_scratch;        /* device: its partials and counters */
+    /* prompt slices attend through the flash kernel (flash.cu) where the
+     * device (sm_80+) and head_dim allow; MM_CUDA_FLASH=0 keeps the cuBLAS
+     * products around a softmax kernel (for comparison) */
+    int      flash;
     /* a sticky CUDA error happened: every step fails (device_lost) */
     int      lost;
     char     lost_msg[400];
@@ -543,6 +548,13 @@ static int prefill_attention(cuda_backend *b, const mm_k_cache *c, const seg *g,
     int rc = 0, ctx = g->pos + g->n, group = b->nq / b->nkv, hd = b->hd;
     size_t es = esz(b);
     CKK(mm_k_gather_kv(b->dt, c, g->slot, ctx, b->kc, b->vc, b->stream));
+    if (b->flash) {
+        size_t off = (size_t)g->t0 * b->qd * es;
+        CKK(mm_k_flash_prefill(b->dt, (const char *)b->q + off, b->qd, b->kc, b->vc, ctx, g->pos,
+                               g->n, b->nq, b->nkv, hd, b->window, b->scale,
+                               (char *)b->att + off, b->stream));
+        return 0;
+    }
     int tile = (int)(b->s_floats / ((size_t)group * (size_t)ctx));
     if (tile > g->n)
         tile = g->n;
@@ -1227,6 +1239,8 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     CK(cudaDeviceGetAttribute(&cl, cudaDevAttrClusterLaunch, 0));
     env = getenv("MM_CUDA_CLUSTER");
     b->cluster_attn = cl && !(env && strcmp(env, "0") == 0);
+    env = getenv("MM_CUDA_FLASH");
+    b->flash = prop.major >= 8 && mm_k_flash_ok(b->hd) && !(env && strcmp(env, "0") == 0);
 
     CK(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
     CKB(cublasCreate(&b->blas));

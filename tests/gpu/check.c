@@ -19,7 +19,8 @@
  *    backend in one forward, and greedy continuations; with cuda also the
  *    decode attention's cluster kernel against its per-head kernel, and
  *    the persistent single-sequence kernel (MM_CUDA_MEGA=1) against the
- *    layered kernels;
+ *    layered kernels, and the flash prompt attention against the cuBLAS
+ *    one (MM_CUDA_FLASH=0);
  *  - batch: 8 sequences of different lengths stepping together (some still
  *    prefilling while others decode, LAST / ALL / ARGMAX mixed, one of them
  *    preempted and resumed in another slot) against each alone;
@@ -354,7 +355,7 @@ static void check_fixture(checker *c, const char *arch)
     json_t *fig = json_pack("{s:f, s:i, s:i, s:f}", "max_abs_diff", dmax, "top1_agree", top1,
                             "positions", n, "limit", c->tol_golden);
     int ok = dmax <= c->tol_golden && top1_bad < 0;
-    report(c, ok, name, fig, "max |dlogprob| %.2e at position %d (limit %.0e), top-1 %d/%d%s",
+    report(c, ok, name, fig, "max |dlogprob| %.2e at position %d (limit %.2g), top-1 %d/%d%s",
            dmax, worst, c->tol_golden, top1, n,
            top1_bad >= 0 ? ", a top-1 differs where transformers has no near tie" : "");
 
@@ -579,7 +580,7 @@ static void check_shape(checker *c, const shape *sh, const gen_model *gm)
     report(c, d40 <= c->tol_shape && dg <= c->tol_shape && gc.bad_at < 0, name,
            json_pack("{s:f, s:f, s:i, s:f}", "prompt_max_diff", d40, "greedy_max_diff", dg,
                      "greedy_agree", gc.agree, "limit", c->tol_shape),
-           "max |dlogprob| prompt %.2e, greedy rows %.2e (limit %.0e); greedy vs cpu %s", d40,
+           "max |dlogprob| prompt %.2e, greedy rows %.2e (limit %.2g); greedy vs cpu %s", d40,
            dg, c->tol_shape, t1);
 
     /* 300 tokens over three forwards (128 + 128 + 44) against one forward
@@ -618,7 +619,7 @@ static void check_shape(checker *c, const shape *sh, const gen_model *gm)
            name,
            json_pack("{s:f, s:i, s:i, s:f}", "max_diff", d300, "greedy_agree", gc.agree,
                      "kv_blocks", used, "limit", c->tol_shape),
-           "max |dlogprob| %.2e (limit %.0e), %d KV blocks of %d (want %d, %d after truncate); "
+           "max |dlogprob| %.2e (limit %.2g), %d KV blocks of %d (want %d, %d after truncate); "
            "ARGMAX greedy vs cpu %s",
            d300, c->tol_shape, used, b->block_size, want_blocks, b->blocks_used, t1);
 out:
@@ -642,9 +643,11 @@ out:
  * the same order: they agree to rounding (limit 1e-3).
  *
  * The persistent single-sequence kernel (opt-in, MM_CUDA_MEGA=1) against
- * the layered kernels, on the same tokens: the same roundings to the
- * 16-bit type in other summation orders, so a rounding may flip and
- * propagate like batching's (limit --tol-batch).
+ * the layered kernels, and the flash prompt attention against the cuBLAS
+ * products (MM_CUDA_FLASH=0; the 300-token prompt is one slice), on the
+ * same tokens: the same roundings to the 16-bit type in other summation
+ * orders, so a rounding may flip and propagate like batching's (limit
+ * --tol-batch).
  *
  * check_same: the same greedy decode with environment variable env set to
  * on, then to off, logits within limit. */
@@ -696,7 +699,7 @@ static void check_same(checker *c, const shape *sh, const gen_model *gm, const c
         }
     double d = rows_diff(ra, rb, SHAPE_GREEDY, V, scratch);
     report(c, d <= limit, name, json_pack("{s:f, s:f}", "max_diff", d, "limit", limit),
-           "max |dlogprob| over %d decode rows %.2e (limit %.0e)", SHAPE_GREEDY, d, limit);
+           "max |dlogprob| over %d decode rows %.2e (limit %.2g)", SHAPE_GREEDY, d, limit);
 out:
     if (ba)
         ba->ops->free(ba);
@@ -931,7 +934,7 @@ static void check_batch(checker *c, const gen_model *gm)
     else
         report(c, ok, name, fig,
                "%d steps (%d mixing prefill and decode, up to %d sequences, %d KV blocks), "
-               "%d/%d tokens equal, %d near ties; max |dlogprob| %.2e (limit %.0e); "
+               "%d/%d tokens equal, %d near ties; max |dlogprob| %.2e (limit %.2g); "
                "%d blocks used at the end",
                steps, mixed, max_batch, max_used, agree_all, NB_SEQS * NB_GEN, ties, dmax,
                c->tol_batch, b->blocks_used);
@@ -1001,7 +1004,7 @@ static void check_preempt(checker *c, const gen_model *gm)
     report(c, ok, name,
            json_pack("{s:i, s:i, s:f, s:i, s:i}", "next", next, "again", again, "max_diff", d,
                      "blocks_before", used, "blocks_after_truncate", freed),
-           "next token %d, after re-prefill %d (margin %.3f), max |dlogprob| %.2e (limit %.0e); "
+           "next token %d, after re-prefill %d (margin %.3f), max |dlogprob| %.2e (limit %.2g); "
            "%d KV blocks, %d after truncate(0)",
            next, again, margin, d, c->tol_batch, used, freed);
 
@@ -1026,7 +1029,7 @@ static void check_preempt(checker *c, const gen_model *gm)
     b->ops->truncate(b, 1, 0);
     report(c, dt <= c->tol_batch && blocks == blocks_for(N, b->block_size) && b->blocks_used == 0,
            name, json_pack("{s:f, s:i}", "max_diff", dt, "blocks", blocks),
-           "max |dlogprob| %.2e over 5 rows (limit %.0e), %d KV blocks after, %d after "
+           "max |dlogprob| %.2e over 5 rows (limit %.2g), %d KV blocks after, %d after "
            "truncate(0)",
            dt, c->tol_batch, blocks, b->blocks_used);
     goto out;
@@ -1178,7 +1181,7 @@ int main(int argc, char **argv)
         return 1;
     setvbuf(stdout, NULL, _IOLBF, 0);
     double t0 = mm_gpu_now();
-    printf("gpu_check: backend %s, block size %d, limits golden %.0e shape %.0e batch %.0e, "
+    printf("gpu_check: backend %s, block size %d, limits golden %.2g shape %.2g batch %.2g, "
            "near tie below %.3f\n",
            c.kind, c.block_size, c.tol_golden, c.tol_shape, c.tol_batch, c.tie);
 
@@ -1263,6 +1266,8 @@ int main(int argc, char **argv)
             check_same(&c, sh, &gm, "MM_CUDA_MEGA", "1", "0",
                        "single-sequence decode, persistent kernel = layered kernels",
                        c.tol_batch);
+            check_same(&c, sh, &gm, "MM_CUDA_FLASH", "1", "0",
+                       "prompt attention, flash kernel = cuBLAS products", c.tol_batch);
         }
         if (i == 0) {
             check_batch(&c, &gm);

@@ -90,6 +90,17 @@ int mm_k_table_update(int32_t *table, const int32_t *upd, cudaStream_t s);
 int mm_k_gather_kv(mm_kdt dt, const mm_k_cache *c, int slot, int n, void *kc, void *vc,
                    cudaStream_t s);
 
+/* Causal attention of one prompt slice, flash style (flash.cu: scores
+ * kept on chip, tensor cores, sm_80+): the n query rows q + i * qd (i <
+ * n, positions pos0 + i, nq heads of hd) against the slice's contiguous K
+ * and V [nkv][ctx][hd] (mm_k_gather_kv; ctx = pos0 + n), each seeing
+ * positions [max(0, pos - window + 1), pos] (window 0 = no limit), into
+ * out + i * qd. hd 64 or 128 (mm_k_flash_ok). */
+int mm_k_flash_ok(int hd);
+int mm_k_flash_prefill(mm_kdt dt, const void *q, int qd, const void *kc, const void *vc, int ctx,
+                       int pos0, int n, int nq, int nkv, int hd, int window, float scale,
+                       void *out, cudaStream_t s);
+
 /* Causal softmax of scores S [rows][ld] f32 into P (dt, same shape): row
  * r = h * n + i is query i (position pos0 + i) of head h; columns above the
  * position, or below it by window or more, get 0. */

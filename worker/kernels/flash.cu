@@ -1,0 +1,273 @@
+/* flash.cu: causal attention of a prompt slice with its scores kept on
+ * chip (flash attention), on the tensor cores.
+ *
+ * Why: the cuBLAS path writes every score of a slice to memory in float,
+ * runs a softmax kernel over them, multiplies the rounded probabilities by
+ * V, and computes the masked upper half too - about 40% of a 2048-token
+ * prefill on the 1.5B shape (docs/BENCHMARKS.md). Here a block takes 64
+ * query rows of one head (16 per warp) and walks the key tiles of 64 that
+ * its rows can see, causal tiles beyond the diagonal never loaded:
+ * S = Q K^T and O += P V as m16n8k16 mma with float accumulation, the
+ * softmax online in registers (running max and sum per row, the
+ * probabilities rounded to the 16-bit type as the cuBLAS path rounds P).
+ * K and V tiles pass through shared memory with a 16-byte row padding, so
+ * ldmatrix reads them without bank conflicts.
+ *
+ * Inputs as the cuBLAS path has them: q rows of the slice (stride qd), the
+ * slice's contiguous K and V [nkv][ctx][hd] (mm_k_gather_kv). */
+#include <type_traits>
+
+#include "common.cuh"
+
+#define FA_BM 64 /* query rows a block */
+#define FA_BN 64 /* keys a tile */
+#define FA_THREADS 128
+
+__device__ __forceinline__ uint32_t fa_smem(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void fa_ldsm4(uint32_t *r, uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void fa_ldsm4t(uint32_t *r, uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+/* d += a (16 x 16) b (16 x 8) */
+template <typename T>
+__device__ __forceinline__ void fa_mma(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    (void)d, (void)a, (void)b0, (void)b1;
+#endif
+}
+
+__device__ __forceinline__ uint32_t fa_pack(float a, float b, __nv_bfloat16 *)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *(uint32_t *)&v;
+}
+__device__ __forceinline__ uint32_t fa_pack(float a, float b, __half *)
+{
+    __half2 v = __floats2half2_rn(a, b);
+    return *(uint32_t *)&v;
+}
+
+/* Start copying rows rows of HD 16-bit values from src (row stride ld
+ * elements; rows at or past valid are zero-filled) into shared memory of
+ * pitch HD + 8; fa_wait() completes every copy started. */
+template <int HD>
+__device__ __forceinline__ void fa_tile(uint16_t *dst, const uint16_t *src, size_t ld, int rows,
+                                        int valid)
+{
+    constexpr int CH = HD / 8; /* 16-byte chunks a row */
+    for (int c = threadIdx.x; c < rows * CH; c += FA_THREADS) {
+        int r = c / CH, k = c % CH;
+        const uint16_t *g = src + (size_t)(r < valid ? r : 0) * ld + k * 8;
+        uint32_t d = fa_smem(dst + r * (HD + 8) + k * 8);
+        int bytes = r < valid ? 16 : 0;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(g),
+                     "r"(bytes)
+                     : "memory");
+    }
+}
+
+__device__ __forceinline__ void fa_wait(void)
+{
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
+template <typename T, int HD>
+__global__ void __launch_bounds__(FA_THREADS)
+flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__restrict__ vc,
+        int ctx, int pos0, int n, int group, int window, float scale_log2, T *__restrict__ out)
+{
+    constexpr int P = HD + 8; /* shared row pitch, elements */
+    extern __shared__ uint4 fa_raw[];
+    uint16_t *sq = (uint16_t *)fa_raw, *sk = sq + FA_BM * P, *sv = sk + FA_BN * P;
+    mm_pdl_release();
+    mm_pdl_wait();
+    int i0 = blockIdx.x * FA_BM, h = blockIdx.y, kvh = h / group;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const uint16_t *kh = (const uint16_t *)kc + (size_t)kvh * ctx * HD;
+    const uint16_t *vh = (const uint16_t *)vc + (size_t)kvh * ctx * HD;
+
+    fa_tile<HD>(sq, (const uint16_t *)q + (size_t)i0 * qd + (size_t)h * HD, (size_t)qd, FA_BM,
+                n - i0);
+    fa_wait();
+    __syncthreads();
+    /* this warp's 16 query rows as A fragments, one per 16 dims */
+    uint32_t qf[HD / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ks++)
+        fa_ldsm4(qf[ks], fa_smem(sq + (w * 16 + (lane & 15)) * P + ks * 16 + (lane >> 4) * 8));
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++)
+        o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    int qp[2] = {pos0 + i0 + w * 16 + g, pos0 + i0 + w * 16 + g + 8};
+    /* the keys the block's rows can see: up to its last row's position,
+     * from its first row's window */
+    int jend = pos0 + i0 + FA_BM < ctx ? pos0 + i0 + FA_BM : ctx;
+    int jbeg = 0;
+    if (window > 0 && pos0 + i0 - window + 1 > 0)
+        jbeg = (pos0 + i0 - window + 1) / FA_BN * FA_BN;
+    for (int j0 = jbeg; j0 < jend; j0 += FA_BN) {
+        __syncthreads(); /* the previous tile is consumed */
+        fa_tile<HD>(sk, kh + (size_t)j0 * HD, HD, FA_BN, ctx - j0);
+        fa_tile<HD>(sv, vh + (size_t)j0 * HD, HD, FA_BN, ctx - j0);
+        fa_wait();
+        __syncthreads();
+        /* S = Q K^T: 8 blocks of 8 keys, two at a time */
+        float s[FA_BN / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < FA_BN / 8; nb++)
+            s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+        for (int nb = 0; nb < FA_BN / 8; nb += 2)
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ks++) {
+                uint32_t b[4];
+                fa_ldsm4(b, fa_smem(sk + (nb * 8 + (lane & 7) + (lane >> 4) * 8) * P + ks * 16 +
+                                    ((lane >> 3) & 1) * 8));
+                fa_mma<T>(s[nb], qf[ks], b[0], b[1]);
+                fa_mma<T>(s[nb + 1], qf[ks], b[2], b[3]);
+            }
+        /* mask, scale (log2 domain), the rows' new maxima */
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nb = 0; nb < FA_BN / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = e >> 1, kp = j0 + nb * 8 + 2 * c + (e & 1);
+                bool ok = kp <= qp[r] && kp < ctx && (window <= 0 || kp > qp[r] - window);
+                s[nb][e] = ok ? s[nb][e] * scale_log2 : -INFINITY;
+                mx[r] = fmaxf(mx[r], s[nb][e]);
+            }
+        float corr[2], mu[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            float mn = fmaxf(m[r], mx[r]);
+            mu[r] = mn == -INFINITY ? 0.0f : mn; /* a row with nothing visible yet */
+            corr[r] = exp2f(m[r] - mu[r]);
+            m[r] = mn;
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int d = 0; d < HD / 8; d++) {
+            o[d][0] *= corr[0];
+            o[d][1] *= corr[0];
+            o[d][2] *= corr[1];
+            o[d][3] *= corr[1];
+        }
+        /* P = exp2(S - max), rounded to T as A fragments: the S tile's
+         * accumulator layout is the next mma's A layout */
+        uint32_t pa[FA_BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < FA_BN / 16; kk++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                float *sv2 = s[2 * kk + half];
+                float p0 = exp2f(sv2[0] - mu[0]), p1 = exp2f(sv2[1] - mu[0]);
+                float p2 = exp2f(sv2[2] - mu[1]), p3 = exp2f(sv2[3] - mu[1]);
+                uint32_t lo = fa_pack(p0, p1, (T *)NULL), hi = fa_pack(p2, p3, (T *)NULL);
+                /* the sum counts the probabilities as rounded */
+                const T *rl = (const T *)&lo, *rh = (const T *)&hi;
+                l[0] += mm_to_f(rl[0]) + mm_to_f(rl[1]);
+                l[1] += mm_to_f(rh[0]) + mm_to_f(rh[1]);
+                pa[kk][2 * half] = lo;
+                pa[kk][2 * half + 1] = hi;
+            }
+        /* O += P V: V's rows are keys, so B comes transposed */
+#pragma unroll
+        for (int kk = 0; kk < FA_BN / 16; kk++)
+#pragma unroll
+            for (int d = 0; d < HD / 8; d += 2) {
+                uint32_t b[4];
+                fa_ldsm4t(b, fa_smem(sv + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * P +
+                                     d * 8 + (lane >> 4) * 8));
+                fa_mma<T>(o[d], pa[kk], b[0], b[1]);
+                fa_mma<T>(o[d + 1], pa[kk], b[2], b[3]);
+            }
+    }
+    /* the 4 lanes of a row hold parts of its sum */
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        l[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = i0 + w * 16 + g + 8 * r;
+        if (row >= n)
+            continue;
+        T *dst = out + (size_t)row * qd + (size_t)h * HD + 2 * c;
+#pragma unroll
+        for (int d = 0; d < HD / 8; d++)
+            *(uint32_t *)(dst + d * 8) =
+                fa_pack(o[d][2 * r] * l[r], o[d][2 * r + 1] * l[r], (T *)NULL);
+    }
+}
+
+template <typename T, int HD>
+static int flash_hd(const void *q, int qd, const void *kc, const void *vc, int ctx, int pos0,
+                    int n, int nq, int nkv, int window, float scale, void *out, cudaStream_t s)
+{
+    size_t smem = (size_t)(FA_BM + 2 * FA_BN) * (HD + 8) * sizeof(T);
+    /* above the 48 KiB default for head_dim 128 (a host call, no launch) */
+    cudaError_t e = cudaFuncSetAttribute(flash_k<T, HD>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess)
+        return (int)e;
+    if (n > 0)
+        mm_launch(flash_k<T, HD>, dim3((n + FA_BM - 1) / FA_BM, nq), FA_THREADS, smem, s,
+                  (const T *)q, qd, (const T *)kc, (const T *)vc, ctx, pos0, n, nq / nkv,
+                  window, scale * 1.4426950408889634f, (T *)out);
+    return mm_launch_status();
+}
+
+template <typename T>
+static int flash(const void *q, int qd, const void *kc, const void *vc, int ctx, int pos0, int n,
+                 int nq, int nkv, int hd, int window, float scale, void *out, cudaStream_t s)
+{
+    if (hd == 64)
+        return flash_hd<T, 64>(q, qd, kc, vc, ctx, pos0, n, nq, nkv, window, scale, out, s);
+    if (hd == 128)
+        return flash_hd<T, 128>(q, qd, kc, vc, ctx, pos0, n, nq, nkv, window, scale, out, s);
+    return (int)cudaErrorInvalidValue;
+}
+
+extern "C" int mm_k_flash_ok(int hd) { return hd == 64 || hd == 128; }
+
+extern "C" int mm_k_flash_prefill(mm_kdt dt, const void *q, int qd, const void *kc,
+                                  const void *vc, int ctx, int pos0, int n, int nq, int nkv,
+                                  int hd, int window, float scale, void *out, cudaStream_t s)
+{
+    return MM_DISPATCH(dt, flash, q, qd, kc, vc, ctx, pos0, n, nq, nkv, hd, window, scale, out,
+                       s);
+}
