@@ -10,8 +10,9 @@
  * S = Q K^T and O += P V as m16n8k16 mma with float accumulation, the
  * softmax online in registers (running max and sum per row, the
  * probabilities rounded to the 16-bit type as the cuBLAS path rounds P).
- * K and V tiles pass through shared memory with a 16-byte row padding, so
- * ldmatrix reads them without bank conflicts.
+ * K and V tiles pass through two shared-memory buffers with a 16-byte row
+ * padding (ldmatrix reads them without bank conflicts): the next tile's
+ * copies run while the current one is multiplied.
  *
  * Inputs as the cuBLAS path has them: q rows of the slice (stride qd), the
  * slice's contiguous K and V [nkv][ctx][hd] (mm_k_gather_kv). */
@@ -75,7 +76,8 @@ __device__ __forceinline__ uint32_t fa_pack(float a, float b, __half *)
 
 /* Start copying rows rows of HD 16-bit values from src (row stride ld
  * elements; rows at or past valid are zero-filled) into shared memory of
- * pitch HD + 8; fa_wait() completes every copy started. */
+ * pitch HD + 8. fa_commit() closes a group of such copies; fa_wait1()
+ * waits for every group but the newest. */
 template <int HD>
 __device__ __forceinline__ void fa_tile(uint16_t *dst, const uint16_t *src, size_t ld, int rows,
                                         int valid)
@@ -92,9 +94,14 @@ __device__ __forceinline__ void fa_tile(uint16_t *dst, const uint16_t *src, size
     }
 }
 
-__device__ __forceinline__ void fa_wait(void)
+__device__ __forceinline__ void fa_commit(void)
 {
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+__device__ __forceinline__ void fa_wait1(void)
+{
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
 }
 
 template <typename T, int HD>
@@ -104,7 +111,7 @@ flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__re
 {
     constexpr int P = HD + 8; /* shared row pitch, elements */
     extern __shared__ uint4 fa_raw[];
-    uint16_t *sq = (uint16_t *)fa_raw, *sk = sq + FA_BM * P, *sv = sk + FA_BN * P;
+    uint16_t *sq = (uint16_t *)fa_raw, *skv = sq + FA_BM * P; /* then K0, V0, K1, V1 */
     mm_pdl_release();
     mm_pdl_wait();
     int i0 = blockIdx.x * FA_BM, h = blockIdx.y, kvh = h / group;
@@ -112,15 +119,7 @@ flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__re
     const uint16_t *kh = (const uint16_t *)kc + (size_t)kvh * ctx * HD;
     const uint16_t *vh = (const uint16_t *)vc + (size_t)kvh * ctx * HD;
 
-    fa_tile<HD>(sq, (const uint16_t *)q + (size_t)i0 * qd + (size_t)h * HD, (size_t)qd, FA_BM,
-                n - i0);
-    fa_wait();
-    __syncthreads();
-    /* this warp's 16 query rows as A fragments, one per 16 dims */
-    uint32_t qf[HD / 16][4];
-#pragma unroll
-    for (int ks = 0; ks < HD / 16; ks++)
-        fa_ldsm4(qf[ks], fa_smem(sq + (w * 16 + (lane & 15)) * P + ks * 16 + (lane >> 4) * 8));
+    uint32_t qf[HD / 16][4]; /* this warp's 16 query rows as A fragments */
 
     float o[HD / 8][4];
 #pragma unroll
@@ -134,12 +133,29 @@ flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__re
     int jbeg = 0;
     if (window > 0 && pos0 + i0 - window + 1 > 0)
         jbeg = (pos0 + i0 - window + 1) / FA_BN * FA_BN;
-    for (int j0 = jbeg; j0 < jend; j0 += FA_BN) {
-        __syncthreads(); /* the previous tile is consumed */
-        fa_tile<HD>(sk, kh + (size_t)j0 * HD, HD, FA_BN, ctx - j0);
-        fa_tile<HD>(sv, vh + (size_t)j0 * HD, HD, FA_BN, ctx - j0);
-        fa_wait();
+    /* the first group: Q and the first K/V tile (there is always one: the
+     * block's first row sees its own position) */
+    fa_tile<HD>(sq, (const uint16_t *)q + (size_t)i0 * qd + (size_t)h * HD, (size_t)qd, FA_BM,
+                n - i0);
+    fa_tile<HD>(skv, kh + (size_t)jbeg * HD, HD, FA_BN, ctx - jbeg);
+    fa_tile<HD>(skv + FA_BN * P, vh + (size_t)jbeg * HD, HD, FA_BN, ctx - jbeg);
+    fa_commit();
+    for (int j0 = jbeg, buf = 0; j0 < jend; j0 += FA_BN, buf ^= 1) {
+        uint16_t *sk = skv + 2 * buf * FA_BN * P, *sv = sk + FA_BN * P;
+        if (j0 + FA_BN < jend) { /* the next tile into the other buffer */
+            uint16_t *nk = skv + 2 * (buf ^ 1) * FA_BN * P;
+            fa_tile<HD>(nk, kh + (size_t)(j0 + FA_BN) * HD, HD, FA_BN, ctx - j0 - FA_BN);
+            fa_tile<HD>(nk + FA_BN * P, vh + (size_t)(j0 + FA_BN) * HD, HD, FA_BN,
+                        ctx - j0 - FA_BN);
+        }
+        fa_commit();
+        fa_wait1();
         __syncthreads();
+        if (j0 == jbeg)
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ks++)
+                fa_ldsm4(qf[ks],
+                         fa_smem(sq + (w * 16 + (lane & 15)) * P + ks * 16 + (lane >> 4) * 8));
         /* S = Q K^T: 8 blocks of 8 keys, two at a time */
         float s[FA_BN / 8][4];
 #pragma unroll
@@ -213,6 +229,7 @@ flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__re
                 fa_mma<T>(o[d], pa[kk], b[0], b[1]);
                 fa_mma<T>(o[d + 1], pa[kk], b[2], b[3]);
             }
+        __syncthreads(); /* this buffer is refilled by the next iteration */
     }
     /* the 4 lanes of a row hold parts of its sum */
 #pragma unroll
@@ -238,7 +255,7 @@ template <typename T, int HD>
 static int flash_hd(const void *q, int qd, const void *kc, const void *vc, int ctx, int pos0,
                     int n, int nq, int nkv, int window, float scale, void *out, cudaStream_t s)
 {
-    size_t smem = (size_t)(FA_BM + 2 * FA_BN) * (HD + 8) * sizeof(T);
+    size_t smem = (size_t)(FA_BM + 4 * FA_BN) * (HD + 8) * sizeof(T);
     /* above the 48 KiB default for head_dim 128 (a host call, no launch) */
     cudaError_t e = cudaFuncSetAttribute(flash_k<T, HD>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
