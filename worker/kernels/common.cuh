@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "kernels.h"
 
 __device__ __forceinline__ float mm_to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -71,6 +73,51 @@ __device__ __forceinline__ float mm_block_sum(float v, float *red)
 __device__ __forceinline__ float mm_block_max(float v, float *red)
 {
     return mm_block_reduce<mm_warp_max>(v, red, -INFINITY);
+}
+
+/* ---- tensor-core helpers (sm_80+: the mma kernels check the device) ---- */
+
+__device__ __forceinline__ uint32_t mm_smem_u32(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* Four 8x8 16-bit matrices from shared memory (lane t gives the address
+ * of row t & 7 of matrix t >> 3); .trans delivers them transposed. With
+ * lane t at row (t & 15), column 8 (t >> 4) of a 16 x 16 tile, the four
+ * registers are that tile as an m16n8k16 A fragment. */
+__device__ __forceinline__ void mm_ldsm4(uint32_t *r, uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void mm_ldsm4t(uint32_t *r, uint32_t addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+/* d += a (16 x 16, row) b (16 x 8, col) in T (bf16 or f16), float d. */
+template <typename T>
+__device__ __forceinline__ void mm_mma16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same<T, __half>::value)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    (void)d, (void)a, (void)b0, (void)b1;
+#endif
 }
 
 /* Programmatic dependent launch (Hopper): every kernel here is launched

@@ -16,52 +16,11 @@
  *
  * Inputs as the cuBLAS path has them: q rows of the slice (stride qd), the
  * slice's contiguous K and V [nkv][ctx][hd] (mm_k_gather_kv). */
-#include <type_traits>
-
 #include "common.cuh"
 
 #define FA_BM 64 /* query rows a block */
 #define FA_BN 64 /* keys a tile */
 #define FA_THREADS 128
-
-__device__ __forceinline__ uint32_t fa_smem(const void *p)
-{
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void fa_ldsm4(uint32_t *r, uint32_t addr)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void fa_ldsm4t(uint32_t *r, uint32_t addr)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-/* d += a (16 x 16) b (16 x 8) */
-template <typename T>
-__device__ __forceinline__ void fa_mma(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
-{
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    (void)d, (void)a, (void)b0, (void)b1;
-#endif
-}
 
 __device__ __forceinline__ uint32_t fa_pack(float a, float b, __nv_bfloat16 *)
 {
@@ -86,7 +45,7 @@ __device__ __forceinline__ void fa_tile(uint16_t *dst, const uint16_t *src, size
     for (int c = threadIdx.x; c < rows * CH; c += FA_THREADS) {
         int r = c / CH, k = c % CH;
         const uint16_t *g = src + (size_t)(r < valid ? r : 0) * ld + k * 8;
-        uint32_t d = fa_smem(dst + r * (HD + 8) + k * 8);
+        uint32_t d = mm_smem_u32(dst + r * (HD + 8) + k * 8);
         int bytes = r < valid ? 16 : 0;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(g),
                      "r"(bytes)
@@ -154,8 +113,8 @@ flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__re
         if (j0 == jbeg)
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ks++)
-                fa_ldsm4(qf[ks],
-                         fa_smem(sq + (w * 16 + (lane & 15)) * P + ks * 16 + (lane >> 4) * 8));
+                mm_ldsm4(qf[ks],
+                         mm_smem_u32(sq + (w * 16 + (lane & 15)) * P + ks * 16 + (lane >> 4) * 8));
         /* S = Q K^T: 8 blocks of 8 keys, two at a time */
         float s[FA_BN / 8][4];
 #pragma unroll
@@ -166,10 +125,10 @@ flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__re
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ks++) {
                 uint32_t b[4];
-                fa_ldsm4(b, fa_smem(sk + (nb * 8 + (lane & 7) + (lane >> 4) * 8) * P + ks * 16 +
+                mm_ldsm4(b, mm_smem_u32(sk + (nb * 8 + (lane & 7) + (lane >> 4) * 8) * P + ks * 16 +
                                     ((lane >> 3) & 1) * 8));
-                fa_mma<T>(s[nb], qf[ks], b[0], b[1]);
-                fa_mma<T>(s[nb + 1], qf[ks], b[2], b[3]);
+                mm_mma16816<T>(s[nb], qf[ks], b[0], b[1]);
+                mm_mma16816<T>(s[nb + 1], qf[ks], b[2], b[3]);
             }
         /* mask, scale (log2 domain), the rows' new maxima */
         float mx[2] = {-INFINITY, -INFINITY};
@@ -224,10 +183,10 @@ flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__re
 #pragma unroll
             for (int d = 0; d < HD / 8; d += 2) {
                 uint32_t b[4];
-                fa_ldsm4t(b, fa_smem(sv + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * P +
+                mm_ldsm4t(b, mm_smem_u32(sv + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * P +
                                      d * 8 + (lane >> 4) * 8));
-                fa_mma<T>(o[d], pa[kk], b[0], b[1]);
-                fa_mma<T>(o[d + 1], pa[kk], b[2], b[3]);
+                mm_mma16816<T>(o[d], pa[kk], b[0], b[1]);
+                mm_mma16816<T>(o[d + 1], pa[kk], b[2], b[3]);
             }
         __syncthreads(); /* this buffer is refilled by the next iteration */
     }

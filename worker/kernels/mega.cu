@@ -47,8 +47,6 @@
  * 1.17 ms.
  *
  * sm_90+ only (TMA bulk copies); the host checks before using it. */
-#include <type_traits>
-
 #include "common.cuh"
 
 #define MK_CW      8               /* consumer warps */
@@ -62,15 +60,10 @@
 
 /* ---- PTX wrappers (sm_90) ---- */
 
-__device__ __forceinline__ uint32_t mk_smem(const void *p)
-{
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void mk_bar_init(uint64_t *b, uint32_t count)
 {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mk_smem(b)), "r"(count)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(mm_smem_u32(b)), "r"(count)
                  : "memory");
 }
 
@@ -80,7 +73,7 @@ __device__ __forceinline__ bool mk_bar_try(uint64_t *b, uint32_t parity)
     asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
                  " selp.u32 %0, 1, 0, p;\n}"
                  : "=r"(ok)
-                 : "r"(mk_smem(b)), "r"(parity)
+                 : "r"(mm_smem_u32(b)), "r"(parity)
                  : "memory");
     return ok != 0;
 }
@@ -93,14 +86,14 @@ __device__ __forceinline__ void mk_bar_wait(uint64_t *b, uint32_t parity)
 
 __device__ __forceinline__ void mk_bar_arrive(uint64_t *b)
 {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(mk_smem(b)) : "memory");
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(mm_smem_u32(b)) : "memory");
 }
 
 /* The producer's arrival on a stage's mbarrier, announcing the bytes the
  * copies below will complete on it. */
 __device__ __forceinline__ void mk_expect(uint64_t *b, uint32_t bytes)
 {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mk_smem(b)),
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mm_smem_u32(b)),
                  "r"(bytes)
                  : "memory");
 }
@@ -112,35 +105,9 @@ __device__ __forceinline__ void mk_load(void *dst, const void *src, uint32_t byt
                                         uint64_t policy)
 {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-                 " [%0], [%1], %2, [%3], %4;" ::"r"(mk_smem(dst)),
-                 "l"(src), "r"(bytes), "r"(mk_smem(b)), "l"(policy)
+                 " [%0], [%1], %2, [%3], %4;" ::"r"(mm_smem_u32(dst)),
+                 "l"(src), "r"(bytes), "r"(mm_smem_u32(b)), "l"(policy)
                  : "memory");
-}
-
-/* Four 8x8 16-bit matrices from shared memory: the A fragment of an
- * m16n8k16 mma when lane t points at row (t & 7) + 8 ((t >> 3) & 1),
- * column 8 (t >> 4) of the 16 x 16 tile. */
-__device__ __forceinline__ void mk_ldsm4(uint32_t *a, uint32_t addr)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                 : "r"(addr));
-}
-
-/* d += A (16 x 16) B (16 x 8), float accumulation. */
-template <typename T>
-__device__ __forceinline__ void mk_mma(float *d, const uint32_t *a, uint32_t b0, uint32_t b1)
-{
-    if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-                     "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint64_t mk_evict_first(void)
@@ -314,7 +281,7 @@ __device__ void mk_consume(mk_ring &rg, const mk_task &t, int cmax, const T *xs,
         for (int ch = 0; ch < g.nch; ch++) {
             int c0 = ch * g.C, wd = t.K - c0 < g.C ? t.K - c0 : g.C, S = wd / 16;
             int s = rg.it % rg.nst;
-            uint32_t base = mk_smem(rg.stage + (size_t)s * rg.stg) +
+            uint32_t base = mm_smem_u32(rg.stage + (size_t)s * rg.stg) +
                             (uint32_t)(mrow * mk_pitch(wd) + mcol * 2);
             const T *xc = xs + c0 + 2 * cq;
             int k = S * w / MK_CW, k1 = S * (w + 1) / MK_CW;
@@ -323,17 +290,17 @@ __device__ void mk_consume(mk_ring &rg, const mk_task &t, int cmax, const T *xs,
             mk_bar_wait(&rg.full[s], (rg.it / rg.nst) & 1);
             for (; k + 1 < k1; k += 2) {
                 uint32_t a0[4], a1[4];
-                mk_ldsm4(a0, base + (uint32_t)k * 32);
-                mk_ldsm4(a1, base + (uint32_t)k * 32 + 32);
+                mm_ldsm4(a0, base + (uint32_t)k * 32);
+                mm_ldsm4(a1, base + (uint32_t)k * 32 + 32);
                 const uint32_t *xw = (const uint32_t *)(xc + k * 16);
-                mk_mma<T>(d0, a0, xw[0], xw[4]);
-                mk_mma<T>(d1, a1, xw[8], xw[12]);
+                mm_mma16816<T>(d0, a0, xw[0], xw[4]);
+                mm_mma16816<T>(d1, a1, xw[8], xw[12]);
             }
             if (k < k1) {
                 uint32_t a0[4];
-                mk_ldsm4(a0, base + (uint32_t)k * 32);
+                mm_ldsm4(a0, base + (uint32_t)k * 32);
                 const uint32_t *xw = (const uint32_t *)(xc + k * 16);
-                mk_mma<T>(d0, a0, xw[0], xw[4]);
+                mm_mma16816<T>(d0, a0, xw[0], xw[4]);
             }
             __syncwarp();
             if (lane == 0)
