@@ -357,14 +357,22 @@ __device__ void mk_arrive(unsigned *c)
     }
 }
 
-/* Wait until counter c reaches target (one thread polls). */
+/* Wait until counter c reaches target (one thread polls). A count that
+ * never comes is a bug (or blocks that are not all resident): trap after
+ * seconds of polling - a sticky error the worker reports and exits on -
+ * rather than hold the GPU forever. */
+#define MK_SPIN_MAX (1u << 26)
 __device__ void mk_wait(const unsigned *c, unsigned target, int skip)
 {
     if (threadIdx.x == 0 && !(skip & MM_K_MEGA_SKIP_SYNC)) {
-        unsigned v;
-        do
+        unsigned v, spins = 0;
+        for (;;) {
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
-        while (v < target);
+            if (v >= target)
+                break;
+            if (++spins > MK_SPIN_MAX)
+                __trap();
+        }
     }
     mk_sync();
 }
