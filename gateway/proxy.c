@@ -1042,8 +1042,7 @@ static void px_attempt_fail(px_req *r, int status, const char *msg)
 
 static void px_attempt_oom(px_req *r) { px_attempt_fail(r, 500, "out of memory"); }
 
-/* Stamp the attempt's start; after the transport took it (rc 0) arm its
- * timer, else end the request. */
+/* Stamp the attempt's start, just before the transport takes it. */
 static void px_attempt_stamp(px_req *r)
 {
     r->curl_err[0] = '\0';
@@ -1051,6 +1050,8 @@ static void px_attempt_stamp(px_req *r)
     r->last_ns = r->attempt_ns;
 }
 
+/* After the transport took the attempt (rc 0) arm its timer, else end the
+ * request. */
 static void px_attempt_launched(px_req *r, int rc)
 {
     if (rc != 0)

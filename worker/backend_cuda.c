@@ -1113,6 +1113,8 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
     b->s_floats = group * (T < L ? T : L) * L;
     if (b->s_floats > ATT_S_CAP)
         b->s_floats = ATT_S_CAP > s_need ? ATT_S_CAP : s_need;
+    if (b->flash) /* the scores of the cuBLAS prefill path: unused */
+        b->s_floats = 0;
     size_t parts = 0;
     for (int r = 1; r <= MAX_STEP; r++) {
         size_t p = mm_k_attn_part_floats(r, b->nq, b->hd, decode_splits(b, r, b->base.max_len));
@@ -1140,6 +1142,8 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
         {(void **)&b->meta_d, ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4},
     };
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) {
+        if (a[i].bytes == 0)
+            continue;
         CK(cudaMalloc(a[i].p, a[i].bytes));
         CK(cudaMemset(*a[i].p, 0, a[i].bytes));
     }
@@ -1240,7 +1244,9 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     env = getenv("MM_CUDA_CLUSTER");
     b->cluster_attn = cl && !(env && strcmp(env, "0") == 0);
     env = getenv("MM_CUDA_FLASH");
-    b->flash = prop.major >= 8 && mm_k_flash_ok(b->hd) && !(env && strcmp(env, "0") == 0);
+    b->flash = prop.major >= 8 && !(env && strcmp(env, "0") == 0) &&
+              mm_k_flash_setup(b->dt, b->hd) == 0;
+    cudaGetLastError(); /* a head size the flash kernel lacks is no error */
 
     CK(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
     CKB(cublasCreate(&b->blas));

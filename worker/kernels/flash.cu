@@ -210,16 +210,17 @@ flash_k(const T *__restrict__ q, int qd, const T *__restrict__ kc, const T *__re
     }
 }
 
+/* Q, two K tiles and two V tiles, padded */
+template <typename T, int HD> static size_t flash_smem(void)
+{
+    return (size_t)(FA_BM + 4 * FA_BN) * (HD + 8) * sizeof(T);
+}
+
 template <typename T, int HD>
 static int flash_hd(const void *q, int qd, const void *kc, const void *vc, int ctx, int pos0,
                     int n, int nq, int nkv, int window, float scale, void *out, cudaStream_t s)
 {
-    size_t smem = (size_t)(FA_BM + 4 * FA_BN) * (HD + 8) * sizeof(T);
-    /* above the 48 KiB default for head_dim 128 (a host call, no launch) */
-    cudaError_t e = cudaFuncSetAttribute(flash_k<T, HD>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess)
-        return (int)e;
+    size_t smem = flash_smem<T, HD>();
     if (n > 0)
         mm_launch(flash_k<T, HD>, dim3((n + FA_BM - 1) / FA_BM, nq), FA_THREADS, smem, s,
                   (const T *)q, qd, (const T *)kc, (const T *)vc, ctx, pos0, n, nq / nkv,
@@ -238,7 +239,22 @@ static int flash(const void *q, int qd, const void *kc, const void *vc, int ctx,
     return (int)cudaErrorInvalidValue;
 }
 
-extern "C" int mm_k_flash_ok(int hd) { return hd == 64 || hd == 128; }
+/* Once per process and type: the kernel's shared memory is above the 48
+ * KiB default for head_dim 128. */
+template <typename T> static int flash_setup(int hd)
+{
+    if (hd == 64)
+        return (int)cudaFuncSetAttribute(flash_k<T, 64>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)flash_smem<T, 64>());
+    if (hd == 128)
+        return (int)cudaFuncSetAttribute(flash_k<T, 128>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)flash_smem<T, 128>());
+    return (int)cudaErrorInvalidValue;
+}
+
+extern "C" int mm_k_flash_setup(mm_kdt dt, int hd) { return MM_DISPATCH(dt, flash_setup, hd); }
 
 extern "C" int mm_k_flash_prefill(mm_kdt dt, const void *q, int qd, const void *kc,
                                   const void *vc, int ctx, int pos0, int n, int nq, int nkv,

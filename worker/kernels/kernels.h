@@ -95,8 +95,9 @@ int mm_k_gather_kv(mm_kdt dt, const mm_k_cache *c, int slot, int n, void *kc, vo
  * n, positions pos0 + i, nq heads of hd) against the slice's contiguous K
  * and V [nkv][ctx][hd] (mm_k_gather_kv; ctx = pos0 + n), each seeing
  * positions [max(0, pos - window + 1), pos] (window 0 = no limit), into
- * out + i * qd. hd 64 or 128 (mm_k_flash_ok). */
-int mm_k_flash_ok(int hd);
+ * out + i * qd. hd 64 or 128: mm_k_flash_setup (once, before any launch)
+ * returns 0 when the kernel serves this type and head size. */
+int mm_k_flash_setup(mm_kdt dt, int hd);
 int mm_k_flash_prefill(mm_kdt dt, const void *q, int qd, const void *kc, const void *vc, int ctx,
                        int pos0, int n, int nq, int nkv, int hd, int window, float scale,
                        void *out, cudaStream_t s);
