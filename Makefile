@@ -36,17 +36,20 @@ NVCCFLAGS += -std=c++17 $(NVCC_ARCH) -Xcompiler -Wall,-Wextra,-Werror,-fno-stric
 
 COMMON_SRC  := $(wildcard common/*.c)
 GATEWAY_SRC := $(filter-out gateway/main.c,$(wildcard gateway/*.c))
-WORKER_SRC  := $(filter-out worker/main.c worker/backend_cuda.c worker/backend_nocuda.c,$(wildcard worker/*.c))
+WORKER_SRC  := $(filter-out worker/main.c worker/backend_cuda.c worker/backend_tp.c worker/nccl_dl.c \
+                 worker/backend_nocuda.c,$(wildcard worker/*.c))
 ifeq ($(CUDA),1)
 CUDA_HOME   ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 CU_SRC      := $(wildcard worker/kernels/*.cu)
-WORKER_SRC  += worker/backend_cuda.c
+WORKER_SRC  += worker/backend_cuda.c worker/backend_tp.c worker/nccl_dl.c
 CU_OBJ      := $(CU_SRC:%.cu=$(BUILD)/%.o)
 # cudart is linked statically (no libcudart.so to find at run time); cuBLAS
 # is a shared library of the toolkit, found through the rpath or ld.so.conf.
 WORKER_LIBS_CUDA := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcublasLt \
                     -lcudart_static -ldl -lrt -lstdc++
-$(BUILD)/worker/backend_cuda.o: CFLAGS += -I$(CUDA_HOME)/include
+# NCCL is not linked: nccl_dl.c loads it at run time for tensor parallelism.
+$(BUILD)/worker/backend_cuda.o $(BUILD)/worker/backend_tp.o: CFLAGS += -I$(CUDA_HOME)/include
+$(BUILD)/worker/nccl_dl.o: CFLAGS += -I$(CUDA_HOME)/include -DMM_CUDA_LIB64='"$(CUDA_HOME)/lib64"'
 else
 WORKER_SRC  += worker/backend_nocuda.c
 endif

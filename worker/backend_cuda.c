@@ -39,11 +39,13 @@
 #include <cuda_runtime_api.h>
 
 #include "backend.h"
+#include "cuda_rank.h"
 #include "dtype.h"
 #include "errmsg.h"
 #include "kernels/kernels.h"
 #include "log.h"
 #include "model.h"
+#include "nccl_dl.h"
 
 #define MAX_STEP     2048 /* tokens per sub-step (scratch is sized for it) */
 #define MAX_GRAPH    256  /* largest decode batch replayed as a graph */
@@ -91,7 +93,25 @@ typedef struct cuda_backend {
     mm_backend base;
     const mm_model_config *cfg;
     mm_kdt   dt;
+    /* This rank's shapes (with one GPU, the model's): nq query heads from
+     * q0, nkv kv heads from kv0, I intermediate rows, logits for the V ids
+     * [voff, voff + V) of the Vfull the model has. */
     int      H, I, nq, nkv, hd, qd, qkvw, V, L, window, nsm;
+    int      q0, kv0, Vfull, voff;
+    /* tensor parallelism (backend_tp.c drives the ranks): rank of tp on
+     * device dev, summing the o and down products' outputs through comm */
+    int      dev, rank, tp;
+    void    *comm;
+    uint64_t *seq_keys;          /* tp > 1: each sequence's argmax key of the last step */
+    /* Sums over ranks through peer memory (kernels/tp.cu) where every GPU
+     * reaches the others' (MM_CUDA_TP_P2P=0: NCCL always, for comparison):
+     * the down product writes delta2 so o's and down's outputs alternate,
+     * the sums land in dsum; tpbuf holds the two flags and the epoch. */
+    int      p2p;
+    size_t   p2p_max;            /* floats read from peers past which NCCL sums */
+    float   *delta2, *dsum;
+    unsigned *tpbuf;
+    mm_k_tp  tpk;
     float    eps, scale;
     cudaStream_t   stream;
     cublasHandle_t blas;
@@ -115,7 +135,6 @@ typedef struct cuda_backend {
     float   *x, *logits, *part, *S;
     float   *delta;
     void    *h, *qkv, *q, *att, *gu, *act, *kc, *vc, *P, *hrows;
-    int32_t *ids_d;
     unsigned long long *keys_d; /* argmax scratch */
     int      Rmax;
     size_t   s_floats;
@@ -125,7 +144,7 @@ typedef struct cuda_backend {
     int32_t *meta_d, *meta_h;
     int      n_upd, upd_cap;
     float   *logits_h;
-    int32_t *ids_h;
+    unsigned long long *keys_h;
 
     /* one graph per padded batch size and context bucket (the attention's
      * split count is baked into a graph, and depends on the context) */
@@ -165,8 +184,10 @@ typedef struct cuda_backend {
     int      lost;
     char     lost_msg[400];
     /* test hook MM_CUDA_TEST_FAULT_STEP=n: the n-th forward launches a
-     * kernel that faults (worker/kernels/fault.cu) */
+     * kernel that faults (worker/kernels/fault.cu); with tensor
+     * parallelism MM_CUDA_TEST_FAULT_RANK=r: on rank r alone */
     long     fault_step, steps_run;
+    int      fault_rank;
     cudaEvent_t prof_ev[64];
     int      prof_n, prof_id[64];
     double   prof_ms[16];
@@ -224,29 +245,38 @@ static cudaDataType_t cu_type(const cuda_backend *b)
 /* ---- weights ---- */
 
 /* Weights are placed at 256-byte aligned offsets of one allocation; the
- * first pass (base == NULL) only measures. */
+ * first pass (measure) only counts. Each weight is placed whole or as the
+ * rows or columns this rank holds (tensor parallelism: see place_all). */
 typedef struct placer {
     cuda_backend *b;
     size_t off;
     int    measure;
     char  *stage;      /* pinned staging buffer */
-    size_t stage_cap;
+    size_t stage_cap, fill;
+    char  *dst;        /* the matrix being placed, and its bytes flushed so far */
+    size_t done;
     char  *err;
     size_t errlen;
 } placer;
 
-static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+/* Rows [r0, r0 + nr) and columns [c0, c0 + nc) of a weight (a 1-D weight
+ * is one row). */
+typedef struct wpart {
+    const mm_weight *w;
+    int64_t r0, nr, c0, nc;
+} wpart;
 
-/* Upload a group of weights stacked along rows (q,k,v) into one matrix,
- * converted to the backend's type, or to f32 when as_f32. With interleave
- * (gate,up: same shapes) row r of each weight follows row r of the one
- * before: gate 0, up 0, gate 1, up 1, ... */
-static int place_rows(placer *p, void **dst, const mm_weight *const *ws, int nw, int as_f32,
-                      int interleave);
-static int place(placer *p, void **dst, const mm_weight *const *ws, int nw, int as_f32)
+static wpart whole(const mm_weight *w) { return (wpart){w, 0, w->rows, 0, w->cols}; }
+static wpart row_part(const mm_weight *w, int64_t r0, int64_t nr)
 {
-    return place_rows(p, dst, ws, nw, as_f32, 0);
+    return (wpart){w, r0, nr, 0, w->cols};
 }
+static wpart col_part(const mm_weight *w, int64_t c0, int64_t nc)
+{
+    return (wpart){w, 0, w->rows, c0, nc};
+}
+
+static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
 /* Convert n elements of w from index off into dst (stored type es). */
 static void stage_copy(const mm_weight *w, size_t off, size_t n, mm_dtype want, size_t es,
@@ -267,92 +297,141 @@ static void stage_copy(const mm_weight *w, size_t off, size_t n, mm_dtype want, 
     }
 }
 
-static int place_rows(placer *p, void **dst, const mm_weight *const *ws, int nw, int as_f32,
-                      int interleave)
+/* Synchronous copies from pinned memory: the staging buffer is reused at
+ * once, and loading is not on any hot path. */
+static int stage_flush(placer *p)
 {
-    cuda_backend *b = p->b;
     char *err = p->err;
     size_t errlen = p->errlen;
-    size_t n = 0;
-    for (int i = 0; i < nw; i++)
-        n += (size_t)ws[i]->rows * (size_t)ws[i]->cols;
-    size_t es = as_f32 ? 4 : esz(b), bytes = n * es;
     int rc = 0;
-    if (p->measure || !ws[0]->data) {
-        if (dst)
-            *dst = NULL;
-        if (ws[0]->data)
-            p->off = align256(p->off + bytes);
-        return 0;
-    }
-    char *base = p->b->wbuf + p->off;
-    *dst = base;
-    mm_dtype want = as_f32 ? MM_DT_F32 : (b->dt == MM_KDT_F16 ? MM_DT_F16 : MM_DT_BF16);
-    /* Synchronous copies from pinned memory: the staging buffer is reused
-     * at once, and loading is not on any hot path. */
-    if (interleave) {
-        size_t cols = (size_t)ws[0]->cols, rows = (size_t)ws[0]->rows;
-        size_t per = (size_t)nw * cols * es, step = p->stage_cap / per, done = 0;
-        for (size_t r0 = 0; r0 < rows; r0 += step) {
-            size_t nr = rows - r0 < step ? rows - r0 : step;
-            for (size_t r = 0; r < nr; r++)
-                for (int i = 0; i < nw; i++)
-                    stage_copy(ws[i], (r0 + r) * cols, cols, want, es,
-                               p->stage + (r * (size_t)nw + (size_t)i) * cols * es);
-            CK(cudaMemcpy(base + done, p->stage, nr * per, cudaMemcpyHostToDevice));
-            done += nr * per;
-        }
-    } else {
-        size_t done = 0;
-        for (int i = 0; i < nw; i++) {
-            const mm_weight *w = ws[i];
-            size_t cnt = (size_t)w->rows * (size_t)w->cols, k = 0;
-            while (k < cnt) {
-                size_t chunk = cnt - k < p->stage_cap / es ? cnt - k : p->stage_cap / es;
-                stage_copy(w, k, chunk, want, es, p->stage);
-                CK(cudaMemcpy(base + (done + k) * es, p->stage, chunk * es,
-                              cudaMemcpyHostToDevice));
-                k += chunk;
-            }
-            done += cnt;
-        }
-    }
-    p->off = align256(p->off + bytes);
+    if (p->fill)
+        CK(cudaMemcpy(p->dst + p->done, p->stage, p->fill, cudaMemcpyHostToDevice));
+    p->done += p->fill;
+    p->fill = 0;
 out:
     return rc;
 }
 
+/* Append n elements of w from flat index off, flushing as the stage fills. */
+static int stage_put(placer *p, const mm_weight *w, size_t off, size_t n, mm_dtype want,
+                     size_t es)
+{
+    int rc;
+    while (n) {
+        size_t room = (p->stage_cap - p->fill) / es;
+        if (room == 0) {
+            if ((rc = stage_flush(p)) < 0)
+                return rc;
+            continue;
+        }
+        size_t k = n < room ? n : room;
+        stage_copy(w, off, k, want, es, p->stage + p->fill);
+        p->fill += k * es;
+        off += k;
+        n -= k;
+    }
+    return 0;
+}
+
+/* Rows [r, r + nr) of a part: one run when the part spans every column. */
+static int stage_rows(placer *p, const wpart *q, int64_t r, int64_t nr, mm_dtype want,
+                      size_t es)
+{
+    const mm_weight *w = q->w;
+    if (q->nc == w->cols)
+        return stage_put(p, w, (size_t)((q->r0 + r) * w->cols), (size_t)(nr * w->cols), want, es);
+    for (int64_t i = 0; i < nr; i++) {
+        int rc = stage_put(p, w, (size_t)((q->r0 + r + i) * w->cols + q->c0), (size_t)q->nc,
+                           want, es);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Upload a group of parts stacked along rows (q,k,v) into one matrix,
+ * converted to the backend's type, or to f32 when as_f32. With interleave
+ * (gate,up: same shapes) row r of each part follows row r of the one
+ * before: gate 0, up 0, gate 1, up 1, ... */
+static int place_parts(placer *p, void **dst, const wpart *ws, int nw, int as_f32, int interleave)
+{
+    cuda_backend *b = p->b;
+    size_t n = 0;
+    for (int i = 0; i < nw; i++)
+        n += (size_t)ws[i].nr * (size_t)ws[i].nc;
+    size_t es = as_f32 ? 4 : esz(b), bytes = n * es;
+    int rc = 0;
+    if (p->measure || !ws[0].w->data) {
+        if (dst)
+            *dst = NULL;
+        if (ws[0].w->data)
+            p->off = align256(p->off + bytes);
+        return 0;
+    }
+    p->dst = b->wbuf + p->off;
+    p->done = p->fill = 0;
+    *dst = p->dst;
+    mm_dtype want = as_f32 ? MM_DT_F32 : (b->dt == MM_KDT_F16 ? MM_DT_F16 : MM_DT_BF16);
+    if (interleave) {
+        for (int64_t r = 0; r < ws[0].nr; r++)
+            for (int i = 0; i < nw; i++)
+                if ((rc = stage_rows(p, &ws[i], r, 1, want, es)) < 0)
+                    return rc;
+    } else {
+        for (int i = 0; i < nw; i++)
+            if ((rc = stage_rows(p, &ws[i], 0, ws[i].nr, want, es)) < 0)
+                return rc;
+    }
+    if ((rc = stage_flush(p)) < 0)
+        return rc;
+    p->off = align256(p->off + bytes);
+    return 0;
+}
+
+/* What this rank holds (Megatron-style sharding; one rank: everything):
+ * its query heads' rows of q and their kv heads' rows of k and v (with
+ * the biases), the matching columns of o; its slice of the intermediate
+ * rows of gate and up and those columns of down; its slice of the
+ * vocabulary's rows of the LM head. The embedding and the norms are
+ * whole on every rank; so is o's bias, added after the sum. */
 static int place_all(placer *p, const mm_model *m)
 {
     cuda_backend *b = p->b;
-    int rc;
-    const mm_weight *one[1];
-#define PLACE1(dst, w, f32)                                                                      \
+    int rc, hd = b->hd;
+    wpart one[1];
+#define PLACE1(dst, part, f32)                                                                   \
     do {                                                                                         \
-        one[0] = (w);                                                                            \
-        if ((rc = place(p, (void **)(dst), one, 1, (f32))) < 0)                                  \
+        one[0] = (part);                                                                         \
+        if ((rc = place_parts(p, (void **)(dst), one, 1, (f32), 0)) < 0)                         \
             return rc;                                                                           \
     } while (0)
-    PLACE1(&b->embed, &m->embed, 0);
-    PLACE1(&b->norm, &m->norm, 1);
+    PLACE1(&b->embed, whole(&m->embed), 0);
+    PLACE1(&b->norm, whole(&m->norm), 1);
     if (m->lm_head.data == m->embed.data)
-        b->lm_head = b->embed;
+        b->lm_head = b->embed ? (char *)b->embed + (size_t)b->voff * (size_t)b->H * esz(b)
+                              : NULL;
     else
-        PLACE1(&b->lm_head, &m->lm_head, 0);
+        PLACE1(&b->lm_head, row_part(&m->lm_head, b->voff, b->V), 0);
+    int64_t q0 = (int64_t)b->q0 * hd, nq = (int64_t)b->qd;
+    int64_t k0 = (int64_t)b->kv0 * hd, nk = (int64_t)b->nkv * hd;
+    int64_t i0 = (int64_t)b->rank * b->I, ni = b->I;
     for (int l = 0; l < b->L; l++) {
         const mm_layer *s = &m->layers[l];
         cu_layer *d = &b->layers[l];
-        const mm_weight *qkv[3] = {&s->q, &s->k, &s->v}, *bqkv[3] = {&s->q_bias, &s->k_bias,
-                                                                    &s->v_bias};
-        const mm_weight *gu[2] = {&s->gate, &s->up};
-        PLACE1(&d->attn_norm, &s->attn_norm, 1);
-        PLACE1(&d->mlp_norm, &s->mlp_norm, 1);
-        if ((rc = place(p, &d->wqkv, qkv, 3, 0)) < 0 || (rc = place(p, &d->bqkv, bqkv, 3, 0)) < 0 ||
-            (rc = place_rows(p, &d->wgu, gu, 2, 0, 1)) < 0)
+        const wpart qkv[3] = {row_part(&s->q, q0, nq), row_part(&s->k, k0, nk),
+                              row_part(&s->v, k0, nk)};
+        const wpart bqkv[3] = {col_part(&s->q_bias, q0, nq), col_part(&s->k_bias, k0, nk),
+                               col_part(&s->v_bias, k0, nk)};
+        const wpart gu[2] = {row_part(&s->gate, i0, ni), row_part(&s->up, i0, ni)};
+        PLACE1(&d->attn_norm, whole(&s->attn_norm), 1);
+        PLACE1(&d->mlp_norm, whole(&s->mlp_norm), 1);
+        if ((rc = place_parts(p, &d->wqkv, qkv, 3, 0, 0)) < 0 ||
+            (rc = place_parts(p, &d->bqkv, bqkv, 3, 0, 0)) < 0 ||
+            (rc = place_parts(p, &d->wgu, gu, 2, 0, 1)) < 0)
             return rc;
-        PLACE1(&d->wo, &s->o, 0);
-        PLACE1(&d->bo, &s->o_bias, 0);
-        PLACE1(&d->wdown, &s->down, 0);
+        PLACE1(&d->wo, col_part(&s->o, q0, nq), 0);
+        PLACE1(&d->bo, whole(&s->o_bias), 0);
+        PLACE1(&d->wdown, col_part(&s->down, i0, ni), 0);
     }
 #undef PLACE1
     return 0;
@@ -405,9 +484,9 @@ static void cuda_truncate(mm_backend *base, int slot, int pos)
 
 /* ---- stage profiler (MM_CUDA_PROFILE=1) ---- */
 
-enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GU, P_SWIGLU, P_DOWN, P_HEAD, P_EMBED, P_N };
-static const char *const prof_names[P_N] = {"norm", "qkv", "rope", "attention", "o",
-                                             "gate_up", "swiglu", "down", "head", "embed"};
+enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GU, P_SWIGLU, P_DOWN, P_HEAD, P_EMBED, P_SUM, P_N };
+static const char *const prof_names[P_N] = {"norm", "qkv", "rope", "attention", "o", "gate_up",
+                                             "swiglu", "down", "head", "embed", "allreduce"};
 
 /* Mark the end of a stage: the time since the previous mark is charged to
  * it. */
@@ -487,6 +566,32 @@ static int linear(cuda_backend *b, const void *W, const void *x, int M, int N, i
     CKB(cublasGemmEx(b->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, W, cu_type(b), K, x,
                      cu_type(b), K, &zero, y, y_f32 ? CUDA_R_32F : cu_type(b), N,
                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+out:
+    return rc;
+}
+
+/* Tensor parallelism: every rank's o (or down) product covers its heads'
+ * (or intermediate rows') share of the sum over K; adding the np partials
+ * of every rank gives each rank the whole product, so the residual stream
+ * stays the same on all of them. Through peer memory (p2p: into dsum) or
+ * NCCL (in place); *sum is where the next norm reads it. */
+#define P2P_MAX_FLOATS ((size_t)4 << 20) /* default of p2p_max (MM_CUDA_TP_P2P_MAX_MB) */
+
+static int tp_sum(cuda_backend *b, int p2p, int slot, int layer, int np, size_t dstride,
+                  float *src, const float **sum, char *err, size_t errlen)
+{
+    int rc = 0;
+    *sum = src;
+    if (b->tp < 2)
+        return 0;
+    size_t count = (size_t)np * dstride;
+    if (p2p) {
+        CKK(mm_k_tp_reduce(&b->tpk, slot, layer, count, b->nsm, b->dsum, b->stream));
+        *sum = b->dsum;
+    } else {
+        rc = mm_nccl_sum_f32(b->comm, src, count, b->stream, err, errlen);
+    }
+    prof_mark(b, P_SUM);
 out:
     return rc;
 }
@@ -589,8 +694,8 @@ out:
  * (META_TOK) attend through the decode kernel (its splits and mode sized
  * for contexts up to max_ctx), the segments listed in big[] through
  * cuBLAS; R logits rows (META_ROWS, or all T tokens when rows_all) end in
- * b->logits, and in b->ids_d when argmax. Launches only: capturable when
- * nbig == 0. */
+ * b->logits, and their argmax keys in b->keys_d when argmax. Launches
+ * only: capturable when nbig == 0. */
 static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big, int nbig, int R,
                      int rows_all, int argmax, char *err, size_t errlen)
 {
@@ -601,17 +706,23 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
     if (b->mega && T == 1 && nd == 1 && nbig == 0 && R == 1) {
         CKK(mm_k_mega_run(b->dt, &b->mk, b->nsm, b->stream));
         if (argmax)
-            CKK(mm_k_argmax(b->logits, 1, b->V, META_NVALID(b->meta_d), b->keys_d, b->ids_d,
+            CKK(mm_k_argmax(b->logits, 1, b->V, META_NVALID(b->meta_d), b->keys_d, NULL,
                             b->stream));
         goto out;
     }
     prof_mark(b, P_EMBED);
     CKK(mm_k_embed(b->dt, b->embed, ids, T, H, b->x, b->stream));
     prof_mark(b, P_EMBED);
-    /* delta: the float output of the last o or down product, np partials
-     * of T x H each, added to the residual by the next norm */
+    /* the float output of the last o or down product (summed over the
+     * ranks: dsum), np partials of T x H each, added to the residual by
+     * the next norm */
     size_t dstride = (size_t)T * (size_t)H;
     int np = 0;
+    int p2p = b->p2p && dstride * (size_t)(b->tp - 1) <= b->p2p_max;
+    float *dout_down = p2p ? b->delta2 : b->delta;
+    const float *dsum = b->delta;
+    if (p2p)
+        CKK(mm_k_tp_epoch(b->tpbuf + 2, b->stream));
     int nsplit = decode_splits(b, nd ? nd : 1, max_ctx);
     int amode = attn_mode(b, nd ? nd : 1, max_ctx);
     for (int l = 0; l < b->L; l++) {
@@ -623,7 +734,7 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
             prof_mark(b, P_NORM);
         }
         if (!(b->skip & SKIP_NORM))
-            CKK(mm_k_add_rmsnorm(b->dt, b->x, l ? b->delta : NULL, np, dstride, NULL,
+            CKK(mm_k_add_rmsnorm(b->dt, b->x, l ? dsum : NULL, np, dstride, NULL,
                                  w->attn_norm, b->eps, NULL, T, H, b->h, b->stream));
         prof_mark(b, P_NORM);
         if (!(b->skip & SKIP_QKV) &&
@@ -645,8 +756,10 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
             (rc = linear(b, w->wo, b->att, T, H, b->qd, b->delta, 1, &np, err, errlen)) < 0)
             goto out;
         prof_mark(b, P_O);
+        if ((rc = tp_sum(b, p2p, 0, l, np, dstride, b->delta, &dsum, err, errlen)) < 0)
+            goto out;
         if (!(b->skip & SKIP_NORM))
-            CKK(mm_k_add_rmsnorm(b->dt, b->x, b->delta, np, dstride, w->bo, w->mlp_norm, b->eps,
+            CKK(mm_k_add_rmsnorm(b->dt, b->x, dsum, np, dstride, w->bo, w->mlp_norm, b->eps,
                                  NULL, T, H, b->h, b->stream));
         prof_mark(b, P_NORM);
         if (b->skip & SKIP_GU) {
@@ -662,18 +775,20 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
             prof_mark(b, P_SWIGLU);
         }
         if (!(b->skip & SKIP_DOWN) &&
-            (rc = linear(b, w->wdown, b->act, T, H, I, b->delta, 1, &np, err, errlen)) < 0)
+            (rc = linear(b, w->wdown, b->act, T, H, I, dout_down, 1, &np, err, errlen)) < 0)
             goto out;
         prof_mark(b, P_DOWN);
+        if ((rc = tp_sum(b, p2p, 1, l, np, dstride, dout_down, &dsum, err, errlen)) < 0)
+            goto out;
     }
     if (R == 0)
         goto out;
-    CKK(mm_k_add_rmsnorm(b->dt, b->x, b->delta, np, dstride, NULL, b->norm, b->eps,
+    CKK(mm_k_add_rmsnorm(b->dt, b->x, dsum, np, dstride, NULL, b->norm, b->eps,
                          rows_all ? NULL : META_ROWS(b->meta_d), R, H, b->hrows, b->stream));
     if ((rc = linear(b, b->lm_head, b->hrows, R, b->V, H, b->logits, 1, NULL, err, errlen)) < 0)
         goto out;
     if (argmax)
-        CKK(mm_k_argmax(b->logits, R, b->V, META_NVALID(b->meta_d), b->keys_d, b->ids_d,
+        CKK(mm_k_argmax(b->logits, R, b->V, META_NVALID(b->meta_d), b->keys_d, NULL,
                         b->stream));
     prof_mark(b, P_HEAD);
 out:
@@ -696,8 +811,10 @@ static int upload_meta(cuda_backend *b, char *err, size_t errlen)
     int rc = 0;
     int32_t *u = META_UPD(b->meta_h);
     u[0] = b->n_upd;
-    *META_NVALID(b->meta_h) = b->base.n_valid > 0 && b->base.n_valid < b->V ? b->base.n_valid
-                                                                            : b->V;
+    /* the ids below n_valid that fall in this rank's slice [voff, voff + V) */
+    int nv = b->base.n_valid > 0 && b->base.n_valid < b->Vfull ? b->base.n_valid : b->Vfull;
+    nv -= b->voff;
+    *META_NVALID(b->meta_h) = nv < 0 ? 0 : nv > b->V ? b->V : nv;
     size_t n = (size_t)(5 * MAX_STEP + 2 + 2 * b->n_upd);
     CK(cudaMemcpyAsync(b->meta_d, b->meta_h, n * sizeof(int32_t), cudaMemcpyHostToDevice,
                        b->stream));
@@ -776,14 +893,31 @@ static void pad_rows(cuda_backend *b, int n, int gs)
     }
 }
 
-/* Copy the wanted rows back and hand them out; syncs the stream. */
+/* Copy the wanted rows back and hand them out; syncs the stream. A row
+ * of logits goes to its columns [voff, voff + V) of the caller's row; an
+ * argmax travels as its key (the value's order bits, then the id's
+ * complement: larger values win, then lower ids), so the keys of several
+ * ranks' vocabulary slices merge by taking the largest. */
+static uint64_t global_key(const cuda_backend *b, unsigned long long k)
+{
+    if (!k)
+        return 0;
+    uint32_t id = 0xffffffffu - (uint32_t)(k & 0xffffffffu) + (uint32_t)b->voff;
+    return (k & 0xffffffff00000000ull) | (0xffffffffu - id);
+}
+
+int32_t mm_cuda_key_id(uint64_t key)
+{
+    return key ? (int32_t)(0xffffffffu - (uint32_t)(key & 0xffffffffu)) : -1;
+}
+
 static int finish_rows(cuda_backend *b, mm_batch_seq *seqs, int R, int any_argmax, float *logits,
                        char *err, size_t errlen)
 {
     int rc = 0;
     size_t V = (size_t)b->V;
     if (any_argmax)
-        CK(cudaMemcpyAsync(b->ids_h, b->ids_d, (size_t)R * sizeof(int32_t),
+        CK(cudaMemcpyAsync(b->keys_h, b->keys_d, (size_t)R * sizeof *b->keys_h,
                            cudaMemcpyDeviceToHost, b->stream));
     for (int r = 0; r < R;) {
         if (b->rows[r].argmax) {
@@ -801,10 +935,14 @@ static int finish_rows(cuda_backend *b, mm_batch_seq *seqs, int R, int any_argma
     CK(cudaStreamSynchronize(b->stream));
     prof_flush(b);
     for (int r = 0; r < R; r++) {
-        if (b->rows[r].argmax)
-            seqs[b->rows[r].seq].argmax = b->ids_h[r];
+        const row_dst *d = &b->rows[r];
+        if (d->argmax && b->tp > 1)
+            b->seq_keys[d->seq] = global_key(b, b->keys_h[r]);
+        else if (d->argmax)
+            seqs[d->seq].argmax = mm_cuda_key_id(b->keys_h[r]);
         else
-            memcpy(logits + b->rows[r].out * V, b->logits_h + (size_t)r * V, V * sizeof(float));
+            memcpy(logits + d->out * (size_t)b->Vfull + (size_t)b->voff,
+                   b->logits_h + (size_t)r * V, V * sizeof(float));
     }
 out:
     return rc;
@@ -888,9 +1026,9 @@ static int forward_steps(cuda_backend *b, mm_batch_seq *seqs, int nseqs, float *
                 return -EINVAL;
             }
         for (int t = 0; t < q->n_tokens; t++)
-            if (q->tokens[t] < 0 || q->tokens[t] >= b->V) {
+            if (q->tokens[t] < 0 || q->tokens[t] >= b->Vfull) {
                 mm_errf(err, errlen, "sequence %d: token %d out of range [0, %d)", i,
-                        (int)q->tokens[t], b->V);
+                        (int)q->tokens[t], b->Vfull);
                 return -EINVAL;
             }
     }
@@ -962,7 +1100,15 @@ static int cuda_forward(mm_backend *base, mm_batch_seq *seqs, int nseqs, float *
         mm_errf(err, errlen, "%s", b->lost_msg);
         return -ENOTRECOVERABLE;
     }
-    if (b->fault_step > 0 && ++b->steps_run == b->fault_step)
+    /* the calling thread's device (a tensor-parallel rank's thread, or the
+     * engine's for rank 0) */
+    cudaError_t se = cudaSetDevice(b->dev);
+    if (se != cudaSuccess) {
+        cu_fail(err, errlen, "cudaSetDevice", se);
+        return -EIO;
+    }
+    if (b->fault_step > 0 && ++b->steps_run == b->fault_step &&
+        (b->fault_rank < 0 || b->fault_rank == b->rank))
         mm_k_test_fault(b->stream);
     int rc = forward_steps(b, seqs, nseqs, logits, err, errlen);
     if (rc < 0 && rc != -EINVAL && device_lost(b)) {
@@ -981,6 +1127,7 @@ static void cuda_free(mm_backend *base)
     cuda_backend *b = (cuda_backend *)base;
     if (!b)
         return;
+    cudaSetDevice(b->dev);
     if (b->stream)
         cudaStreamSynchronize(b->stream);
     prof_report(b);
@@ -994,8 +1141,9 @@ static void cuda_free(mm_backend *base)
     if (b->blas)
         cublasDestroy(b->blas);
     void *dev[] = {b->wbuf, b->kvbuf, b->d_tables, b->x, b->logits, b->part, b->S, b->h, b->qkv,
-                   b->q, b->att, b->delta, b->gu, b->act, b->kc, b->vc, b->P, b->hrows, b->ids_d,
-                   b->keys_d, b->meta_d, b->blas_ws, b->inv_freq, b->mk_layers, b->mk_scratch};
+                   b->q, b->att, b->delta, b->gu, b->act, b->kc, b->vc, b->P, b->hrows,
+                   b->keys_d, b->meta_d, b->blas_ws, b->inv_freq, b->mk_layers, b->mk_scratch,
+                   b->delta2, b->dsum, b->tpbuf};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i])
             cudaFree(dev[i]);
@@ -1003,8 +1151,8 @@ static void cuda_free(mm_backend *base)
         cudaFreeHost(b->meta_h);
     if (b->logits_h)
         cudaFreeHost(b->logits_h);
-    if (b->ids_h)
-        cudaFreeHost(b->ids_h);
+    if (b->keys_h)
+        cudaFreeHost(b->keys_h);
     if (b->stream)
         cudaStreamDestroy(b->stream);
     free(b->layers);
@@ -1012,6 +1160,7 @@ static void cuda_free(mm_backend *base)
     free(b->slot_blk);
     free(b->slot_nblk);
     free(b->slot_len);
+    free(b->seq_keys);
     free(b->segs);
     free(b->rows);
     free(b);
@@ -1131,7 +1280,6 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
         {&b->act, T * b->I * es},
         {&b->hrows, (size_t)b->Rmax * b->H * es},
         {(void **)&b->logits, (size_t)b->Rmax * b->V * 4},
-        {(void **)&b->ids_d, (size_t)b->Rmax * 4},
         {(void **)&b->keys_d, (size_t)b->Rmax * 8},
         {(void **)&b->part, parts * 4},
         {(void **)&b->S, b->s_floats * 4},
@@ -1140,6 +1288,10 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
         {&b->vc, (size_t)b->nkv * L * b->hd * es},
         {&b->blas_ws, BLAS_WS},
         {(void **)&b->meta_d, ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4},
+        /* tensor parallelism's second output buffer, sums, flags and epoch */
+        {(void **)&b->delta2, b->tp > 1 ? T * b->H * 4 : 0},
+        {(void **)&b->dsum, b->tp > 1 ? T * b->H * 4 : 0},
+        {(void **)&b->tpbuf, b->tp > 1 ? 3 * sizeof(unsigned) : 0},
     };
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++) {
         if (a[i].bytes == 0)
@@ -1150,24 +1302,76 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
     CK(cudaMallocHost((void **)&b->meta_h,
                       ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4));
     CK(cudaMallocHost((void **)&b->logits_h, (size_t)b->Rmax * b->V * 4));
-    CK(cudaMallocHost((void **)&b->ids_h, (size_t)b->Rmax * 4));
+    CK(cudaMallocHost((void **)&b->keys_h, (size_t)b->Rmax * sizeof *b->keys_h));
     memset(b->meta_h, 0, ((size_t)5 * MAX_STEP + 2) * 4);
 out:
     return rc;
 }
 
+/* Can this rank read every other GPU's memory (devices 0..tp-1)? Turns
+ * peer access on where it can; MM_CUDA_TP_P2P=0 says no (NCCL then sums
+ * everything). */
+static int peer_access(cuda_backend *b, int ndev, int tp)
+{
+    const char *env = getenv("MM_CUDA_TP_P2P");
+    if ((env && strcmp(env, "0") == 0) || tp > ndev)
+        return 0;
+    for (int d = 0; d < tp; d++) {
+        int can = 0;
+        if (d == b->dev)
+            continue;
+        if (cudaDeviceCanAccessPeer(&can, b->dev, d) != cudaSuccess || !can)
+            return 0;
+        cudaError_t e = cudaDeviceEnablePeerAccess(d, 0);
+        if (e == cudaErrorPeerAccessAlreadyEnabled)
+            cudaGetLastError();
+        else if (e != cudaSuccess) {
+            cudaGetLastError();
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* A rank's share of n things split tp ways (the caller checked that they
+ * divide). */
+static int share(int n, int tp) { return n / tp; }
+
 int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_backend **out,
                         char *err, size_t errlen)
+{
+    if (o->tensor_parallel > 1)
+        return mm_backend_tp_new(m, o, out, err, errlen);
+    mm_cuda_rank one = {.dev = 0, .rank = 0, .tp = 1};
+    return mm_cuda_rank_new(m, o, &one, out, err, errlen);
+}
+
+uint64_t mm_cuda_rank_key(const mm_backend *base, int seq)
+{
+    const cuda_backend *b = (const cuda_backend *)base;
+    return seq >= 0 && seq <= base->max_seqs ? b->seq_keys[seq] : 0;
+}
+
+int mm_cuda_rank_new(const struct mm_model *m, const mm_backend_opts *o, const mm_cuda_rank *r,
+                     mm_backend **out, char *err, size_t errlen)
 {
     const mm_model_config *c = &m->cfg;
     cuda_backend *b = calloc(1, sizeof *b);
     placer pl = {0};
-    int rc = 0, ndev = 0;
+    int rc = 0, ndev = 0, agreed = 0, warming = 0, tp = r->tp;
+    char who[32] = "";
     *out = NULL;
     if (!b) {
         mm_errf(err, errlen, "out of memory");
-        return -ENOMEM;
+        rc = -ENOMEM;
+        goto out;
     }
+    if (tp > 1)
+        snprintf(who, sizeof who, "GPU %d of %d: ", r->rank, tp);
+    b->dev = r->dev;
+    b->rank = r->rank;
+    b->tp = tp;
+    b->comm = r->comm;
     b->base.ops = &cuda_ops;
     b->base.model = m;
     b->base.max_seqs = o->max_seqs;
@@ -1175,13 +1379,28 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     b->base.block_size = o->block_size > 0 ? o->block_size : 16;
     b->cfg = c;
     b->H = c->hidden_size;
-    b->I = c->intermediate_size;
-    b->nq = c->num_attention_heads;
-    b->nkv = c->num_key_value_heads;
     b->hd = c->head_dim;
+    /* This rank's query heads and the kv heads they read: with fewer kv
+     * heads than ranks, each kv head is held by every rank its group of
+     * query heads spans. */
+    b->nq = share(c->num_attention_heads, tp);
+    b->q0 = r->rank * b->nq;
+    if (c->num_key_value_heads >= tp) {
+        b->nkv = share(c->num_key_value_heads, tp);
+        b->kv0 = r->rank * b->nkv;
+    } else {
+        b->nkv = 1;
+        b->kv0 = b->q0 / (c->num_attention_heads / c->num_key_value_heads);
+    }
+    b->I = share(c->intermediate_size, tp);
     b->qd = b->nq * b->hd;
     b->qkvw = (b->nq + 2 * b->nkv) * b->hd;
-    b->V = c->vocab_size;
+    b->Vfull = c->vocab_size;
+    {
+        int per = (c->vocab_size + tp - 1) / tp;
+        b->voff = r->rank * per;
+        b->V = c->vocab_size - b->voff < per ? c->vocab_size - b->voff : per;
+    }
     b->L = c->num_hidden_layers;
     b->window = c->sliding_window;
     b->eps = (float)c->rms_norm_eps;
@@ -1191,6 +1410,8 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     b->no_graphs = env && strcmp(env, "0") == 0;
     env = getenv("MM_CUDA_TEST_FAULT_STEP");
     b->fault_step = env ? atol(env) : 0;
+    env = getenv("MM_CUDA_TEST_FAULT_RANK");
+    b->fault_rank = env ? atoi(env) : -1;
     env = getenv("MM_CUDA_SKIP");
     b->skip = env ? atoi(env) & 127 : 0;
     if (b->skip)
@@ -1207,12 +1428,6 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     if (b->Rmax > MAX_STEP)
         b->Rmax = MAX_STEP;
 
-    if (o->tensor_parallel > 1) {
-        mm_errf(err, errlen, "tensor parallelism (%d) is not supported by the cuda backend",
-                o->tensor_parallel);
-        rc = -ENOTSUP;
-        goto out;
-    }
     if (!mm_k_head_dim_ok(b->hd) || b->H % 8 || b->I % 8 || !mm_k_attn_group_ok(b->nq, b->nkv)) {
         mm_errf(err, errlen,
                 "model shape not supported by the cuda kernels (head_dim %d: 16/32/64/128/256; "
@@ -1235,12 +1450,12 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
         rc = -ENODEV;
         goto out;
     }
-    CK(cudaSetDevice(0));
+    CK(cudaSetDevice(b->dev));
     struct cudaDeviceProp prop;
-    CK(cudaGetDeviceProperties(&prop, 0));
+    CK(cudaGetDeviceProperties(&prop, b->dev));
     b->nsm = prop.multiProcessorCount;
     int cl = 0;
-    CK(cudaDeviceGetAttribute(&cl, cudaDevAttrClusterLaunch, 0));
+    CK(cudaDeviceGetAttribute(&cl, cudaDevAttrClusterLaunch, b->dev));
     env = getenv("MM_CUDA_CLUSTER");
     b->cluster_attn = cl && !(env && strcmp(env, "0") == 0);
     env = getenv("MM_CUDA_FLASH");
@@ -1265,9 +1480,9 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     CK(cudaMemGetInfo(&free0, &total));
     if (wbytes + HEADROOM > free0) {
         mm_errf(err, errlen,
-                "out of GPU memory loading weights: need %.2f GiB (+%.2f GiB working room), "
+                "%sout of GPU memory loading weights: need %.2f GiB (+%.2f GiB working room), "
                 "%.2f GiB free of %.2f GiB on %s",
-                gib(wbytes), gib(HEADROOM), gib(free0), gib(total), prop.name);
+                who, gib(wbytes), gib(HEADROOM), gib(free0), gib(total), prop.name);
         rc = -ENOMEM;
         goto out;
     }
@@ -1301,9 +1516,10 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     b->slot_blk = calloc(table_n, sizeof *b->slot_blk);
     b->slot_nblk = calloc((size_t)o->max_seqs + 1, sizeof *b->slot_nblk);
     b->slot_len = calloc((size_t)o->max_seqs + 1, sizeof *b->slot_len);
+    b->seq_keys = calloc((size_t)o->max_seqs + 1, sizeof *b->seq_keys);
     b->segs = calloc(MAX_STEP, sizeof *b->segs);
     b->rows = calloc(MAX_STEP, sizeof *b->rows);
-    if (!b->slot_blk || !b->slot_nblk || !b->slot_len || !b->segs || !b->rows) {
+    if (!b->slot_blk || !b->slot_nblk || !b->slot_len || !b->seq_keys || !b->segs || !b->rows) {
         rc = -ENOMEM;
         mm_errf(err, errlen, "out of memory");
         goto out;
@@ -1315,9 +1531,9 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
             char why[256];
             snprintf(why, sizeof why, "%s", err);
             mm_errf(err, errlen,
-                    "out of GPU memory for the step buffers after %.2f GiB of weights "
+                    "%sout of GPU memory for the step buffers after %.2f GiB of weights "
                     "(%.2f GiB free of %.2f GiB): %s; lower --max-model-len or --max-num-seqs",
-                    gib(wbytes), gib(f), gib(t), why);
+                    who, gib(wbytes), gib(f), gib(t), why);
         }
         goto out;
     }
@@ -1335,12 +1551,43 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     long long nblk = o->num_blocks > 0 ? o->num_blocks : (long long)(budget / block_bytes) - 1;
     if (nblk > 0x3fffffff)
         nblk = 0x3fffffff;
+    /* Every rank holds the same blocks (of its own kv heads): the pool is
+     * the smallest any GPU has room for. */
+    if (tp > 1) {
+        mm_cuda_rank_info me = {.nblk = nblk, .p2p = peer_access(b, ndev, tp),
+                                .delta = {b->delta, b->delta2}, .flags = b->tpbuf};
+        mm_cuda_rank_info all[MM_K_TP_MAX];
+        agreed++;
+        if ((rc = r->agree(r->ctx, 1, &me, all)) < 0) {
+            mm_errf(err, errlen, "%sstopped: another GPU failed", who);
+            goto out;
+        }
+        nblk = me.nblk;
+        env = getenv("MM_CUDA_TP_P2P_MAX_MB");
+        b->p2p_max = env ? (size_t)atol(env) << 18 : P2P_MAX_FLOATS;
+        if ((b->p2p = me.p2p)) {
+            b->tpk = (mm_k_tp){.n = tp, .rank = b->rank, .L = b->L, .epoch = b->tpbuf + 2};
+            for (int i = 0; i < tp; i++) {
+                b->tpk.src[0][i] = all[i].delta[0];
+                b->tpk.src[1][i] = all[i].delta[1];
+                b->tpk.flag[i] = all[i].flags;
+            }
+        }
+        /* One sum on every rank before any graph is captured: NCCL sets up
+         * its connections on the first one, which a capture must not do. */
+        warming = 1;
+        CK(cudaMemsetAsync(b->delta, 0, sizeof(float), b->stream));
+        if ((rc = mm_nccl_sum_f32(b->comm, b->delta, 1, b->stream, err, errlen)) < 0)
+            goto out;
+        CK(cudaStreamSynchronize(b->stream));
+        warming = 0;
+    }
     if (nblk < b->max_blocks) {
         mm_errf(err, errlen,
-                "KV cache too small: %lld blocks of %d positions (%.1f KiB each) hold fewer "
+                "%sKV cache too small: %lld blocks of %d positions (%.1f KiB each) hold fewer "
                 "than --max-model-len %d; %.2f GiB free after %.2f GiB of weights, "
                 "--gpu-memory-utilization %.2f; lower --max-model-len or raise the utilization",
-                nblk, b->base.block_size, (double)block_bytes / 1024.0, o->max_len,
+                who, nblk, b->base.block_size, (double)block_bytes / 1024.0, o->max_len,
                 gib(free1), gib(wbytes), o->gpu_memory_utilization);
         rc = -ENOMEM;
         goto out;
@@ -1349,8 +1596,8 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
                         (size_t)b->hd * esz(b);
     ce = cudaMalloc((void **)&b->kvbuf, b->kv_layer_bytes * 2 * (size_t)b->L);
     if (ce != cudaSuccess) {
-        mm_errf(err, errlen, "out of GPU memory for the KV cache: %.2f GiB for %lld blocks (%s)",
-                gib(b->kv_layer_bytes * 2 * (size_t)b->L), nblk, cudaGetErrorString(ce));
+        mm_errf(err, errlen, "%sout of GPU memory for the KV cache: %.2f GiB for %lld blocks (%s)",
+                who, gib(b->kv_layer_bytes * 2 * (size_t)b->L), nblk, cudaGetErrorString(ce));
         rc = -ENOMEM;
         goto out;
     }
@@ -1365,20 +1612,38 @@ int mm_backend_cuda_new(const struct mm_model *m, const mm_backend_opts *o, mm_b
     for (long long i = 0; i < nblk; i++)
         b->free_blk[i] = (int)(nblk - i);
     b->n_free = (int)nblk;
-    if ((rc = setup_mega(b, &prop, err, errlen)) < 0)
+    if (tp > 1) {
+        agreed++;
+        if ((rc = r->agree(r->ctx, 1, NULL, NULL)) < 0) {
+            mm_errf(err, errlen, "%sstopped: another GPU failed", who);
+            goto out;
+        }
+    } else if ((rc = setup_mega(b, &prop, err, errlen)) < 0) {
         goto out;
+    }
     CK(cudaDeviceSynchronize());
     capture_all(b);
-    mm_info("cuda: %s, %d SMs; weights %.2f GiB (%s); KV cache %lld blocks x %d positions = "
-            "%lld positions (%.2f GiB)",
-            prop.name, b->nsm, gib(wbytes), b->dt == MM_KDT_F16 ? "f16" : "bf16", nblk,
+    mm_info("cuda: %s%s, %d SMs; weights %.2f GiB (%s); KV cache %lld blocks x %d positions = "
+            "%lld positions (%.2f GiB)%s",
+            who, prop.name, b->nsm, gib(wbytes), b->dt == MM_KDT_F16 ? "f16" : "bf16", nblk,
             b->base.block_size, nblk * b->base.block_size,
-            gib(b->kv_layer_bytes * 2 * (size_t)b->L));
+            gib(b->kv_layer_bytes * 2 * (size_t)b->L),
+            tp < 2 ? "" : b->p2p ? "; sums over the GPUs through peer memory (NCCL for large steps)"
+                                 : "; sums over the GPUs through NCCL");
     *out = &b->base;
 out:
     if (pl.stage)
         cudaFreeHost(pl.stage);
-    if (rc < 0)
+    /* A rank that failed still takes part in the agreements it missed, so
+     * the others do not wait for it; failing in the first sum, it may have
+     * left them waiting there. */
+    if (rc < 0 && warming)
+        r->abort(r->ctx);
+    while (tp > 1 && agreed < 2) {
+        agreed++;
+        r->agree(r->ctx, 0, NULL, NULL);
+    }
+    if (rc < 0 && b)
         cuda_free(&b->base);
     return rc;
 }

@@ -76,7 +76,7 @@ static void usage(FILE *f)
         "                                 every sequence at --max-model-len; cuda, what\n"
         "                                 --gpu-memory-utilization leaves); fewer means\n"
         "                                 preemption when the pool runs out\n"
-        "  --tensor-parallel-size N       1 (more is not supported yet)\n"
+        "  --tensor-parallel-size N       GPUs to split the model over (cuda; default 1)\n"
         "  --gpu-memory-utilization F     (0, 1] share of GPU memory to use (default 0.9;\n"
         "                                 unused on cpu)\n"
         "  --seed N                       seeds requests that bring no seed (default 0)\n"
@@ -277,12 +277,7 @@ static int parse_args(int argc, char **argv, worker_opts *w)
         fprintf(stderr, PROG ": --device cuda: CUDA backend not available in this build\n");
         return 2;
     }
-    if (w->tp > 1 && cuda) {
-        fprintf(stderr, PROG ": --tensor-parallel-size %d: tensor parallelism is not supported "
-                "yet\n", w->tp);
-        return 2;
-    }
-    if (w->tp > 1) {
+    if (w->tp > 1 && !cuda) {
         fprintf(stderr, PROG ": --tensor-parallel-size %d: the cpu device runs on one process "
                 "(tensor parallelism needs the CUDA backend)\n", w->tp);
         return 2;
@@ -483,6 +478,7 @@ typedef struct worker {
     mm_api            *api;
     loader             L;
     int                exit_code;
+    int                lost;      /* the device can run no step again */
 } worker;
 
 static void loaded_cb(evutil_socket_t fd, short what, void *arg)
@@ -517,6 +513,7 @@ static void dead_cb(evutil_socket_t fd, short what, void *arg)
     mm_engine_dead(W->L.engine, msg, sizeof msg);
     mm_error("%s: the device cannot run again; exiting so that the worker is restarted", msg);
     W->exit_code = 1;
+    W->lost = 1;
     struct timeval flush = {0, 300 * 1000};
     event_base_loopexit(W->base, &flush);
 }
@@ -643,5 +640,12 @@ out:
     if (sigint)
         event_free(sigint);
     event_base_free(W.base);
+    /* A lost device's context may hold work that never finishes (with
+     * tensor parallelism, a GPU waiting in a sum for a dead peer); the CUDA
+     * runtime's exit handlers would wait for it, so skip them. */
+    if (W.lost) {
+        fflush(NULL);
+        _exit(W.exit_code);
+    }
     return W.exit_code;
 }

@@ -47,6 +47,7 @@ typedef struct bench {
     int         prompt, steps, single_steps, warmup, prefill, chunk, ttft_prompt, reps;
     int         kv_elem;
     double      weight_bytes, kv_per_pos;
+    int         tp;          /* GPUs the model is split over (--tp) */
     int32_t    *toks;      /* prompts: max batch x max(prompt, prefill) */
     int32_t    *next;      /* per sequence: the last token */
     mm_batch_seq *seqs;
@@ -149,7 +150,8 @@ static int decode_steps(bench *B, int nseq, int pos, int nstep, char *err, size_
 
 static void json_common(bench *B, const char *what)
 {
-    printf("{\"bench\":\"%s\",\"backend\":\"%s\",\"model\":\"%s\"", what, B->kind, B->name);
+    printf("{\"bench\":\"%s\",\"backend\":\"%s\",\"model\":\"%s\",\"tp\":%d", what, B->kind,
+           B->name, B->tp);
 }
 
 /* One decode measurement: nseq sequences, nstep timed steps. */
@@ -344,7 +346,7 @@ static void usage(void)
             "         [--batches 1,8,32,64,256] [--prompt 128] [--steps 128] [--single-steps 256]\n"
             "         [--warmup 8] [--prefill 2048] [--chunk 2048] [--ttft-prompt 128] [--reps 3]\n"
             "         [--block-size 16] [--kv-bytes N] [--only single,batch,prefill,ttft]\n"
-            "         [--gpu-memory-utilization F] [--verify N]\n");
+            "         [--gpu-memory-utilization F] [--verify N] [--tp N]\n");
 }
 
 static int has(const char *list, const char *word)
@@ -359,7 +361,7 @@ static int has(const char *list, const char *word)
 int main(int argc, char **argv)
 {
     bench B = {.kind = "cuda", .prompt = 128, .steps = 128, .single_steps = 256, .warmup = 8,
-               .prefill = 2048, .chunk = 2048, .ttft_prompt = 128, .reps = 3};
+               .prefill = 2048, .chunk = 2048, .ttft_prompt = 128, .reps = 3, .tp = 1};
     const char *dir = NULL, *only = "single,batch,prefill,ttft";
     const char *batches = "1,8,32,64,256";
     int block_size = 16, kv_elem = 0, verify = 0, rc = 1;
@@ -399,6 +401,8 @@ int main(int argc, char **argv)
             bad = parse_int(v, 1, 64, &B.reps);
         else if (strcmp(a, "--block-size") == 0)
             bad = parse_int(v, 1, 4096, &block_size);
+        else if (strcmp(a, "--tp") == 0)
+            bad = parse_int(v, 1, 16, &B.tp);
         else if (strcmp(a, "--verify") == 0)
             bad = parse_int(v, 1, 4096, &verify);
         else if (strcmp(a, "--kv-bytes") == 0)
@@ -462,7 +466,7 @@ int main(int argc, char **argv)
     B.weight_bytes = mm_gpu_weight_bytes_per_step(B.m);
     B.kv_per_pos = mm_gpu_kv_bytes_per_pos(B.m, B.kv_elem);
     mm_backend_opts o = {.max_seqs = maxb, .max_len = max_len, .threads = 0,
-                         .gpu_memory_utilization = (float)util, .tensor_parallel = 1,
+                         .gpu_memory_utilization = (float)util, .tensor_parallel = B.tp,
                          .block_size = block_size, .num_blocks = (int)blocks};
     t0 = mm_gpu_now();
     if (mm_gpu_backend_open(B.kind, B.m, &o, &B.b, err, sizeof err) < 0)

@@ -60,6 +60,7 @@ typedef struct checker {
     const char *fixtures;
     int         cuda;
     int         block_size;
+    int         tp;          /* --tp: tensor-parallel size of every cuda backend */
     int         quick;       /* one shape model, for CI */
     double      tol_golden, tol_shape, tol_batch, tie;
     int         passed, failed;
@@ -157,18 +158,25 @@ static void ids_text(const int32_t *a, int n, char *out, size_t len)
 
 static int blocks_for(int n, int bs) { return (n + bs - 1) / bs; }
 
-static int open_backend(checker *c, const char *kind, const mm_model *m, int max_seqs,
-                        int max_len, int num_blocks, mm_backend **b, char *err, size_t errlen)
+static int open_backend_tp(checker *c, const char *kind, const mm_model *m, int max_seqs,
+                           int max_len, int num_blocks, int tp, mm_backend **b, char *err,
+                           size_t errlen)
 {
     mm_backend_opts o = {.max_seqs = max_seqs,
                          .max_len = max_len,
                          .threads = 0,
                          .gpu_memory_utilization = 0.9f,
-                         .tensor_parallel = 1,
+                         .tensor_parallel = strcmp(kind, "cuda") == 0 ? tp : 1,
                          .block_size = c->block_size,
                          .num_blocks = num_blocks ? num_blocks
                                                   : max_seqs * blocks_for(max_len, c->block_size)};
     return mm_gpu_backend_open(kind, m, &o, b, err, errlen);
+}
+
+static int open_backend(checker *c, const char *kind, const mm_model *m, int max_seqs,
+                        int max_len, int num_blocks, mm_backend **b, char *err, size_t errlen)
+{
+    return open_backend_tp(c, kind, m, max_seqs, max_len, num_blocks, c->tp, b, err, errlen);
 }
 
 /* Greedy continuation from a slot whose cache holds pos positions, first
@@ -649,8 +657,17 @@ out:
  * orders, so a rounding may flip and propagate like batching's (limit
  * --tol-batch).
  *
+ * Tensor parallelism (--tp N) against one GPU: each rank sums its share of
+ * the o and down products in float, and the sum over ranks adds those
+ * partial sums in another order than one GPU's product does, so roundings
+ * differ as with batching (limit --tol-batch). Its sums over the GPUs
+ * through peer memory (kernels/tp.cu) against NCCL's: with two GPUs both
+ * add the same two floats, so they agree to rounding (limit 1e-3); a
+ * missing or stale rank would be off by order one.
+ *
  * check_same: the same greedy decode with environment variable env set to
- * on, then to off, logits within limit. */
+ * on, then to off (env NULL: at --tp, then on one GPU), logits within
+ * limit. */
 static void check_same(checker *c, const shape *sh, const gen_model *gm, const char *env,
                        const char *on, const char *off, const char *what, double limit)
 {
@@ -668,18 +685,22 @@ static void check_same(checker *c, const shape *sh, const gen_model *gm, const c
         report(c, 0, name, NULL, "out of memory");
         goto out;
     }
-    setenv(env, on, 1);
+    if (env)
+        setenv(env, on, 1);
     int rc = open_backend(c, "cuda", m, 1, 512, 0, &ba, err, sizeof err);
-    if (rc >= 0) {
+    if (rc >= 0 && env) {
         setenv(env, off, 1);
         rc = open_backend(c, "cuda", m, 1, 512, 0, &bb, err, sizeof err);
+    } else if (rc >= 0) {
+        rc = open_backend_tp(c, "cuda", m, 1, 512, 0, 1, &bb, err, sizeof err);
     }
-    unsetenv(env);
+    if (env)
+        unsetenv(env);
     if (rc < 0) {
         report(c, 0, name, NULL, "%s", err);
         goto out;
     }
-    if (strcmp(env, "MM_CUDA_MEGA") == 0 && !mm_backend_cuda_mega(ba)) {
+    if (env && strcmp(env, "MM_CUDA_MEGA") == 0 && !mm_backend_cuda_mega(ba)) {
         report(c, 0, name, NULL, "MM_CUDA_MEGA=1 did not set up the persistent kernel");
         goto out;
     }
@@ -1090,7 +1111,7 @@ static void check_pool(checker *c, const mm_model *m)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: gpu_check [--backend cuda|cpu] [--fixtures DIR] [--block-size N]\n"
+            "usage: gpu_check [--backend cuda|cpu] [--fixtures DIR] [--block-size N] [--tp N]\n"
             "                 [--require-gpu] [--quick] [--json FILE]\n"
             "                 [--tol-golden X] [--tol-shape X] [--tol-batch X] [--tie X]\n");
 }
@@ -1120,7 +1141,7 @@ static void write_summary(checker *c, const char *skipped, int partial)
 
 int main(int argc, char **argv)
 {
-    checker c = {.kind = "cuda", .fixtures = "tests/fixtures/models", .block_size = 16};
+    checker c = {.kind = "cuda", .fixtures = "tests/fixtures/models", .block_size = 16, .tp = 1};
     double tg = 0, ts = 0, tb = 0;
     c.tie = 0.05;
     int require_gpu = 0;
@@ -1148,6 +1169,8 @@ int main(int argc, char **argv)
             c.json_path = v;
         else if (strcmp(a, "--block-size") == 0 && atoi(v) >= 1 && atoi(v) <= 4096)
             c.block_size = atoi(v);
+        else if (strcmp(a, "--tp") == 0 && atoi(v) >= 1 && atoi(v) <= 16)
+            c.tp = atoi(v);
         else if (strcmp(a, "--tol-golden") == 0 && parse_double(v, &tg) == 0)
             ;
         else if (strcmp(a, "--tol-shape") == 0 && parse_double(v, &ts) == 0)
@@ -1181,9 +1204,9 @@ int main(int argc, char **argv)
         return 1;
     setvbuf(stdout, NULL, _IOLBF, 0);
     double t0 = mm_gpu_now();
-    printf("gpu_check: backend %s, block size %d, limits golden %.2g shape %.2g batch %.2g, "
-           "near tie below %.3f\n",
-           c.kind, c.block_size, c.tol_golden, c.tol_shape, c.tol_batch, c.tie);
+    printf("gpu_check: backend %s, tensor parallel %d, block size %d, limits golden %.2g shape "
+           "%.2g batch %.2g, near tie below %.3f\n",
+           c.kind, c.tp, c.block_size, c.tol_golden, c.tol_shape, c.tol_batch, c.tie);
 
     /* Is there a GPU at all? Try the backend on the smallest fixture. */
     if (c.cuda) {
@@ -1263,9 +1286,17 @@ int main(int argc, char **argv)
         if (c.cuda) {
             check_same(&c, sh, &gm, "MM_CUDA_CLUSTER", "1", "0",
                        "decode attention, cluster kernel = per-head kernel", 1e-3);
-            check_same(&c, sh, &gm, "MM_CUDA_MEGA", "1", "0",
-                       "single-sequence decode, persistent kernel = layered kernels",
-                       c.tol_batch);
+            if (c.tp == 1) /* the persistent kernel runs on one GPU only */
+                check_same(&c, sh, &gm, "MM_CUDA_MEGA", "1", "0",
+                           "single-sequence decode, persistent kernel = layered kernels",
+                           c.tol_batch);
+            else
+                check_same(&c, sh, &gm, NULL, NULL, NULL,
+                           "tensor parallel = one GPU (prompt and decode)", c.tol_batch);
+            if (c.tp > 1)
+                check_same(&c, sh, &gm, "MM_CUDA_TP_P2P", "1", "0",
+                           "tensor parallel, sums through peer memory = through NCCL",
+                           c.tp == 2 ? 1e-3 : c.tol_batch);
             check_same(&c, sh, &gm, "MM_CUDA_FLASH", "1", "0",
                        "prompt attention, flash kernel = cuBLAS products", c.tol_batch);
         }

@@ -33,6 +33,16 @@
 #     copy-bandwidth roofline go to ab.txt. For deciding an optimization
 #     (docs/GPU_NOTES.md), not for the figures of record.
 #
+#   tp (~6 min; a machine with $TP GPUs, default 2): tensor parallelism.
+#     check with every backend split over $TP GPUs (gpu_check --tp $TP:
+#     each check, plus each shape against one GPU; the end-to-end part with
+#     workers started with --tensor-parallel-size $TP), then gpu_bench of
+#     each of $BENCH_MODELS on one GPU and on $TP in the same call
+#     ($TP_ONLY: single,batch,prefill), to tp.txt with single-stream decode
+#     against the $TP-GPU copy-bandwidth roofline (each GPU reads its share
+#     of the weights). NCCL is loaded at run time: when the loader cannot
+#     find libnccl.so.2, the one Python's nvidia-nccl package ships is used.
+#
 #   libs (run HERE, before carrying): copy the shared libraries our binaries
 #     need beyond glibc, libstdc++/libgcc and CUDA's into $BUILD/lib, for a
 #     GPU machine that lacks them (its ldd says which); run.sh then puts
@@ -54,7 +64,7 @@ cd "$(dirname "$0")/../.." || exit 1
 
 BUILD=${BUILD:-build}
 what=${1:-all}
-case $what in check|bench|all|libs|ab) ;; *) echo "usage: tests/gpu/run.sh [check|bench|all|libs|ab]" >&2; exit 2 ;; esac
+case $what in check|bench|all|libs|ab|tp) ;; *) echo "usage: tests/gpu/run.sh [check|bench|all|libs|ab|tp]" >&2; exit 2 ;; esac
 OUT=${OUT:-$BUILD/gpu-results}
 CHECK_BACKEND=${CHECK_BACKEND:-cuda}
 E2E_DEVICE=${E2E_DEVICE:-cuda}
@@ -67,6 +77,11 @@ HTTP_MODELS=${HTTP_MODELS:-q15 q7}
 HTTP_MAX_TOKENS=${HTTP_MAX_TOKENS:-128}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-330}
 BENCH_DIR=${BENCH_DIR:-/tmp/mm-gpu-bench}
+TP=${TP:-2}
+TP_ONLY=${TP_ONLY:-single,batch,prefill}
+# extra gpu_check flags and cuda worker flags (the tp mode sets them)
+CHECK_FLAGS=""
+E2E_FLAGS=""
 WORKER=$BUILD/modelmux-worker
 T=$BUILD/tests
 CLIENT="python3 tests/gpu/client.py"
@@ -196,6 +211,42 @@ count_tap() {
     failed=$((failed + f))
 }
 
+# fault_case MODEL RANK: a worker whose 3rd step faults (on GPU RANK
+# alone when RANK is set) answers HTTP 500 naming the lost device and
+# exits 1 by itself.
+fault_case() {
+    what="a sticky CUDA error${2:+ on GPU $2 alone}"
+    export MM_CUDA_TEST_FAULT_STEP=3
+    [ -n "$2" ] && export MM_CUDA_TEST_FAULT_RANK=$2
+    if start_worker cuda "$1" "$TMP/w-fault.log" --max-model-len 256 \
+        --gpu-memory-utilization 0.3 $E2E_FLAGS; then
+        unset MM_CUDA_TEST_FAULT_STEP MM_CUDA_TEST_FAULT_RANK
+        code=$(curl -s -m 60 -o "$TMP/fault.json" -w '%{http_code}' \
+            -H 'content-type: application/json' -d '{"model": "bench", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "ignore_eos": true}' \
+            "$URL/v1/completions")
+        i=0
+        while kill -0 "$WPID" 2>/dev/null && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+        if kill -0 "$WPID" 2>/dev/null; then
+            wrc="still running after 30 s"
+            stop_worker
+        else
+            wait "$WPID"
+            wrc=$?
+            WPID=""
+        fi
+        { echo "== worker with $what at step 3 (log tail)"; tail -n 8 "$TMP/w-fault.log"; } >>"$OUT/check.log"
+        if [ "$code" = 500 ] && grep -q 'CUDA device is unusable' "$TMP/fault.json" &&
+            [ "$wrc" = 1 ] && grep -q 'exiting so that the worker is restarted' "$TMP/w-fault.log"; then
+            ok "e2e: $what: HTTP 500 ($(grep -o 'unusable: [^"]*' "$TMP/fault.json" | head -c 120)), worker exit 1"
+        else
+            notok "e2e: $what: HTTP $code, exit $wrc, $(head -c 300 "$TMP/fault.json" 2>/dev/null)"
+        fi
+    else
+        unset MM_CUDA_TEST_FAULT_STEP MM_CUDA_TEST_FAULT_RANK
+        notok "e2e: the worker with a fault hook did not start"
+    fi
+}
+
 # ------------------------------------------------------------- check
 
 run_check() {
@@ -206,7 +257,7 @@ run_check() {
         [ "$CHECK_BACKEND" = cuda ] && req=--require-gpu
         say "== gpu_check --backend $CHECK_BACKEND"
         timeout "${CHECK_TIMEOUT:-150}" $RUNENV "$T/gpu_check" --backend "$CHECK_BACKEND" $req \
-            --json "$OUT/check.json" >"$TMP/check.txt" 2>&1
+            $CHECK_FLAGS --json "$OUT/check.json" >"$TMP/check.txt" 2>&1
         echo "gpu_check exit status $?" >>"$TMP/check.txt"
         cat "$TMP/check.txt" >>"$OUT/check.log"
         grep -E '^(ok|not ok|skipped|#|[0-9]+ passed)' "$TMP/check.txt"
@@ -228,7 +279,7 @@ run_check() {
         return
     fi
     if start_worker "$E2E_DEVICE" "$m" "$TMP/w-e2e.log" --max-num-seqs 16 --max-model-len 1024 \
-        --gpu-memory-utilization 0.3; then
+        --gpu-memory-utilization 0.3 $E2E_FLAGS; then
         $CLIENT complete --url "$URL" --concurrency 8 --out "$TMP/conc.json" &&
             $CLIENT complete --url "$URL" --concurrency 1 --logprobs 2 --out "$TMP/seq.json"
         rc=$?
@@ -252,7 +303,7 @@ run_check() {
             # one --max-model-len sequence (16 blocks of 16) for 8 requests
             # at once; every answer must still equal the one-at-a-time run.
             if start_worker "$E2E_DEVICE" "$m" "$TMP/w-pre.log" --max-num-seqs 16 \
-                --max-model-len 256 --num-gpu-blocks-override 16; then
+                --max-model-len 256 --num-gpu-blocks-override 16 $E2E_FLAGS; then
                 $CLIENT complete --url "$URL" --concurrency 8 --logprobs 2 --out "$TMP/pre.json"
                 npre=$(curl -s "$URL/metrics" |
                     sed -n 's/^vllm:num_preemptions_total{[^}]*} \([0-9][0-9.]*\).*/\1/p' | head -n 1)
@@ -283,7 +334,7 @@ run_check() {
             # non-zero (the cpu backend ignores the utilization: cuda only).
             if [ "$E2E_DEVICE" = cuda ]; then
                 timeout 60 $RUNENV "$WORKER" --model "$m" --device cuda --port 0 \
-                    --gpu-memory-utilization 0.000001 >"$TMP/w-oom.log" 2>&1
+                    --gpu-memory-utilization 0.000001 $E2E_FLAGS >"$TMP/w-oom.log" 2>&1
                 orc=$?
                 if [ $orc -ne 0 ] && [ $orc -ne 124 ] && grep -q 'KV cache too small' "$TMP/w-oom.log"; then
                     ok "e2e: no room for the KV cache: exit $orc, $(grep -o 'KV cache too small[^;]*' "$TMP/w-oom.log" | head -n 1)"
@@ -293,35 +344,11 @@ run_check() {
                 # A sticky CUDA error (the test hook launches a kernel that
                 # stores to an invalid address at the 3rd step): the request
                 # fails with the cause and the worker exits 1 by itself, for
-                # its supervisor to restart it.
-                export MM_CUDA_TEST_FAULT_STEP=3
-                if start_worker cuda "$m" "$TMP/w-fault.log" --max-model-len 256 \
-                    --gpu-memory-utilization 0.3; then
-                    unset MM_CUDA_TEST_FAULT_STEP
-                    code=$(curl -s -m 60 -o "$TMP/fault.json" -w '%{http_code}' \
-                        -H 'content-type: application/json' -d '{"model": "bench", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "ignore_eos": true}' \
-                        "$URL/v1/completions")
-                    i=0
-                    while kill -0 "$WPID" 2>/dev/null && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-                    if kill -0 "$WPID" 2>/dev/null; then
-                        wrc="still running after 30 s"
-                        stop_worker
-                    else
-                        wait "$WPID"
-                        wrc=$?
-                        WPID=""
-                    fi
-                    { echo "== worker with a fault at step 3 (log tail)"; tail -n 8 "$TMP/w-fault.log"; } >>"$OUT/check.log"
-                    if [ "$code" = 500 ] && grep -q 'CUDA device is unusable' "$TMP/fault.json" &&
-                        [ "$wrc" = 1 ] && grep -q 'exiting so that the worker is restarted' "$TMP/w-fault.log"; then
-                        ok "e2e: a sticky CUDA error: HTTP 500 ($(grep -o 'unusable: [^"]*' "$TMP/fault.json" | head -c 120)), worker exit 1"
-                    else
-                        notok "e2e: a sticky CUDA error: HTTP $code, exit $wrc, $(head -c 300 "$TMP/fault.json")"
-                    fi
-                else
-                    unset MM_CUDA_TEST_FAULT_STEP
-                    notok "e2e: the worker with a fault hook did not start"
-                fi
+                # its supervisor to restart it. Split over GPUs, also with
+                # the fault on one GPU alone (its peer then waits in a sum
+                # that never completes).
+                fault_case "$m" ""
+                [ -n "$E2E_FLAGS" ] && fault_case "$m" 1
             fi
         fi
     else
@@ -485,8 +512,62 @@ run_ab() {
     [ -s "$TMP/ab.txt" ] && ok "ab"
 }
 
+# find_nccl: when the loader cannot find libnccl.so.2, point
+# MM_NCCL_LIBRARY at one that is on the machine (Python's nvidia-nccl).
+find_nccl() {
+    [ -n "${MM_NCCL_LIBRARY:-}" ] && return 0
+    ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2 ' && return 0
+    [ -e /usr/local/cuda/lib64/libnccl.so.2 ] && return 0
+    lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+    [ -n "$lib" ] && [ -e "$lib" ] || lib=$(find / -xdev -name 'libnccl.so.2' 2>/dev/null | head -n 1)
+    if [ -n "$lib" ]; then export MM_NCCL_LIBRARY="$lib"; say "# NCCL: $lib"; else say "# NCCL: libnccl.so.2 not found"; fi
+}
+
+run_tp() {
+    find_nccl
+    CHECK_FLAGS="--tp $TP"
+    E2E_FLAGS="--tensor-parallel-size $TP"
+    CHECK_TIMEOUT=${CHECK_TIMEOUT:-300}
+    # the bench models generate in the background while the checks run
+    ( for m in $BENCH_MODELS; do gen_model "$m" || exit 1; done ) >"$TMP/gen-tp.log" 2>&1 &
+    GENPID=$!
+    run_check
+    ensure "$T/gpu_bench" "$T/gpu_bw"
+    bw=$(timeout 120 "$T/gpu_bw" 2>/dev/null | grep '"d2d_copy"' |
+        sed -n 's/.*"best_gbs":\([0-9.]*\).*/\1/p' | sort -n | tail -n 1)
+    say "# copy bandwidth of one GPU ${bw:-?} GB/s"
+    wait "$GENPID" || notok "generate $BENCH_MODELS ($(tail -n 3 "$TMP/gen-tp.log" | tr '\n' ' '))"
+    GENPID=""
+    : >"$TMP/tp.jsonl"
+    for m in $BENCH_MODELS; do
+        [ -f "$BENCH_DIR/$m/model.safetensors" ] || continue
+        for t in 1 "$TP"; do
+            say "== gpu_bench $m on $t GPU(s)"
+            timeout 300 $RUNENV "$T/gpu_bench" --model "$BENCH_DIR/$m" --name "$m" --tp "$t" \
+                --only "$TP_ONLY" $BENCH_ARGS >"$TMP/tp-$m-$t.txt" 2>&1
+            rc=$?
+            cat "$TMP/tp-$m-$t.txt" >>"$OUT/bench.log"
+            grep '^{' "$TMP/tp-$m-$t.txt" >>"$TMP/tp.jsonl"
+            grep -v '^{' "$TMP/tp-$m-$t.txt" | grep .
+            if [ $rc -eq 0 ]; then ok "gpu_bench $m --tp $t"; else notok "gpu_bench $m --tp $t (exit $rc)"; fi
+        done
+    done
+    cp "$TMP/tp.jsonl" "$OUT/bench.json"
+    # model, GPUs, what, batch, tok/s, ms/step, and for single-stream decode
+    # the share of the roofline: GPUs x copy bandwidth / bytes per token
+    { echo "# $(date -u '+%Y-%m-%d %H:%M:%S UTC') copy bandwidth ${bw:-?} GB/s per GPU"
+      echo "# model gpus bench batch tok/s ms/step %roofline"
+      sed -n 's/.*"bench":"\([a-z_]*\)".*"model":"\([^"]*\)","tp":\([0-9]*\).*"batch":\([0-9]*\).*"tok_s":\([0-9.]*\),"ms_per_step":\([0-9.]*\).*"bytes_per_step":\([0-9.e+]*\).*/\2 \3 \1 \4 \5 \6 \7/p' "$TMP/tp.jsonl" |
+        awk -v bw="${bw:-0}" '{ r = ($3 == "decode_single" && bw > 0) ? sprintf("%.1f", 100 * $5 * $7 / ($2 * bw * 1e9)) : "-"; print $1, $2, $3, $4, $5, $6, r }'
+      grep '"bench":"prefill"' "$TMP/tp.jsonl" | sed -n 's/.*"model":"\([^"]*\)","tp":\([0-9]*\).*"tok_s":\([0-9.]*\).*/\1 \2 prefill - \3 - -/p'
+    } >"$OUT/tp.txt"
+    cat "$OUT/tp.txt"
+}
+
 if [ "$what" = ab ]; then
     run_ab
+elif [ "$what" = tp ]; then
+    run_tp
 else
     [ "$what" = bench ] || run_check
     [ "$what" = check ] || run_bench

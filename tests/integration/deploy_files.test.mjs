@@ -450,7 +450,8 @@ test('compose: one gpu worker per GPU, each reserving exactly that one (14B repl
         seen.set(id, name);
         assert.equal(name.split('-').pop(), id, `${name} is named after its GPU`);
         assert.equal(argValue(s.command, '--device'), 'cuda');
-        // The worker exits 2 on a tensor-parallel size above 1.
+        // One GPU per worker here: the layout is replicas (a 14B and a 32B
+        // each fit one GPU), so no worker is split over several.
         const tp = argValue(s.command, '--tensor-parallel-size');
         assert.ok(tp === undefined || tp === '1', `${name}: --tensor-parallel-size ${tp}`);
         const served = argValue(s.command, '--served-model-name');

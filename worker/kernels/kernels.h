@@ -80,6 +80,24 @@ int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok, const int32_t
                      const int32_t *slot, int R, int nq, int mode, int window, float scale,
                      const mm_k_cache *c, int nsplit, float *part, void *out, cudaStream_t s);
 
+/* Tensor parallelism's sum over ranks through peer memory (tp.cu): rank
+ * `rank` of n; src[slot][i] is rank i's float buffer of slot 0 (the o
+ * product) or 1 (down), flag[i] rank i's two flags, epoch this rank's
+ * counter of model runs in this mode, L the layers. mm_k_tp_epoch once at
+ * the start of each run; then, after a slot's product, mm_k_tp_reduce
+ * signals the peers, waits for all of them, and writes the sum over ranks
+ * of the count (a multiple of 4) floats into out. */
+#define MM_K_TP_MAX 16
+typedef struct mm_k_tp {
+    int             n, rank, L;
+    const float    *src[2][MM_K_TP_MAX];
+    unsigned       *flag[MM_K_TP_MAX];
+    const unsigned *epoch;
+} mm_k_tp;
+int mm_k_tp_epoch(unsigned *epoch, cudaStream_t s);
+int mm_k_tp_reduce(const mm_k_tp *p, int slot, int layer, size_t count, int nsm, float *out,
+                   cudaStream_t s);
+
 /* Block-table updates: upd[0] = count (read on the device, so a captured
  * graph replays whatever the host wrote before launching it), then count
  * pairs (index, value): table[index] = value. */
@@ -129,8 +147,10 @@ int mm_k_gemv_swiglu(mm_kdt dt, const void *W, const void *x, int M, int I, int 
 
 /* ids[r] = argmax over columns < *n_valid of logits row r (lowest id on
  * ties, NaN and -inf never win, -1 when nothing is finite), R rows of ld
- * floats; keys: R 64-bit words of scratch. n_valid is read on the device,
- * so a graph captured before it is known still uses the right one. */
+ * floats. keys[r] holds the winner as a 64-bit key (the value's order
+ * bits above the id's complement, 0 when nothing is finite); with ids
+ * NULL only the keys are written. n_valid is read on the device, so a
+ * graph captured before it is known still uses the right one. */
 int mm_k_argmax(const float *logits, int R, int ld, const int *n_valid, unsigned long long *keys,
                 int32_t *ids, cudaStream_t s);
 

@@ -70,6 +70,8 @@ extern "C" int mm_k_argmax(const float *logits, int R, int ld, const int *n_vali
     if (e != cudaSuccess)
         return (int)e;
     mm_launch(argmax_k, dim3(ARGMAX_SLICES, R), 256, 0, s, logits, ld, n_valid, keys);
-    mm_launch(argmax_ids_k, (R + 127) / 128, 128, 0, s, (const unsigned long long *)keys, R, ids);
+    if (ids)
+        mm_launch(argmax_ids_k, (R + 127) / 128, 128, 0, s, (const unsigned long long *)keys, R,
+                  ids);
     return mm_launch_status();
 }
