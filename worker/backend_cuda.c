@@ -31,6 +31,7 @@
  * reported with the call and the library's message. */
 #include <errno.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -575,7 +576,13 @@ out:
  * of every rank gives each rank the whole product, so the residual stream
  * stays the same on all of them. Through peer memory (p2p: into dsum) or
  * NCCL (in place); *sum is where the next norm reads it. */
-#define P2P_MAX_FLOATS ((size_t)4 << 20) /* default of p2p_max (MM_CUDA_TP_P2P_MAX_MB) */
+/* From three GPUs on, a one-shot sum reads n - 1 peers' buffers where
+ * NCCL's ring moves under two buffers' worth: there, sums reading more than
+ * this many floats go through NCCL (MM_CUDA_TP_P2P_MAX_MB moves the line).
+ * With two GPUs both move one buffer, and peer memory was measured faster
+ * at every size (7B shape, 2048-token prefill: 33.1-33.3 against
+ * 34.6-35.1 ms), so it sums everything. */
+#define P2P_MAX_FLOATS ((size_t)4 << 20)
 
 static int tp_sum(cuda_backend *b, int p2p, int slot, int layer, int np, size_t dstride,
                   float *src, const float **sum, char *err, size_t errlen)
@@ -1564,7 +1571,7 @@ int mm_cuda_rank_new(const struct mm_model *m, const mm_backend_opts *o, const m
         }
         nblk = me.nblk;
         env = getenv("MM_CUDA_TP_P2P_MAX_MB");
-        b->p2p_max = env ? (size_t)atol(env) << 18 : P2P_MAX_FLOATS;
+        b->p2p_max = env ? (size_t)atol(env) << 18 : tp == 2 ? SIZE_MAX : P2P_MAX_FLOATS;
         if ((b->p2p = me.p2p)) {
             b->tpk = (mm_k_tp){.n = tp, .rank = b->rank, .L = b->L, .epoch = b->tpbuf + 2};
             for (int i = 0; i < tp; i++) {

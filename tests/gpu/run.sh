@@ -213,9 +213,9 @@ count_tap() {
 
 # fault_case MODEL RANK: a worker whose 3rd step faults (on GPU RANK
 # alone when RANK is set) answers HTTP 500 naming the lost device and
-# exits 1 by itself.
+# exits 1 by itself. (Shell variables are global: none named "what".)
 fault_case() {
-    what="a sticky CUDA error${2:+ on GPU $2 alone}"
+    fcase="a sticky CUDA error${2:+ on GPU $2 alone}"
     export MM_CUDA_TEST_FAULT_STEP=3
     [ -n "$2" ] && export MM_CUDA_TEST_FAULT_RANK=$2
     if start_worker cuda "$1" "$TMP/w-fault.log" --max-model-len 256 \
@@ -234,12 +234,12 @@ fault_case() {
             wrc=$?
             WPID=""
         fi
-        { echo "== worker with $what at step 3 (log tail)"; tail -n 8 "$TMP/w-fault.log"; } >>"$OUT/check.log"
+        { echo "== worker with $fcase at step 3 (log tail)"; tail -n 8 "$TMP/w-fault.log"; } >>"$OUT/check.log"
         if [ "$code" = 500 ] && grep -q 'CUDA device is unusable' "$TMP/fault.json" &&
             [ "$wrc" = 1 ] && grep -q 'exiting so that the worker is restarted' "$TMP/w-fault.log"; then
-            ok "e2e: $what: HTTP 500 ($(grep -o 'unusable: [^"]*' "$TMP/fault.json" | head -c 120)), worker exit 1"
+            ok "e2e: $fcase: HTTP 500 ($(grep -o 'unusable: [^"]*' "$TMP/fault.json" | head -c 120)), worker exit 1"
         else
-            notok "e2e: $what: HTTP $code, exit $wrc, $(head -c 300 "$TMP/fault.json" 2>/dev/null)"
+            notok "e2e: $fcase: HTTP $code, exit $wrc, $(head -c 300 "$TMP/fault.json" 2>/dev/null)"
         fi
     else
         unset MM_CUDA_TEST_FAULT_STEP MM_CUDA_TEST_FAULT_RANK
