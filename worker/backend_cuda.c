@@ -1635,8 +1635,10 @@ int mm_cuda_rank_new(const struct mm_model *m, const mm_backend_opts *o, const m
             who, prop.name, b->nsm, gib(wbytes), b->dt == MM_KDT_F16 ? "f16" : "bf16", nblk,
             b->base.block_size, nblk * b->base.block_size,
             gib(b->kv_layer_bytes * 2 * (size_t)b->L),
-            tp < 2 ? "" : b->p2p ? "; sums over the GPUs through peer memory (NCCL for large steps)"
-                                 : "; sums over the GPUs through NCCL");
+            tp < 2     ? ""
+            : !b->p2p  ? "; sums over the GPUs through NCCL"
+            : b->p2p_max == SIZE_MAX ? "; sums over the GPUs through peer memory"
+                                     : "; sums over the GPUs through peer memory (NCCL for large steps)");
     *out = &b->base;
 out:
     if (pl.stage)
