@@ -40,7 +40,8 @@
 #     each of $BENCH_MODELS on one GPU and on $TP in the same call
 #     ($TP_ONLY: single,batch,prefill), to tp.txt with single-stream decode
 #     against the $TP-GPU copy-bandwidth roofline (each GPU reads its share
-#     of the weights). NCCL is loaded at run time: when the loader cannot
+#     of the weights), then streaming HTTP load on a split worker
+#     ($TP_HTTP_MODELS: q7, at $TP_HTTP_CONC: 1 32 256). NCCL is loaded at run time: when the loader cannot
 #     find libnccl.so.2, the one Python's nvidia-nccl package ships is used.
 #
 #   libs (run HERE, before carrying): copy the shared libraries our binaries
@@ -82,6 +83,7 @@ TP_ONLY=${TP_ONLY:-single,batch,prefill}
 # extra gpu_check flags and cuda worker flags (the tp mode sets them)
 CHECK_FLAGS=""
 E2E_FLAGS=""
+HTTP_FLAGS=""
 WORKER=$BUILD/modelmux-worker
 T=$BUILD/tests
 CLIENT="python3 tests/gpu/client.py"
@@ -392,7 +394,7 @@ bench_http() {
     name=$1
     start_worker "$BENCH_BACKEND" "$BENCH_DIR/$name" "$TMP/w-$name.log" --max-num-seqs 256 \
         --max-model-len 512 --max-num-batched-tokens "${HTTP_BATCHED_TOKENS:-4096}" \
-        --gpu-memory-utilization 0.85 || { notok "http $name: the worker did not start"; return; }
+        --gpu-memory-utilization 0.85 $HTTP_FLAGS || { notok "http $name: the worker did not start"; return; }
     $CLIENT load --url "$URL" --concurrency 4 --max-tokens 8 --label warmup >/dev/null
     for c in $HTTP_CONC; do
         if over_budget 10; then say "# http $name: out of time budget, skipping from concurrency $c"; break; fi
@@ -552,6 +554,17 @@ run_tp() {
             if [ $rc -eq 0 ]; then ok "gpu_bench $m --tp $t"; else notok "gpu_bench $m --tp $t (exit $rc)"; fi
         done
     done
+    # the split worker over HTTP (streaming completions, as bench's)
+    : >"$TMP/bench.jsonl"
+    t_bench=$(now)
+    HTTP_FLAGS="$E2E_FLAGS"
+    HTTP_CONC=${TP_HTTP_CONC:-1 32 256}
+    for m in ${TP_HTTP_MODELS:-q7}; do
+        [ -f "$BENCH_DIR/$m/model.safetensors" ] || continue
+        say "== http $m: worker --tensor-parallel-size $TP, streaming completions at $HTTP_CONC"
+        bench_http "$m"
+    done
+    cat "$TMP/bench.jsonl" >>"$TMP/tp.jsonl"
     cp "$TMP/tp.jsonl" "$OUT/bench.json"
     # model, GPUs, what, batch, tok/s, ms/step, and for single-stream decode
     # the share of the roofline: GPUs x copy bandwidth / bytes per token
@@ -560,6 +573,8 @@ run_tp() {
       sed -n 's/.*"bench":"\([a-z_]*\)".*"model":"\([^"]*\)","tp":\([0-9]*\).*"batch":\([0-9]*\).*"tok_s":\([0-9.]*\),"ms_per_step":\([0-9.]*\).*"bytes_per_step":\([0-9.e+]*\).*/\2 \3 \1 \4 \5 \6 \7/p' "$TMP/tp.jsonl" |
         awk -v bw="${bw:-0}" '{ r = ($3 == "decode_single" && bw > 0) ? sprintf("%.1f", 100 * $5 * $7 / ($2 * bw * 1e9)) : "-"; print $1, $2, $3, $4, $5, $6, r }'
       grep '"bench":"prefill"' "$TMP/tp.jsonl" | sed -n 's/.*"model":"\([^"]*\)","tp":\([0-9]*\).*"tok_s":\([0-9.]*\).*/\1 \2 prefill - \3 - -/p'
+      echo "# http on $TP GPUs: client.py load lines"
+      cat "$TMP/bench.jsonl"
     } >"$OUT/tp.txt"
     cat "$OUT/tp.txt"
 }
