@@ -388,6 +388,19 @@ gen_model() {
     echo "# generated $1 ($(du -sh "$d" | cut -f1)) in $(($(now) - t0)) s"
 }
 
+# gpu_bench_step NAME JSONL TIMEOUT ARGS...: run gpu_bench ARGS, log its
+# output, append its JSON lines to JSONL, show the rest, count it as NAME.
+gpu_bench_step() {
+    gb_name=$1 gb_json=$2 gb_tmo=$3
+    shift 3
+    timeout "$gb_tmo" $RUNENV "$T/gpu_bench" "$@" >"$TMP/gb.txt" 2>&1
+    gb_rc=$?
+    cat "$TMP/gb.txt" >>"$OUT/bench.log"
+    grep '^{' "$TMP/gb.txt" >>"$gb_json"
+    grep -v '^{' "$TMP/gb.txt" | grep .
+    if [ $gb_rc -eq 0 ]; then ok "$gb_name"; else notok "$gb_name (exit $gb_rc)"; fi
+}
+
 over_budget() { [ $(($(now) - t_bench)) -ge $((BENCH_BUDGET_S - ${1:-0})) ]; }
 
 bench_http() {
@@ -454,13 +467,8 @@ run_bench() {
         say "== gpu_bench $m ($BENCH_BACKEND)"
         verify=""
         case " $BENCH_VERIFY " in *" $m "*) verify="--verify 16" ;; esac
-        timeout 240 $RUNENV "$T/gpu_bench" --model "$BENCH_DIR/$m" --backend "$BENCH_BACKEND" --name "$m" \
-            $verify $BENCH_ARGS >"$TMP/bench-$m.txt" 2>&1
-        rc=$?
-        cat "$TMP/bench-$m.txt" >>"$OUT/bench.log"
-        grep '^{' "$TMP/bench-$m.txt" >>"$TMP/bench.jsonl"
-        grep -v '^{' "$TMP/bench-$m.txt" | grep .
-        if [ $rc -eq 0 ]; then ok "gpu_bench $m"; else notok "gpu_bench $m (exit $rc)"; fi
+        gpu_bench_step "gpu_bench $m" "$TMP/bench.jsonl" 240 --model "$BENCH_DIR/$m" \
+            --backend "$BENCH_BACKEND" --name "$m" $verify $BENCH_ARGS
     done
     for m in $HTTP_MODELS; do
         [ -f "$BENCH_DIR/$m/model.safetensors" ] || continue
@@ -545,13 +553,8 @@ run_tp() {
         [ -f "$BENCH_DIR/$m/model.safetensors" ] || continue
         for t in 1 "$TP"; do
             say "== gpu_bench $m on $t GPU(s)"
-            timeout 300 $RUNENV "$T/gpu_bench" --model "$BENCH_DIR/$m" --name "$m" --tp "$t" \
-                --only "$TP_ONLY" $BENCH_ARGS >"$TMP/tp-$m-$t.txt" 2>&1
-            rc=$?
-            cat "$TMP/tp-$m-$t.txt" >>"$OUT/bench.log"
-            grep '^{' "$TMP/tp-$m-$t.txt" >>"$TMP/tp.jsonl"
-            grep -v '^{' "$TMP/tp-$m-$t.txt" | grep .
-            if [ $rc -eq 0 ]; then ok "gpu_bench $m --tp $t"; else notok "gpu_bench $m --tp $t (exit $rc)"; fi
+            gpu_bench_step "gpu_bench $m --tp $t" "$TMP/tp.jsonl" 300 --model "$BENCH_DIR/$m" \
+                --name "$m" --tp "$t" --only "$TP_ONLY" $BENCH_ARGS
         done
     done
     # the split worker over HTTP (streaming completions, as bench's)

@@ -103,6 +103,14 @@ test('--block-size and --num-gpu-blocks-override are checked', () => {
     assert.notEqual(tp.status, null, `killed by ${tp.signal}`);
     assert.match(tp.stderr,
         /CUDA backend not available in this build|--tensor-parallel-size 2 needs 2 GPUs|does not divide/);
+    // A size that does not divide the model's heads is refused before any
+    // GPU is looked for, with the numbers (4 query heads, 2 kv heads,
+    // intermediate 128 in this model).
+    const bad = runWorkerSync(['--model', dir, '--port', '0', '--device', 'cuda',
+        '--tensor-parallel-size', '3']);
+    assert.notEqual(bad.status, 0, bad.stderr);
+    assert.notEqual(bad.status, null, `killed by ${bad.signal}`);
+    assert.match(bad.stderr, /CUDA backend not available in this build|--tensor-parallel-size 3 does not divide this model: it needs query heads \(4\) divisible by 3, kv heads \(2\) divisible by 3 or dividing it, and the intermediate size \(128\) divisible by 24/);
     const h = runWorkerSync(['--help']);
     assert.match(h.stdout, /--block-size N/);
     assert.match(h.stdout, /--num-gpu-blocks-override N/);
