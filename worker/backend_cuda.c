@@ -1315,29 +1315,32 @@ out:
     return rc;
 }
 
-/* Can this rank read every other GPU's memory (devices 0..tp-1)? Turns
- * peer access on where it can; MM_CUDA_TP_P2P=0 says no (NCCL then sums
- * everything). */
+/* Can this rank read every other GPU's memory (devices 0..tp-1), with
+ * atomics? Turns peer access on where it can; MM_CUDA_TP_P2P=0 says no
+ * (NCCL then sums everything). */
 static int peer_access(cuda_backend *b, int ndev, int tp)
 {
     const char *env = getenv("MM_CUDA_TP_P2P");
     if ((env && strcmp(env, "0") == 0) || tp > ndev)
         return 0;
-    for (int d = 0; d < tp; d++) {
-        int can = 0;
+    int ok = 1;
+    for (int d = 0; d < tp && ok; d++) {
+        int can = 0, atomics = 0;
         if (d == b->dev)
             continue;
-        if (cudaDeviceCanAccessPeer(&can, b->dev, d) != cudaSuccess || !can)
-            return 0;
-        cudaError_t e = cudaDeviceEnablePeerAccess(d, 0);
-        if (e == cudaErrorPeerAccessAlreadyEnabled)
-            cudaGetLastError();
-        else if (e != cudaSuccess) {
-            cudaGetLastError();
-            return 0;
+        /* the flags are atomic adds into peer memory (NVLink has them; a
+         * PCIe path may not) */
+        ok = cudaDeviceCanAccessPeer(&can, b->dev, d) == cudaSuccess && can &&
+             cudaDeviceGetP2PAttribute(&atomics, cudaDevP2PAttrNativeAtomicSupported, b->dev,
+                                       d) == cudaSuccess &&
+             atomics;
+        if (ok) {
+            cudaError_t e = cudaDeviceEnablePeerAccess(d, 0);
+            ok = e == cudaSuccess || e == cudaErrorPeerAccessAlreadyEnabled;
         }
     }
-    return 1;
+    cudaGetLastError(); /* "already enabled" or a refusal: not this step's error */
+    return ok;
 }
 
 /* A rank's share of n things split tp ways (the caller checked that they
