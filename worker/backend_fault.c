@@ -12,9 +12,10 @@
 #include "errmsg.h"
 
 typedef struct fault_backend {
-    mm_backend  base;
-    mm_backend *inner;
-    long        steps_left;
+    mm_backend     base;
+    mm_backend    *inner;
+    long           steps_left;
+    mm_backend_ops ops;  /* fault_ops, named as the inner backend ("cpu", "cuda") */
 } fault_backend;
 
 /* The engine reads the pool figures from the wrapper: keep them equal. */
@@ -71,17 +72,15 @@ static const mm_backend_ops fault_ops = {
 int mm_backend_fault_wrap(mm_backend *inner, long steps, mm_backend **out, char *err,
                           size_t errlen)
 {
-    fault_backend *f = calloc(1, sizeof *f + sizeof(mm_backend_ops));
+    fault_backend *f = calloc(1, sizeof *f);
     if (!f) {
         mm_errf(err, errlen, "out of memory");
         return -ENOMEM;
     }
-    /* the ops table names the inner backend ("cpu", "cuda") */
-    mm_backend_ops *ops = (mm_backend_ops *)(f + 1);
-    *ops = fault_ops;
-    ops->name = inner->ops->name;
+    f->ops = fault_ops;
+    f->ops.name = inner->ops->name;
     f->base = *inner;
-    f->base.ops = ops;
+    f->base.ops = &f->ops;
     f->inner = inner;
     f->steps_left = steps;
     *out = &f->base;

@@ -66,6 +66,7 @@ struct tp_backend {
     unsigned long  gen;        /* bumped for each job: 1 = create, then steps */
     int            pending;    /* ranks still on the current job */
     int            failed;     /* ranks whose current job failed */
+    int            first_bad;  /* the first of them */
     int            quit;
     /* the current step */
     mm_batch_seq  *seqs;
@@ -84,12 +85,12 @@ struct tp_backend {
 
 /* ---- rank threads ---- */
 
-static void job_done(tp_backend *t, int rc)
+static void job_done(tp_backend *t, int idx, int rc)
 {
     pthread_mutex_lock(&t->mu);
     t->pending--;
-    if (rc < 0)
-        t->failed++;
+    if (rc < 0 && t->failed++ == 0)
+        t->first_bad = idx;
     pthread_cond_broadcast(&t->done);
     pthread_mutex_unlock(&t->mu);
 }
@@ -151,12 +152,12 @@ static void *rank_main(void *arg)
     mm_cuda_rank cr = {.dev = r->idx, .rank = r->idx, .tp = t->n, .comm = t->comm[r->idx],
                        .agree = agree, .abort = abort_cb, .ctx = r};
     r->rc = mm_cuda_rank_new(t->base.model, &t->o, &cr, &r->b, r->err, sizeof r->err);
-    job_done(t, r->rc);
+    job_done(t, r->idx, r->rc);
     if (r->rc < 0)
         return NULL;
     while (next_job(t, &seen) == 0) {
         r->rc = r->b->ops->forward(r->b, t->seqs, t->nseqs, t->logits, r->err, sizeof r->err);
-        job_done(t, r->rc);
+        job_done(t, r->idx, r->rc);
     }
     r->b->ops->free(r->b);
     r->b = NULL;
@@ -164,8 +165,9 @@ static void *rank_main(void *arg)
 }
 
 /* Start a job on every rank and wait for it; with grace, the others get
- * GRACE_S seconds after a failure. Returns 1 when one never came back. */
-static int run_job(tp_backend *t, int grace)
+ * GRACE_S seconds after a failure. Returns 1 when one never came back;
+ * *bad: the first rank that failed, or -1. */
+static int run_job(tp_backend *t, int grace, int *bad)
 {
     pthread_mutex_lock(&t->mu);
     t->pending = t->n;
@@ -182,6 +184,7 @@ static int run_job(tp_backend *t, int grace)
             ;
     }
     int stuck = t->pending > 0;
+    *bad = t->failed ? t->first_bad : -1;
     pthread_mutex_unlock(&t->mu);
     return stuck;
 }
@@ -201,16 +204,9 @@ static int tp_forward(mm_backend *base, mm_batch_seq *seqs, int nseqs, float *lo
     t->seqs = seqs;
     t->nseqs = nseqs;
     t->logits = logits;
-    t->stuck = run_job(t, 1);
-    int bad = -1, all_inval = 1;
-    for (int i = 0; i < t->n; i++) {
-        /* a rank still running has not set rc for this step */
-        int rc = t->stuck && t->r[i].rc >= 0 ? 0 : t->r[i].rc;
-        if (rc < 0 && bad < 0)
-            bad = i;
-        all_inval &= rc == -EINVAL;
-    }
-    if (bad < 0 && !t->stuck) {
+    int bad;
+    t->stuck = run_job(t, 1, &bad);
+    if (bad < 0) { /* every rank finished (only a failure starts the grace) */
         for (int i = 0; i < nseqs; i++) {
             if (seqs[i].want != MM_LOGITS_ARGMAX)
                 continue;
@@ -223,17 +219,18 @@ static int tp_forward(mm_backend *base, mm_batch_seq *seqs, int nseqs, float *lo
         }
         return 0;
     }
-    /* A bad batch fails the same way on every rank before anything runs. */
-    if (all_inval && !t->stuck) {
+    /* A bad batch fails the same way on every rank before anything runs
+     * (when none is stuck, every rank's rc is this step's). */
+    int all_inval = !t->stuck;
+    for (int i = 0; i < t->n && all_inval; i++)
+        all_inval = t->r[i].rc == -EINVAL;
+    if (all_inval) {
         mm_errf(err, errlen, "%s", t->r[0].err);
         return -EINVAL;
     }
     t->lost = 1;
-    if (bad >= 0)
-        snprintf(t->lost_msg, sizeof t->lost_msg, "GPU %d of %d: %s%s", bad, t->n, t->r[bad].err,
-                 t->stuck ? " (another GPU did not finish the step)" : "");
-    else
-        snprintf(t->lost_msg, sizeof t->lost_msg, "a GPU did not finish the step");
+    snprintf(t->lost_msg, sizeof t->lost_msg, "GPU %d of %d: %s%s", bad, t->n, t->r[bad].err,
+             t->stuck ? " (another GPU did not finish the step)" : "");
     mm_errf(err, errlen, "%s", t->lost_msg);
     return -ENOTRECOVERABLE;
 }
@@ -364,7 +361,8 @@ int mm_backend_tp_new(const struct mm_model *m, const mm_backend_opts *o, mm_bac
     }
     /* Every rank comes back: one that fails stops the others at their
      * next agreement. */
-    run_job(t, 0);
+    int bad;
+    run_job(t, 0, &bad);
     for (int i = 0; i < n; i++) {
         /* the first failure, not the others' "another GPU failed" */
         if (t->r[i].rc < 0 && (rc == 0 || rc == -ECANCELED)) {
