@@ -140,8 +140,8 @@ typedef struct cuda_backend {
     int      Rmax;
     size_t   s_floats;
 
-    /* step metadata, device and pinned host: ids, pos, slot, tok, rows
-     * (MAX_STEP each), then the block-table update list */
+    /* step metadata, device and pinned host: ids, pos, slot, tok, rows,
+     * fresh (MAX_STEP each), then the block-table update list */
     int32_t *meta_d, *meta_h;
     int      n_upd, upd_cap;
     float   *logits_h;
@@ -168,6 +168,13 @@ typedef struct cuda_backend {
     /* the device launches thread-block clusters (sm_90+): attention's
      * HEAD_CLUSTER mode; MM_CUDA_CLUSTER=0 turns it off (for comparison) */
     int      cluster_attn;
+    /* Early reads (MM_CUDA_EARLY, default on; 0 for comparison): the
+     * embedding starts only after the block-table update has finished, so
+     * RoPE and attention may read the step metadata, the block tables and
+     * the cache rows of earlier steps before griddepcontrol.wait, leaving
+     * only what the layer's own products wrote to its chain of round
+     * trips. */
+    int      early;
     /* Single-sequence decode steps as one persistent kernel (mega.cu),
      * opt-in with MM_CUDA_MEGA=1 where the device and shape allow: it is
      * correct but, measured, slower than the layered kernels (1.39 against
@@ -204,8 +211,10 @@ typedef struct cuda_backend {
 #define META_SLOT(m) ((m) + 2 * MAX_STEP)
 #define META_TOK(m)  ((m) + 3 * MAX_STEP)
 #define META_ROWS(m) ((m) + 4 * MAX_STEP)
-#define META_NVALID(m) ((m) + 5 * MAX_STEP) /* ARGMAX's id bound, set every step */
-#define META_UPD(m)  ((m) + 5 * MAX_STEP + 1)
+#define META_FRESH(m) ((m) + 5 * MAX_STEP) /* first position this step writes */
+#define META_NVALID(m) ((m) + 6 * MAX_STEP) /* ARGMAX's id bound, set every step */
+#define META_UPD(m)  ((m) + 6 * MAX_STEP + 1)
+#define META_INTS(upd) ((size_t)6 * MAX_STEP + 2 + 2 * (size_t)(upd))
 
 /* ---- error reporting ---- */
 
@@ -718,7 +727,7 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
         goto out;
     }
     prof_mark(b, P_EMBED);
-    CKK(mm_k_embed(b->dt, b->embed, ids, T, H, b->x, b->stream));
+    CKK(mm_k_embed(b->dt, b->embed, ids, T, H, b->x, b->early, b->stream));
     prof_mark(b, P_EMBED);
     /* the float output of the last o or down product (summed over the
      * ranks: dsum), np partials of T x H each, added to the residual by
@@ -750,10 +759,11 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
         prof_mark(b, P_QKV);
         if (!(b->skip & SKIP_ROPE))
             CKK(mm_k_rope_store(b->dt, b->qkv, w->bqkv, b->inv_freq, pos, slot, T, b->nq, &c,
-                                b->q, b->stream));
+                                b->early, b->q, b->stream));
         prof_mark(b, P_ROPE);
         if (nd && !(b->skip & SKIP_ATTN))
-            CKK(mm_k_attn_decode(b->dt, b->q, tok, pos, slot, nd, b->nq, amode,
+            CKK(mm_k_attn_decode(b->dt, b->q, tok, pos, slot,
+                                 b->early ? META_FRESH(b->meta_d) : NULL, nd, b->nq, amode,
                                  b->window, b->scale, &c, nsplit, b->part, b->att, b->stream));
         for (int i = 0; i < nbig; i++)
             if ((rc = prefill_attention(b, &c, &big[i], err, errlen)) < 0)
@@ -822,7 +832,7 @@ static int upload_meta(cuda_backend *b, char *err, size_t errlen)
     int nv = b->base.n_valid > 0 && b->base.n_valid < b->Vfull ? b->base.n_valid : b->Vfull;
     nv -= b->voff;
     *META_NVALID(b->meta_h) = nv < 0 ? 0 : nv > b->V ? b->V : nv;
-    size_t n = (size_t)(5 * MAX_STEP + 2 + 2 * b->n_upd);
+    size_t n = META_INTS(b->n_upd);
     CK(cudaMemcpyAsync(b->meta_d, b->meta_h, n * sizeof(int32_t), cudaMemcpyHostToDevice,
                        b->stream));
 out:
@@ -894,6 +904,7 @@ static void pad_rows(cuda_backend *b, int n, int gs)
     for (int t = n; t < gs; t++) {
         META_IDS(b->meta_h)[t] = 0;
         META_POS(b->meta_h)[t] = 0;
+        META_FRESH(b->meta_h)[t] = 0;
         META_SLOT(b->meta_h)[t] = b->base.max_seqs;
         META_TOK(b->meta_h)[t] = t;
         META_ROWS(b->meta_h)[t] = t;
@@ -1060,6 +1071,7 @@ static int forward_steps(cuda_backend *b, mm_batch_seq *seqs, int nseqs, float *
             b->segs[nseg - 1].n++;
             META_IDS(b->meta_h)[T] = q->tokens[t];
             META_POS(b->meta_h)[T] = q->pos + t;
+            META_FRESH(b->meta_h)[T] = b->segs[nseg - 1].pos;
             META_SLOT(b->meta_h)[T] = q->slot;
             if (row) {
                 int am = q->want == MM_LOGITS_ARGMAX;
@@ -1294,7 +1306,7 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
         {&b->kc, (size_t)b->nkv * L * b->hd * es},
         {&b->vc, (size_t)b->nkv * L * b->hd * es},
         {&b->blas_ws, BLAS_WS},
-        {(void **)&b->meta_d, ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4},
+        {(void **)&b->meta_d, META_INTS(b->upd_cap) * 4},
         /* tensor parallelism's second output buffer, sums, flags and epoch */
         {(void **)&b->delta2, b->tp > 1 ? T * b->H * 4 : 0},
         {(void **)&b->dsum, b->tp > 1 ? T * b->H * 4 : 0},
@@ -1306,11 +1318,10 @@ static int alloc_scratch(cuda_backend *b, char *err, size_t errlen)
         CK(cudaMalloc(a[i].p, a[i].bytes));
         CK(cudaMemset(*a[i].p, 0, a[i].bytes));
     }
-    CK(cudaMallocHost((void **)&b->meta_h,
-                      ((size_t)5 * MAX_STEP + 2 + 2 * (size_t)b->upd_cap) * 4));
+    CK(cudaMallocHost((void **)&b->meta_h, META_INTS(b->upd_cap) * 4));
     CK(cudaMallocHost((void **)&b->logits_h, (size_t)b->Rmax * b->V * 4));
     CK(cudaMallocHost((void **)&b->keys_h, (size_t)b->Rmax * sizeof *b->keys_h));
-    memset(b->meta_h, 0, ((size_t)5 * MAX_STEP + 2) * 4);
+    memset(b->meta_h, 0, META_INTS(0) * 4);
 out:
     return rc;
 }
@@ -1468,6 +1479,8 @@ int mm_cuda_rank_new(const struct mm_model *m, const mm_backend_opts *o, const m
     CK(cudaDeviceGetAttribute(&cl, cudaDevAttrClusterLaunch, b->dev));
     env = getenv("MM_CUDA_CLUSTER");
     b->cluster_attn = cl && !(env && strcmp(env, "0") == 0);
+    env = getenv("MM_CUDA_EARLY");
+    b->early = !(env && strcmp(env, "0") == 0);
     env = getenv("MM_CUDA_FLASH");
     b->flash = prop.major >= 8 && !(env && strcmp(env, "0") == 0) &&
               mm_k_flash_setup(b->dt, b->hd) == 0;

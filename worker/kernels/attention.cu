@@ -274,7 +274,8 @@ template <> struct vraw_t<8> { typedef uint2 t; };
 template <typename T, int HD>
 __global__ void __launch_bounds__(CHUNK)
 attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
-                    int nq, int window, float scale, mm_k_cache c, int nsplit, T *out)
+                    const int32_t *fresh, int nq, int window, float scale, mm_k_cache c,
+                    int nsplit, T *out)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     namespace cg = cooperative_groups;
@@ -287,16 +288,22 @@ attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const in
     __shared__ float accs[NW][HD];
     __shared__ float mine[HD + 2]; /* this block's o, m, l, for rank 0 */
     mm_pdl_release();
-    mm_pdl_wait();
+    /* fresh: the first chunk's cache rows written before this step (below
+     * fresh[t]) load before griddepcontrol.wait, with the step metadata and
+     * the block table (see mm_k_embed); only q and this step's rows wait */
+    bool waited = fresh == NULL;
+    if (waited)
+        mm_pdl_wait();
     int h = blockIdx.x, r = blockIdx.y, sp = blockIdx.z;
     int kvh = h / (nq / c.nkv);
     int t = tok[r], P = pos[t], sl = slot[t];
+    int F = fresh ? fresh[t] : INT_MAX; /* rows from F on: after the wait */
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int lo = window > 0 && P - window + 1 > 0 ? P - window + 1 : 0;
     const T *K = (const T *)c.k, *V = (const T *)c.v;
     const int32_t *table = c.block_tables + (size_t)sl * c.max_blocks;
-    float qv = threadIdx.x < HD ? mm_to_f(q[((size_t)t * nq + h) * HD + threadIdx.x]) * scale
-                                : 0.0f;
+    const T *qh = q + ((size_t)t * nq + h) * HD;
+    float qv = waited && threadIdx.x < HD ? mm_to_f(qh[threadIdx.x]) * scale : 0.0f;
     bool first = true;
     float m = -INFINITY, l = 0.0f, acc[DPL];
 #pragma unroll
@@ -311,20 +318,41 @@ attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const in
         int blk = table[jc / c.bs];
         const T *kr = K + (((size_t)blk * c.nkv + kvh) * c.bs + jc % c.bs) * HD;
         uint4 kv[HD / 8];
+        if (jc < F)
 #pragma unroll
-        for (int d = 0; d < HD / 8; d++)
-            kv[d] = *(const uint4 *)(kr + d * 8);
+            for (int d = 0; d < HD / 8; d++)
+                kv[d] = *(const uint4 *)(kr + d * 8);
         /* lane i's position is j0 + i (clamped alike): its block id comes
          * by shuffle */
         int j0 = ch * CHUNK + w * 32;
         vraw vr[32];
+        auto vpos = [&](int i) { return j0 + i < lo ? lo : (j0 + i > P ? P : j0 + i); };
+        auto vrow = [&](int i, int bi) {
+            return (const vraw *)(V + (((size_t)bi * c.nkv + kvh) * c.bs + vpos(i) % c.bs) * HD +
+                                  lane * DPL);
+        };
 #pragma unroll
         for (int i = 0; i < 32; i++) {
             int bi = __shfl_sync(0xffffffffu, blk, i);
-            int jj = j0 + i < lo ? lo : (j0 + i > P ? P : j0 + i);
-            if (lane < LANES)
-                vr[i] = *(const vraw *)(V + (((size_t)bi * c.nkv + kvh) * c.bs + jj % c.bs) * HD +
-                                        lane * DPL);
+            if (lane < LANES && vpos(i) < F)
+                vr[i] = *vrow(i, bi);
+        }
+        if (!waited) {
+            mm_pdl_wait();
+            waited = true;
+            if (threadIdx.x < HD)
+                qv = mm_to_f(qh[threadIdx.x]) * scale;
+            if (jc >= F)
+#pragma unroll
+                for (int d = 0; d < HD / 8; d++)
+                    kv[d] = *(const uint4 *)(kr + d * 8);
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                int bi = __shfl_sync(0xffffffffu, blk, i);
+                if (lane < LANES && vpos(i) >= F)
+                    vr[i] = *vrow(i, bi);
+            }
+            F = INT_MAX;
         }
         if (first) {
             if (threadIdx.x < HD)
@@ -377,6 +405,8 @@ attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const in
             cs += red[1][x];
         l = l * fac + cs;
     }
+    if (!waited) /* no chunk: nothing read, but out is written below */
+        mm_pdl_wait();
     /* the warps' sums share the block's running max: add them up */
     if (lane < LANES)
 #pragma unroll
@@ -451,7 +481,8 @@ __global__ void attn_merge_k(const int32_t *tok, int nq, int hd, int nsplit,
 
 template <typename T, int HD>
 static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
-                      int R, int nq, int mode, int window, float scale, const mm_k_cache *c,
+                      const int32_t *fresh, int R, int nq, int mode, int window, float scale,
+                      const mm_k_cache *c,
                       int nsplit, float *part, void *out, cudaStream_t s)
 {
     if constexpr (HD <= 128) {
@@ -469,8 +500,8 @@ static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, con
         cfg.stream = s;
         cfg.attrs = at;
         cfg.numAttrs = 2;
-        cudaLaunchKernelEx(&cfg, attn_head_cluster_k<T, HD>, (const T *)q, tok, pos, slot, nq,
-                           window, scale, *c, nsplit, (T *)out);
+        cudaLaunchKernelEx(&cfg, attn_head_cluster_k<T, HD>, (const T *)q, tok, pos, slot,
+                           fresh, nq, window, scale, *c, nsplit, (T *)out);
         return;
     }
     }
@@ -488,29 +519,31 @@ static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, con
 
 template <typename T>
 static int decode(const void *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
-                  int R, int nq, int mode, int window, float scale, const mm_k_cache *c,
+                  const int32_t *fresh, int R, int nq, int mode, int window, float scale,
+                  const mm_k_cache *c,
                   int nsplit, float *part, void *out, cudaStream_t s)
 {
     if (R <= 0)
         return 0;
     switch (c->hd) {
-    case 16: decode_hd<T, 16>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 32: decode_hd<T, 32>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 64: decode_hd<T, 64>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 128: decode_hd<T, 128>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 256: decode_hd<T, 256>(q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 16: decode_hd<T, 16>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 32: decode_hd<T, 32>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 64: decode_hd<T, 64>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 128: decode_hd<T, 128>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 256: decode_hd<T, 256>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
     default: return (int)cudaErrorInvalidValue;
     }
     return mm_launch_status();
 }
 
 extern "C" int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok,
-                                const int32_t *pos, const int32_t *slot, int R, int nq,
-                                int mode, int window, float scale, const mm_k_cache *c,
-                                int nsplit, float *part, void *out, cudaStream_t s)
+                                const int32_t *pos, const int32_t *slot, const int32_t *fresh,
+                                int R, int nq, int mode, int window, float scale,
+                                const mm_k_cache *c, int nsplit, float *part, void *out,
+                                cudaStream_t s)
 {
-    return MM_DISPATCH(dt, decode, q, tok, pos, slot, R, nq, mode, window, scale, c, nsplit,
-                       part, out, s);
+    return MM_DISPATCH(dt, decode, q, tok, pos, slot, fresh, R, nq, mode, window, scale, c,
+                       nsplit, part, out, s);
 }
 
 template <typename T>

@@ -143,9 +143,11 @@ __device__ __forceinline__ void mm_pdl_release(void)
 #endif
 }
 
+/* pdl 0: an ordinary launch, which starts only once its predecessor has
+ * finished - and with it everything before (see mm_k_embed). */
 template <typename... P, typename... A>
-static inline void mm_launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem,
-                             cudaStream_t s, A... args)
+static inline void mm_launch_pdl(void (*kern)(P...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t s, int pdl, A... args)
 {
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -156,8 +158,15 @@ static inline void mm_launch(void (*kern)(P...), dim3 grid, dim3 block, size_t s
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
     cfg.attrs = at;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = pdl ? 1 : 0;
     cudaLaunchKernelEx(&cfg, kern, args...);
+}
+
+template <typename... P, typename... A>
+static inline void mm_launch(void (*kern)(P...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t s, A... args)
+{
+    mm_launch_pdl(kern, grid, block, smem, s, 1, args...);
 }
 
 /* Call F<T>(args) with T the 16-bit type dt names. */

@@ -18,17 +18,18 @@ __global__ void embed_k(const T *table, const int32_t *ids, int H, float *x)
 }
 
 template <typename T>
-static int embed(const void *table, const int32_t *ids, int T_, int H, float *x, cudaStream_t s)
+static int embed(const void *table, const int32_t *ids, int T_, int H, float *x, int serial,
+                 cudaStream_t s)
 {
     if (T_ > 0)
-        mm_launch(embed_k<T>, T_, 256, 0, s, (const T *)table, ids, H, x);
+        mm_launch_pdl(embed_k<T>, T_, 256, 0, s, !serial, (const T *)table, ids, H, x);
     return mm_launch_status();
 }
 
 extern "C" int mm_k_embed(mm_kdt dt, const void *table, const int32_t *ids, int T, int H,
-                          float *x, cudaStream_t s)
+                          float *x, int serial, cudaStream_t s)
 {
-    return MM_DISPATCH(dt, embed, table, ids, T, H, x, s);
+    return MM_DISPATCH(dt, embed, table, ids, T, H, x, serial, s);
 }
 
 /* One block per row. At decode sizes this kernel is a latency chain

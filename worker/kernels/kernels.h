@@ -29,9 +29,14 @@ typedef enum { MM_KDT_BF16 = 0, MM_KDT_F16 = 1 } mm_kdt;
 int mm_k_head_dim_ok(int hd);
 int mm_k_attn_group_ok(int nq, int nkv);
 
-/* x[t, :] = table[ids[t], :] widened to float (T rows of H). */
+/* x[t, :] = table[ids[t], :] widened to float (T rows of H). serial: an
+ * ordinary launch instead of a programmatic one, so it starts only after
+ * the kernels before it (the block-table update) have finished; every
+ * kernel after it then starts later still, and may read the block tables
+ * before its griddepcontrol.wait (mm_k_rope_store's and mm_k_attn_decode's
+ * early reads). */
 int mm_k_embed(mm_kdt dt, const void *table, const int32_t *ids, int T, int H, float *x,
-               cudaStream_t s);
+               int serial, cudaStream_t s);
 
 /* The residual add fused with RMSNorm. For r < R, t = rows ? rows[r] : r:
  * v = x[t] + sum over the nd (<= 8) partials of delta[p * dstride + t * H] +
@@ -48,7 +53,9 @@ int mm_k_swiglu(mm_kdt dt, const void *gu, int T, int I, void *act, cudaStream_t
 
 /* Bias, rotary embedding (rotate-half form, angle pos * inv_freq[i]) and
  * the cache write for T tokens of qkv [T][(nq + 2 nkv) hd]: q goes to
- * q_out [T][nq hd], k and v into the paged cache at (slot[t], pos[t]). */
+ * q_out [T][nq hd], k and v into the paged cache at (slot[t], pos[t]).
+ * early: pos, slot and the block tables are read before
+ * griddepcontrol.wait (after a serial mm_k_embed in the same step only). */
 typedef struct mm_k_cache {
     void          *k, *v;        /* this layer's pools */
     const int32_t *block_tables; /* [n_slots][max_blocks] */
@@ -56,7 +63,7 @@ typedef struct mm_k_cache {
 } mm_k_cache;
 int mm_k_rope_store(mm_kdt dt, const void *qkv, const void *bias, const float *inv_freq,
                     const int32_t *pos, const int32_t *slot, int T, int nq,
-                    const mm_k_cache *c, void *q_out, cudaStream_t s);
+                    const mm_k_cache *c, int early, void *q_out, cudaStream_t s);
 
 /* Attention of R query tokens (token indices tok[r]) against their slot's
  * cache, each seeing positions [max(0, pos - window + 1), pos] (window 0 =
@@ -72,13 +79,18 @@ int mm_k_rope_store(mm_kdt dt, const void *qkv, const void *bias, const float *i
  *    second kernel and one memory round trip a chunk. Needs nsplit <=
  *    MM_K_ATTN_CLUSTER_MAX and hd <= 128 (else HEAD is used).
  * part needs mm_k_attn_part_floats(R, nq, hd, nsplit) floats (unused by
- * HEAD_CLUSTER). */
+ * HEAD_CLUSTER). fresh (HEAD_CLUSTER; may be NULL): per token, the first
+ * position whose cache rows this step writes; the rows before it, the
+ * step metadata and the block tables are then read before
+ * griddepcontrol.wait, so the kernel must follow a serial mm_k_embed in
+ * the same step. */
 enum { MM_K_ATTN_GROUP = 0, MM_K_ATTN_HEAD = 1, MM_K_ATTN_HEAD_CLUSTER = 2 };
 #define MM_K_ATTN_CLUSTER_MAX 8
 size_t mm_k_attn_part_floats(int R, int nq, int hd, int nsplit);
 int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok, const int32_t *pos,
-                     const int32_t *slot, int R, int nq, int mode, int window, float scale,
-                     const mm_k_cache *c, int nsplit, float *part, void *out, cudaStream_t s);
+                     const int32_t *slot, const int32_t *fresh, int R, int nq, int mode,
+                     int window, float scale, const mm_k_cache *c, int nsplit, float *part,
+                     void *out, cudaStream_t s);
 
 /* Tensor parallelism's sum over ranks through peer memory (tp.cu): rank
  * `rank` of n; src[slot][i] is rank i's float buffer of slot 0 (the o

@@ -11,16 +11,28 @@ __device__ __forceinline__ size_t cache_off(const mm_k_cache &c, int slot, int p
 }
 
 /* One block per token. The angle is pos * inv_freq[i] in float32 with a
- * full-precision sincosf, as transformers computes its cos/sin tables. */
+ * full-precision sincosf, as transformers computes its cos/sin tables.
+ * early: the step metadata, the block table (see mm_k_embed) and the first
+ * pair's angle are read and computed before griddepcontrol.wait, which
+ * then leaves only the q/k/v row's loads to the chain of the layer. */
 template <typename T>
 __global__ void rope_store_k(const T *qkv, const T *bias, const float *inv_freq,
                              const int32_t *pos, const int32_t *slot, int nq, mm_k_cache c,
-                             T *q_out)
+                             int early, T *q_out)
 {
     mm_pdl_release();
-    mm_pdl_wait();
+    if (!early)
+        mm_pdl_wait();
     int t = blockIdx.x, hd = c.hd, half = hd / 2, nkv = c.nkv;
     int width = (nq + 2 * nkv) * hd, p = pos[t], sl = slot[t];
+    /* every head's row at (slot, p) lies in the same cache block */
+    int blk = c.block_tables[(size_t)sl * c.max_blocks + p / c.bs];
+    size_t cbase = ((size_t)blk * nkv * c.bs + p % c.bs) * hd, hstride = (size_t)c.bs * hd;
+    float sn0 = 0.0f, cs0 = 0.0f;
+    if ((int)threadIdx.x < (nq + nkv) * half)
+        sincosf((float)p * inv_freq[threadIdx.x % half], &sn0, &cs0);
+    if (early)
+        mm_pdl_wait();
     const T *row = qkv + (size_t)t * width;
     T *kc = (T *)c.k, *vc = (T *)c.v;
     /* q and k heads: one thread per rotated pair */
@@ -31,15 +43,16 @@ __global__ void rope_store_k(const T *qkv, const T *bias, const float *inv_freq,
             x1 += mm_to_f(bias[base + i]);
             x2 += mm_to_f(bias[base + i + half]);
         }
-        float sn, cs;
-        sincosf((float)p * inv_freq[i], &sn, &cs);
+        float sn = sn0, cs = cs0;
+        if (j != (int)threadIdx.x)
+            sincosf((float)p * inv_freq[i], &sn, &cs);
         T o1 = mm_from_f<T>(x1 * cs - x2 * sn), o2 = mm_from_f<T>(x2 * cs + x1 * sn);
         if (h < nq) {
             T *q = q_out + (size_t)t * nq * hd + base;
             q[i] = o1;
             q[i + half] = o2;
         } else {
-            T *k = kc + cache_off(c, sl, p, h - nq);
+            T *k = kc + cbase + (size_t)(h - nq) * hstride;
             k[i] = o1;
             k[i + half] = o2;
         }
@@ -49,30 +62,32 @@ __global__ void rope_store_k(const T *qkv, const T *bias, const float *inv_freq,
         float v = mm_to_f(row[col]);
         if (bias)
             v += mm_to_f(bias[col]);
-        vc[cache_off(c, sl, p, h) + d] = mm_from_f<T>(v);
+        vc[cbase + (size_t)h * hstride + d] = mm_from_f<T>(v);
     }
 }
 
 template <typename T>
 static int rope_store(const void *qkv, const void *bias, const float *inv_freq,
                       const int32_t *pos, const int32_t *slot, int T_, int nq,
-                      const mm_k_cache *c, void *q_out, cudaStream_t s)
+                      const mm_k_cache *c, int early, void *q_out, cudaStream_t s)
 {
     /* one thread per rotated pair where possible: at batch 1 this kernel
      * is a latency chain, not a throughput problem */
     int threads = (nq + c->nkv) * (c->hd / 2);
     threads = threads > 1024 ? 1024 : (threads + 31) / 32 * 32;
     if (T_ > 0)
-        mm_launch(rope_store_k<T>, T_, threads, 0, s, (const T *)qkv, (const T *)bias, inv_freq, pos, slot,
-                                           nq, *c, (T *)q_out);
+        mm_launch(rope_store_k<T>, T_, threads, 0, s, (const T *)qkv, (const T *)bias, inv_freq,
+                  pos, slot, nq, *c, early, (T *)q_out);
     return mm_launch_status();
 }
 
 extern "C" int mm_k_rope_store(mm_kdt dt, const void *qkv, const void *bias,
                                const float *inv_freq, const int32_t *pos, const int32_t *slot,
-                               int T, int nq, const mm_k_cache *c, void *q_out, cudaStream_t s)
+                               int T, int nq, const mm_k_cache *c, int early, void *q_out,
+                               cudaStream_t s)
 {
-    return MM_DISPATCH(dt, rope_store, qkv, bias, inv_freq, pos, slot, T, nq, c, q_out, s);
+    return MM_DISPATCH(dt, rope_store, qkv, bias, inv_freq, pos, slot, T, nq, c, early, q_out,
+                       s);
 }
 
 /* Grid (positions / 8, nkv); 16-byte copies (hd is a multiple of 8). */
