@@ -31,6 +31,7 @@
  * reported with the call and the library's message. */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,6 +176,9 @@ typedef struct cuda_backend {
      * only what the layer's own products wrote to its chain of round
      * trips. */
     int      early;
+    int      trace; /* MM_CUDA_TRACE=1: log every sub-step (trace_sub); 2: also
+                     * check the device's greedy choices, 3: and log every
+                     * row's top two (trace_rows) */
     /* Single-sequence decode steps as one persistent kernel (mega.cu),
      * opt-in with MM_CUDA_MEGA=1 where the device and shape allow: it is
      * correct but, measured, slower than the layered kernels (1.39 against
@@ -929,6 +933,37 @@ int32_t mm_cuda_key_id(uint64_t key)
     return key ? (int32_t)(0xffffffffu - (uint32_t)(key & 0xffffffffu)) : -1;
 }
 
+/* MM_CUDA_TRACE=2: every greedy row's device choice against the host's
+ * argmax of the same row of logits (copied back too), mismatches logged;
+ * 3: every row's top two logits logged as slot@position. */
+static void trace_rows(const cuda_backend *b, int R)
+{
+    int nv = *META_NVALID(b->meta_h);
+    for (int r = 0; r < R; r++) {
+        if (!b->rows[r].argmax && b->trace < 3)
+            continue;
+        const float *row = b->logits_h + (size_t)r * (size_t)b->V;
+        int best = -1;
+        for (int j = 0; j < nv; j++)
+            if (row[j] == row[j] && row[j] != -INFINITY && (best < 0 || row[j] > row[best]))
+                best = j;
+        int dev = mm_cuda_key_id(b->keys_h[r]);
+        if (b->trace >= 3) {
+            int t = META_ROWS(b->meta_h)[r], second = -1;
+            for (int j = 0; j < nv; j++)
+                if (j != best && row[j] == row[j] && (second < 0 || row[j] > row[second]))
+                    second = j;
+            mm_info("cuda row: %d@%d top %d %.5f second %d %.5f", META_SLOT(b->meta_h)[t],
+                    META_POS(b->meta_h)[t], best, best >= 0 ? row[best] : 0.0, second,
+                    second >= 0 ? row[second] : 0.0);
+        }
+        if (b->rows[r].argmax && dev != best)
+            mm_warn("cuda trace: row %d (sequence %d): device argmax %d (%g), host %d (%g)", r,
+                    b->rows[r].seq, dev, dev >= 0 && dev < b->V ? row[dev] : 0.0,
+                    best, best >= 0 ? row[best] : 0.0);
+    }
+}
+
 static int finish_rows(cuda_backend *b, mm_batch_seq *seqs, int R, int any_argmax, float *logits,
                        char *err, size_t errlen)
 {
@@ -938,12 +973,12 @@ static int finish_rows(cuda_backend *b, mm_batch_seq *seqs, int R, int any_argma
         CK(cudaMemcpyAsync(b->keys_h, b->keys_d, (size_t)R * sizeof *b->keys_h,
                            cudaMemcpyDeviceToHost, b->stream));
     for (int r = 0; r < R;) {
-        if (b->rows[r].argmax) {
+        if (b->rows[r].argmax && b->trace < 2) {
             r++;
             continue;
         }
         int e = r;
-        while (e < R && !b->rows[e].argmax)
+        while (e < R && (!b->rows[e].argmax || b->trace >= 2))
             e++;
         CK(cudaMemcpyAsync(b->logits_h + (size_t)r * V, b->logits + (size_t)r * V,
                            (size_t)(e - r) * V * sizeof(float), cudaMemcpyDeviceToHost,
@@ -952,6 +987,8 @@ static int finish_rows(cuda_backend *b, mm_batch_seq *seqs, int R, int any_argma
     }
     CK(cudaStreamSynchronize(b->stream));
     prof_flush(b);
+    if (b->trace >= 2)
+        trace_rows(b, R);
     for (int r = 0; r < R; r++) {
         const row_dst *d = &b->rows[r];
         if (d->argmax && b->tp > 1)
@@ -964,6 +1001,37 @@ static int finish_rows(cuda_backend *b, mm_batch_seq *seqs, int R, int any_argma
     }
 out:
     return rc;
+}
+
+/* The kernels' process-wide settings, read once (tensor-parallel ranks are
+ * created by several threads at once). */
+static pthread_once_t kernel_knobs_once = PTHREAD_ONCE_INIT;
+
+static void kernel_knobs(void)
+{
+    const char *env = getenv("MM_CUDA_PIPE");
+    if (env)
+        mm_k_set_gemv_pipe(atoi(env));
+    env = getenv("MM_CUDA_PDL");
+    if (env && strcmp(env, "0") == 0)
+        mm_k_set_pdl(0);
+}
+
+/* MM_CUDA_TRACE=1: one log line per sub-step - its tokens, how they run
+ * (graph of which batch size and context, or eagerly) and its segments as
+ * slot@position+tokens - for finding which step compositions misbehave. */
+static void trace_sub(const cuda_backend *b, int T, int nseg, int nd, int nbig, int R,
+                      int max_ctx, int gi)
+{
+    char line[1024];
+    size_t n = 0;
+    n += (size_t)snprintf(line, sizeof line, "cuda step: T %d nd %d nbig %d R %d ctx %d %s%d", T,
+                          nd, nbig, R, max_ctx, gi >= 0 ? "graph " : "eager",
+                          gi >= 0 ? graph_sizes[gi] : 0);
+    for (int i = 0; i < nseg && n < sizeof line - 32; i++)
+        n += (size_t)snprintf(line + n, sizeof line - n, " %d@%d+%d", b->segs[i].slot,
+                              b->segs[i].pos, b->segs[i].n);
+    mm_info("%s", line);
 }
 
 /* Run the planned sub-step: T tokens in nseg segments, R rows. */
@@ -985,6 +1053,8 @@ static int run_sub(cuda_backend *b, mm_batch_seq *seqs, int T, int nseg, int R, 
     }
     /* A decode-only step: replay (or first capture) the graph of its size. */
     int gi = nbig == 0 && nd == T && R == T ? graph_index(T) : -1;
+    if (b->trace)
+        trace_sub(b, T, nseg, nd, nbig, R, max_ctx, gi);
     if (gi >= 0 && !b->graph_failed && !b->no_graphs) {
         int gs = graph_sizes[gi], bctx, ci = ctx_bucket(max_ctx, b->base.max_len, &bctx);
         pad_rows(b, T, gs);
@@ -1479,6 +1549,9 @@ int mm_cuda_rank_new(const struct mm_model *m, const mm_backend_opts *o, const m
     CK(cudaDeviceGetAttribute(&cl, cudaDevAttrClusterLaunch, b->dev));
     env = getenv("MM_CUDA_CLUSTER");
     b->cluster_attn = cl && !(env && strcmp(env, "0") == 0);
+    env = getenv("MM_CUDA_TRACE");
+    b->trace = env ? atoi(env) : 0;
+    pthread_once(&kernel_knobs_once, kernel_knobs);
     env = getenv("MM_CUDA_EARLY");
     b->early = !(env && strcmp(env, "0") == 0);
     env = getenv("MM_CUDA_FLASH");

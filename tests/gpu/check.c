@@ -23,7 +23,10 @@
  *    one (MM_CUDA_FLASH=0);
  *  - batch: 8 sequences of different lengths stepping together (some still
  *    prefilling while others decode, LAST / ALL / ARGMAX mixed, one of them
- *    preempted and resumed in another slot) against each alone;
+ *    preempted and resumed in another slot) against each alone; and the
+ *    end-to-end test's model and prompts in the admission orders the
+ *    worker's engine gave them, LAST and ARGMAX, each on a fresh backend
+ *    with the worker's pool (a million blocks), against each alone;
  *  - preempt: truncate(slot, 0) and a re-prefill reproduce the next token;
  *    truncate(slot, pos) and a re-forward reproduce the rows;
  *  - kv pool: reserve / truncate keep blocks_used and answer -ENOSPC.
@@ -49,6 +52,7 @@
 
 #include "errmsg.h"
 #include "harness.h"
+#include "tokenizer.h"
 
 #define GREEDY_MAX 64
 #define NB_SEQS    8     /* batch check: sequences */
@@ -974,6 +978,216 @@ out:
         b->ops->free(b);
 }
 
+/* ---- the end-to-end test's schedules, replayed ---- */
+
+/* tests/gpu/run.sh's end-to-end model and prompts (client.py PROMPTS), and
+ * admission orders the worker's engine produced when the 8 requests
+ * arrived at once (logged with MM_CUDA_TRACE=1): prompts admitted per
+ * step, "|" between steps, each whole in one slice; where two prompts of
+ * 28 tokens could be either, both ways. Replayed on the backend directly,
+ * so a difference is the backend's, never the timing's or the HTTP
+ * layer's (how a near tie misread by the HTTP comparison was told apart
+ * from a fault: docs/GPU_NOTES.md, session 6). */
+static const shape e2e_shape = {
+    "qwen2 e2e",
+    {"--arch", "qwen2", "--layers", "4", "--hidden", "512", "--heads", "8", "--kv-heads", "2",
+     "--intermediate", "1408", "--vocab", "1024", "--max-pos", "2048", "--std", "0.05",
+     "--seed", "3"}};
+static const char *const e2e_prompts[] = {
+    "The quick brown fox",
+    "Once upon a time there was a small robot who lived in a quiet town.",
+    "Hello, world!",
+    "What is the weather like in the city this morning?",
+    "Please write a short story about a robot that learns to paint. It",
+    "The answer is forty two. Can you explain how this works?",
+    "Every day the robot watched the people of the town as they walked to work, and every "
+    "evening it looked at the colors of the sky. One evening",
+    "I am fine, thank you."};
+#define ES_N   8
+#define ES_GEN 48
+static const char *const e2e_orders[] = {"4,1|3,6,7,5,0,2", "4,5|3,6,7,1,0,2",
+                                         "2|1,5,4|0,6,7,3", "2|5,1,4|0,6,7,3",
+                                         "0,4|3,7,2,1,6,5", "0,4|3,7,2,5,6,1",
+                                         "5|7,3,0,4,1,6,2"};
+
+typedef struct eseq {
+    int32_t ctx[160];
+    int     np, n, slot, admit;
+    int32_t ref[ES_GEN];
+    double  ref_margin[ES_GEN];
+    float  *ref_rows, *rows;   /* ES_GEN x V */
+} eseq;
+
+static void check_e2e_orders(checker *c)
+{
+    gen_model gm = {{0}, NULL};
+    mm_tokenizer *tok = NULL;
+    mm_backend *b = NULL;
+    eseq *sq = calloc(ES_N, sizeof *sq);
+    float *logits = NULL;
+    double *scratch = NULL;
+    char err[1024] = "", path[600];
+    const char *name = "batch: the end-to-end test's admission orders vs alone";
+    begin(c);
+    if (!sq || gen_open(&e2e_shape, &gm, err, sizeof err) < 0) {
+        report(c, 0, name, NULL, "generate: %s", sq ? err : "out of memory");
+        goto out;
+    }
+    int V = gm.m->cfg.vocab_size;
+    snprintf(path, sizeof path, "%s/tokenizer.json", gm.dir);
+    logits = malloc(sizeof *logits * (size_t)V * ES_N);
+    scratch = malloc(sizeof *scratch * 2 * (size_t)V);
+    if (!logits || !scratch || mm_tokenizer_load(path, &tok, err, sizeof err) < 0) {
+        report(c, 0, name, NULL, "tokenizer: %s", logits && scratch ? err : "out of memory");
+        goto out;
+    }
+    if (open_backend(c, c->kind, gm.m, 16, 1024, 0, &b, err, sizeof err) < 0) {
+        report(c, 0, name, NULL, "%s", err);
+        goto out;
+    }
+    for (int i = 0; i < ES_N; i++) {
+        eseq *s = &sq[i];
+        mm_tok_ids ids;
+        mm_tok_ids_init(&ids, 128);
+        int rc = mm_tokenizer_encode(tok, e2e_prompts[i], strlen(e2e_prompts[i]), 1, &ids, err,
+                                     sizeof err);
+        s->np = (int)ids.n;
+        if (rc == 0)
+            memcpy(s->ctx, ids.v, sizeof *s->ctx * ids.n);
+        mm_tok_ids_free(&ids);
+        s->ref_rows = malloc(sizeof *s->ref_rows * (size_t)V * ES_GEN);
+        s->rows = malloc(sizeof *s->rows * (size_t)V * ES_GEN);
+        if (rc < 0 || !s->ref_rows || !s->rows) {
+            report(c, 0, name, NULL, "prompt %d: %s", i, rc < 0 ? err : "out of memory");
+            goto out;
+        }
+        if (greedy_run(b, 15, s->ctx, s->np, ES_GEN, 0, s->ref, s->ref_margin, s->ref_rows, NULL,
+                       err, sizeof err) < 0) {
+            report(c, 0, name, NULL, "prompt %d alone: %s", i, err);
+            goto out;
+        }
+    }
+    double dmax = 0;
+    int steps = 0, runs = 0;
+    char worst[256] = "none";
+    size_t norders = sizeof e2e_orders / sizeof e2e_orders[0];
+    /* LAST rows (compared whole), then ARGMAX as the worker's greedy
+     * requests ask (tokens compared), each order on a fresh backend opened
+     * as run.sh's worker is (--max-num-seqs 16 --max-model-len 1024
+     * --gpu-memory-utilization 0.3: a pool of a million blocks) */
+    for (size_t run = 0; run < (c->quick ? 1 : 2) * norders; run++) {
+        size_t o = run % norders;
+        int amx = run >= norders;
+        b->ops->free(b);
+        b = NULL;
+        mm_backend_opts wo = {.max_seqs = 16, .max_len = 1024, .gpu_memory_utilization = 0.3f,
+                              .tensor_parallel = c->tp, .block_size = c->block_size};
+        if ((c->cuda ? mm_gpu_backend_open("cuda", gm.m, &wo, &b, err, sizeof err)
+                     : open_backend(c, c->kind, gm.m, 16, 1024, 0, &b, err, sizeof err)) < 0) {
+            report(c, 0, name, NULL, "%s", err);
+            goto out;
+        }
+        runs++;
+        /* admission step and slot of each prompt, from the order string */
+        int step = 0, slot = 0;
+        for (const char *p = e2e_orders[o]; *p; p++) {
+            if (*p == '|')
+                step++;
+            else if (*p >= '0' && *p <= '9') {
+                sq[*p - '0'].admit = step;
+                sq[*p - '0'].slot = slot++;
+            }
+        }
+        for (int i = 0; i < ES_N; i++)
+            sq[i].n = 0; /* tokens generated */
+        mm_batch_seq batch[ES_N];
+        int who[ES_N];
+        for (int t = 0; t < 200; t++) {
+            int nb = 0;
+            /* running sequences first, by slot, then the new prompts, as
+             * the engine lists them */
+            for (int pass = 0; pass < 2; pass++)
+                for (int sl = 0; sl < ES_N; sl++)
+                    for (int i = 0; i < ES_N; i++) {
+                        eseq *s = &sq[i];
+                        if (s->slot != sl || s->admit > t || s->n >= ES_GEN ||
+                            (pass == 0) != (s->n > 0))
+                            continue;
+                        int pos = s->n ? s->np + s->n - 1 : 0;
+                        batch[nb] = (mm_batch_seq){.slot = s->slot, .pos = pos,
+                                                   .tokens = s->ctx + pos,
+                                                   .n_tokens = s->n ? 1 : s->np,
+                                                   .want = amx ? MM_LOGITS_ARGMAX
+                                                               : MM_LOGITS_LAST,
+                                                   .argmax = -1};
+                        if (b->ops->reserve(b, s->slot, pos + batch[nb].n_tokens) < 0) {
+                            report(c, 0, name, NULL, "reserve failed");
+                            goto out;
+                        }
+                        who[nb++] = i;
+                    }
+            if (nb == 0)
+                break;
+            steps++;
+            if (b->ops->forward(b, batch, nb, logits, err, sizeof err) < 0) {
+                report(c, 0, name, NULL, "order %s, step %d: %s", e2e_orders[o], t, err);
+                goto out;
+            }
+            for (int k = 0, r = 0; k < nb; k++) {
+                eseq *s = &sq[who[k]];
+                if (amx) {
+                    s->ctx[s->np + s->n] = batch[k].argmax;
+                } else {
+                    const float *row = logits + (size_t)r++ * V;
+                    memcpy(s->rows + (size_t)s->n * V, row, sizeof *row * (size_t)V);
+                    s->ctx[s->np + s->n] = mm_gpu_argmax(row, V);
+                }
+                if (++s->n == ES_GEN)
+                    b->ops->truncate(b, s->slot, 0);
+            }
+        }
+        for (int i = 0; i < ES_N; i++) {
+            eseq *s = &sq[i];
+            gcmp g = greedy_cmp(s->ctx + s->np, s->ref, s->ref_margin, s->n, c->tie);
+            int nrows = amx ? 0 : g.agree < s->n ? g.agree + 1 : s->n;
+            for (int r = 0; r < nrows; r++) {
+                double d = rows_diff(s->rows + (size_t)r * V, s->ref_rows + (size_t)r * V, 1, V,
+                                     scratch);
+                if (d > dmax) {
+                    dmax = d;
+                    snprintf(worst, sizeof worst, "order %s, prompt %d (%d tokens), token %d",
+                             e2e_orders[o], i, s->np, r);
+                }
+            }
+            if (g.bad_at >= 0 || s->n != ES_GEN) {
+                char why[256];
+                gcmp_text(&g, ES_GEN, s->ref_margin, why, sizeof why);
+                report(c, 0, name, NULL, "order %s (%s), prompt %d (%d tokens): %s; largest "
+                       "|dlogprob| %.3f at %s", e2e_orders[o], amx ? "ARGMAX" : "LAST", i,
+                       s->np, why, dmax, worst);
+                goto out;
+            }
+        }
+    }
+    report(c, dmax <= c->tol_batch && b->blocks_used == 0, name,
+           json_pack("{s:f, s:i}", "max_diff", dmax, "steps", steps),
+           "%d runs of %zu orders, %d steps, prompts of %d-%d tokens: every token equal up "
+           "to near ties; max |dlogprob| %.2e at %s (limit %.2g)", runs, norders, steps,
+           sq[2].np, sq[6].np, dmax, worst, c->tol_batch);
+out:
+    for (int i = 0; sq && i < ES_N; i++) {
+        free(sq[i].ref_rows);
+        free(sq[i].rows);
+    }
+    free(sq);
+    free(logits);
+    free(scratch);
+    if (b)
+        b->ops->free(b);
+    mm_tokenizer_free(tok);
+    gen_close(&gm);
+}
+
 /* ---- preemption and truncation ---- */
 
 #define PR_PROMPT 100
@@ -1306,6 +1520,8 @@ int main(int argc, char **argv)
         }
         gen_close(&gm);
     }
+
+    check_e2e_orders(&c);
 
     printf("# %.1f s in all\n", mm_gpu_now() - t0);
     printf("%d passed, %d failed\n", c.passed, c.failed);

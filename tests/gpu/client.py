@@ -168,7 +168,11 @@ def cmd_compare(a):
                 equal += 1
                 continue
         else:
+            # Only the reference has tokens: the token from its character
+            # offsets, approximate (specials count there, not in the text;
+            # split UTF-8 characters count once per piece), so said so.
             j = max(k for k in range(len(offs)) if offs[k] <= d) if offs[0] <= d else 0
+            notes.append(f"prompt {i}: token {j} from character offsets (approximate)")
         t = top[j] if j < len(top) else None
         gap = (t[0] - t[1]) if t and len(t) >= 2 else float("inf")
         if gap < a.tie:

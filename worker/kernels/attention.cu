@@ -489,7 +489,7 @@ static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, con
     if (mode == MM_K_ATTN_HEAD_CLUSTER && nsplit <= MM_K_ATTN_CLUSTER_MAX) {
         cudaLaunchAttribute at[2];
         at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[0].val.programmaticStreamSerializationAllowed = 1;
+        at[0].val.programmaticStreamSerializationAllowed = mm_k_pdl_on;
         at[1].id = cudaLaunchAttributeClusterDimension;
         at[1].val.clusterDim.x = 1;
         at[1].val.clusterDim.y = 1;

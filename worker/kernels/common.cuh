@@ -143,6 +143,11 @@ __device__ __forceinline__ void mm_pdl_release(void)
 #endif
 }
 
+/* Programmatic launches at all (mm_k_set_pdl, MM_CUDA_PDL=0 turns them
+ * off: every kernel then waits for the whole of its predecessor, for
+ * telling a missing griddepcontrol.wait from other faults). */
+extern int mm_k_pdl_on;
+
 /* pdl 0: an ordinary launch, which starts only once its predecessor has
  * finished - and with it everything before (see mm_k_embed). */
 template <typename... P, typename... A>
@@ -158,7 +163,7 @@ static inline void mm_launch_pdl(void (*kern)(P...), dim3 grid, dim3 block, size
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
     cfg.attrs = at;
-    cfg.numAttrs = pdl ? 1 : 0;
+    cfg.numAttrs = pdl && mm_k_pdl_on ? 1 : 0;
     cudaLaunchKernelEx(&cfg, kern, args...);
 }
 

@@ -5,6 +5,10 @@
  * type only where the next GEMM reads it. */
 #include "common.cuh"
 
+int mm_k_pdl_on = 1;
+
+extern "C" void mm_k_set_pdl(int on) { mm_k_pdl_on = on != 0; }
+
 template <typename T>
 __global__ void embed_k(const T *table, const int32_t *ids, int H, float *x)
 {

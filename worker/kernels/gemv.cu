@@ -41,6 +41,78 @@ __device__ __forceinline__ void gemv_tile(const uint4 *w, const T *__restrict__ 
     }
 }
 
+/* Pipelined products for single rows (mm_k_set_gemv_pipe): each step's
+ * inputs, then the next step's weight tiles, are requested before this
+ * step's arithmetic. Measured (docs/GPU_NOTES.md v23): a gain on long rows
+ * (7B's down product, 18944 long: 3.93 -> 3.84 ms a token), a loss on
+ * short ones (1.5B's q/k/v and gate/up: 1.22 -> 1.25, the extra registers
+ * cost blocks per SM), so by default only rows longer than PIPE_K. */
+static int gemv_pipe = 1; /* 0 off, 1 rows longer than PIPE_K, 2 all */
+#define PIPE_K 4096
+
+extern "C" void mm_k_set_gemv_pipe(int mode) { gemv_pipe = mode; }
+
+template <typename T, bool F32, int U>
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_pipe_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
+{
+    int lane = threadIdx.x & 31;
+    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (n >= N) {
+        mm_pdl_release();
+        return;
+    }
+    int kb = blockIdx.y * KS, ke = kb + KS < K ? kb + KS : K;
+    const T *wr = W + (size_t)n * K;
+    float acc[1] = {0.0f};
+    constexpr int STEP = 32 * 8 * U;
+    int k0 = kb;
+    uint4 wv[U], wn[U];
+    if (kb + STEP <= ke)
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            wv[u] = __ldcs((const uint4 *)(wr + kb + u * 256 + lane * 8));
+    mm_pdl_release();
+    mm_pdl_wait();
+    for (; k0 + STEP <= ke; k0 += STEP) {
+        bool more = k0 + 2 * STEP <= ke;
+        /* this step's inputs first: loads queued behind the next step's
+         * weight misses would wait for them */
+        uint4 xv[U];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            xv[u] = __ldg((const uint4 *)(x + k0 + u * 256 + lane * 8));
+        if (more)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                wn[u] = __ldcs((const uint4 *)(wr + k0 + STEP + u * 256 + lane * 8));
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float wf[8], xf[8];
+            mm_unpack8<T>(wv[u], wf);
+            mm_unpack8<T>(xv[u], xf);
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                acc[0] += wf[i] * xf[i];
+        }
+        if (more)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                wv[u] = wn[u];
+    }
+    for (int k = k0 + lane * 8; k < ke; k += 256) {
+        uint4 w = __ldcs((const uint4 *)(wr + k));
+        gemv_tile<T, 1, 1>(&w, x, K, k, acc);
+    }
+    float v = mm_warp_sum(acc[0]);
+    if (lane == 0) {
+        if (F32)
+            ((float *)y)[(size_t)blockIdx.y * N + n] = v;
+        else
+            ((T *)y)[n] = mm_from_f<T>(v);
+    }
+}
+
 template <typename T, int M, bool F32, int U>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
@@ -98,6 +170,27 @@ static void gemv_m(const void *W, const void *x, int N, int K, int KS, int split
 {
     dim3 grid((N + GEMV_WARPS - 1) / GEMV_WARPS, splits);
     const T *w = (const T *)W, *xx = (const T *)x;
+    bool pipe = gemv_pipe == 2 || (gemv_pipe == 1 && KS > PIPE_K);
+    if constexpr (M == 1) {
+        if (pipe && KS == K && K <= 2048 && (K / 256) % 3 == 0 && K % 256 == 0) {
+            if (y_f32)
+                mm_launch(gemv_pipe_k<T, true, 3>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K,
+                          KS, y);
+            else
+                mm_launch(gemv_pipe_k<T, false, 3>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K,
+                          KS, y);
+            return;
+        }
+        if (pipe) {
+            if (y_f32)
+                mm_launch(gemv_pipe_k<T, true, GEMV_UNROLL>, grid, GEMV_WARPS * 32, 0, s, w,
+                          xx, N, K, KS, y);
+            else
+                mm_launch(gemv_pipe_k<T, false, GEMV_UNROLL>, grid, GEMV_WARPS * 32, 0, s, w,
+                          xx, N, K, KS, y);
+            return;
+        }
+    }
     /* Short rows whose tiles come in threes (K = 1536: every product of
      * Qwen2.5-1.5B but down) take two steps of 3 tiles instead of one of
      * 4 and two single leftovers: measured 1.244 vs 1.272 ms per token
@@ -163,7 +256,7 @@ extern "C" int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, 
 
 /* ---- gate/up with SwiGLU: one warp per (gate row, up row) pair ---- */
 
-template <typename T, int M>
+template <typename T, int M, bool P>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T *act)
 {
@@ -190,6 +283,39 @@ gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T 
     mm_pdl_release();
     mm_pdl_wait();
     for (; k0 + STEP <= K; k0 += STEP) {
+        if constexpr (P) { /* M == 1: the next step's tiles requested before
+                            * this step's sums, after its inputs */
+            uint4 wn[2][2], xv[2];
+            bool more = k0 + 2 * STEP <= K;
+#pragma unroll
+            for (int u = 0; u < 2; u++)
+                xv[u] = __ldg((const uint4 *)(x + k0 + u * 256 + lane * 8));
+            if (more)
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    wn[u][0] = __ldcs((const uint4 *)(wg + k0 + STEP + u * 256 + lane * 8));
+                    wn[u][1] = __ldcs((const uint4 *)(wu + k0 + STEP + u * 256 + lane * 8));
+                }
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                float g[8], up[8], xf[8];
+                mm_unpack8<T>(wv[u][0], g);
+                mm_unpack8<T>(wv[u][1], up);
+                mm_unpack8<T>(xv[u], xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    acc[0] += g[i] * xf[i];
+                    acc[M] += up[i] * xf[i];
+                }
+            }
+            if (more)
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    wv[u][0] = wn[u][0];
+                    wv[u][1] = wn[u][1];
+                }
+            continue;
+        }
         if (k0)
 #pragma unroll
             for (int u = 0; u < 2; u++) {
@@ -215,24 +341,36 @@ gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T 
     }
 }
 
-template <typename T>
-static int gemv_swiglu(const void *W, const void *x, int M, int I, int K, void *act,
-                       cudaStream_t s)
+template <typename T, bool P>
+static void gemv_swiglu_p(const void *W, const void *x, int M, int I, int K, void *act,
+                          cudaStream_t s)
 {
     dim3 grid((I + GEMV_WARPS - 1) / GEMV_WARPS);
     const T *w = (const T *)W, *xx = (const T *)x;
     T *a = (T *)act;
     switch (M) {
-    case 1: mm_launch(gemv_swiglu_k<T, 1>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 2: mm_launch(gemv_swiglu_k<T, 2>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 3: mm_launch(gemv_swiglu_k<T, 3>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 4: mm_launch(gemv_swiglu_k<T, 4>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 5: mm_launch(gemv_swiglu_k<T, 5>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 6: mm_launch(gemv_swiglu_k<T, 6>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 7: mm_launch(gemv_swiglu_k<T, 7>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 8: mm_launch(gemv_swiglu_k<T, 8>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    default: return (int)cudaErrorInvalidValue;
+    case 1: mm_launch(gemv_swiglu_k<T, 1, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 2: mm_launch(gemv_swiglu_k<T, 2, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 3: mm_launch(gemv_swiglu_k<T, 3, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 4: mm_launch(gemv_swiglu_k<T, 4, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 5: mm_launch(gemv_swiglu_k<T, 5, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 6: mm_launch(gemv_swiglu_k<T, 6, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 7: mm_launch(gemv_swiglu_k<T, 7, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
+    case 8: mm_launch(gemv_swiglu_k<T, 8, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
     }
+}
+
+template <typename T>
+static int gemv_swiglu(const void *W, const void *x, int M, int I, int K, void *act,
+                       cudaStream_t s)
+{
+    if (M < 1 || M > 8)
+        return (int)cudaErrorInvalidValue;
+    if (M == 1 && (gemv_pipe == 2 || (gemv_pipe == 1 && K > PIPE_K)))
+        mm_launch(gemv_swiglu_k<T, 1, true>, dim3((I + GEMV_WARPS - 1) / GEMV_WARPS),
+                  GEMV_WARPS * 32, 0, s, (const T *)W, (const T *)x, I, K, (T *)act);
+    else
+        gemv_swiglu_p<T, false>(W, x, M, I, K, act, s);
     return mm_launch_status();
 }
 

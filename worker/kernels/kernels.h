@@ -29,6 +29,11 @@ typedef enum { MM_KDT_BF16 = 0, MM_KDT_F16 = 1 } mm_kdt;
 int mm_k_head_dim_ok(int hd);
 int mm_k_attn_group_ok(int nq, int nkv);
 
+/* Launch kernels programmatically (the default; each then starts while its
+ * predecessor drains and waits for it with griddepcontrol.wait) or as
+ * ordinary launches (0: for ruling out ordering faults). Process-wide. */
+void mm_k_set_pdl(int on);
+
 /* x[t, :] = table[ids[t], :] widened to float (T rows of H). serial: an
  * ordinary launch instead of a programmatic one, so it starts only after
  * the kernels before it (the block-table update) have finished; every
@@ -145,6 +150,9 @@ int mm_k_softmax_causal(mm_kdt dt, const float *S, int rows, int n, int ncols, i
  * by the reader (mm_k_add_rmsnorm). */
 #define MM_K_GEMV_MAX_M 8
 int mm_k_gemv_ok(int M, int K);
+/* Single-row products' weight pipelining (process-wide; MM_CUDA_PIPE): 0
+ * off, 1 rows longer than 4096 (the default), 2 every row. */
+void mm_k_set_gemv_pipe(int mode);
 /* How many splits suit an N x K product on nsm SMs. */
 int mm_k_gemv_splits(int N, int K, int nsm);
 int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, int K, void *y, int y_f32,
