@@ -3,7 +3,7 @@
  * machine, which is how this harness itself is tested in CI).
  *
  *   gpu_check [--backend cuda|cpu] [--fixtures DIR] [--block-size N]
- *             [--require-gpu] [--quick] [--json FILE]
+ *             [--require-gpu] [--quick] [--json FILE] [--e2e-prompts FILE]
  *             [--tol-golden X] [--tol-shape X] [--tol-batch X] [--tie X]
  *
  * Checks, each printed as "ok - name (figures)" or "not ok - name (why)":
@@ -62,6 +62,7 @@
 typedef struct checker {
     const char *kind;        /* backend under test: "cuda" or "cpu" */
     const char *fixtures;
+    const char *e2e_prompts; /* run.sh's end-to-end prompts (JSON) */
     int         cuda;
     int         block_size;
     int         tp;          /* --tp: tensor-parallel size of every cuda backend */
@@ -980,9 +981,9 @@ out:
 
 /* ---- the end-to-end test's schedules, replayed ---- */
 
-/* tests/gpu/run.sh's end-to-end model and prompts (client.py PROMPTS), and
- * admission orders the worker's engine produced when the 8 requests
- * arrived at once (logged with MM_CUDA_TRACE=1): prompts admitted per
+/* tests/gpu/run.sh's end-to-end model and prompts (--e2e-prompts, the file
+ * client.py reads too), and admission orders the worker's engine produced
+ * when the 8 requests arrived at once (MM_CUDA_TRACE=1): prompts admitted per
  * step, "|" between steps, each whole in one slice; where two prompts of
  * 28 tokens could be either, both ways. Replayed on the backend directly,
  * so a difference is the backend's, never the timing's or the HTTP
@@ -993,16 +994,6 @@ static const shape e2e_shape = {
     {"--arch", "qwen2", "--layers", "4", "--hidden", "512", "--heads", "8", "--kv-heads", "2",
      "--intermediate", "1408", "--vocab", "1024", "--max-pos", "2048", "--std", "0.05",
      "--seed", "3"}};
-static const char *const e2e_prompts[] = {
-    "The quick brown fox",
-    "Once upon a time there was a small robot who lived in a quiet town.",
-    "Hello, world!",
-    "What is the weather like in the city this morning?",
-    "Please write a short story about a robot that learns to paint. It",
-    "The answer is forty two. Can you explain how this works?",
-    "Every day the robot watched the people of the town as they walked to work, and every "
-    "evening it looked at the colors of the sky. One evening",
-    "I am fine, thank you."};
 #define ES_N   8
 #define ES_GEN 48
 static const char *const e2e_orders[] = {"4,1|3,6,7,5,0,2", "4,5|3,6,7,1,0,2",
@@ -1028,9 +1019,22 @@ static void check_e2e_orders(checker *c)
     double *scratch = NULL;
     char err[1024] = "", path[600];
     const char *name = "batch: the end-to-end test's admission orders vs alone";
+    json_t *pj = NULL, *prompts;
+    json_error_t je;
     begin(c);
-    if (!sq || gen_open(&e2e_shape, &gm, err, sizeof err) < 0) {
-        report(c, 0, name, NULL, "generate: %s", sq ? err : "out of memory");
+    if (!sq) {
+        report(c, 0, name, NULL, "out of memory");
+        goto out;
+    }
+    if (!(pj = json_load_file(c->e2e_prompts, 0, &je)) ||
+        !json_is_array(prompts = json_object_get(pj, "prompts")) ||
+        json_array_size(prompts) != ES_N) {
+        report(c, 0, name, NULL, "%s: want {\"prompts\": [%d strings]}: %s", c->e2e_prompts,
+               ES_N, pj ? "wrong shape" : je.text);
+        goto out;
+    }
+    if (gen_open(&e2e_shape, &gm, err, sizeof err) < 0) {
+        report(c, 0, name, NULL, "generate: %s", err);
         goto out;
     }
     int V = gm.m->cfg.vocab_size;
@@ -1049,8 +1053,11 @@ static void check_e2e_orders(checker *c)
         eseq *s = &sq[i];
         mm_tok_ids ids;
         mm_tok_ids_init(&ids, 128);
-        int rc = mm_tokenizer_encode(tok, e2e_prompts[i], strlen(e2e_prompts[i]), 1, &ids, err,
-                                     sizeof err);
+        json_t *pi = json_array_get(prompts, (size_t)i);
+        int rc = json_is_string(pi)
+                     ? mm_tokenizer_encode(tok, json_string_value(pi), json_string_length(pi), 1,
+                                           &ids, err, sizeof err)
+                     : (snprintf(err, sizeof err, "not a string"), -EINVAL);
         s->np = (int)ids.n;
         if (rc == 0)
             memcpy(s->ctx, ids.v, sizeof *s->ctx * ids.n);
@@ -1186,6 +1193,7 @@ out:
         b->ops->free(b);
     mm_tokenizer_free(tok);
     gen_close(&gm);
+    json_decref(pj);
 }
 
 /* ---- preemption and truncation ---- */
@@ -1326,7 +1334,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: gpu_check [--backend cuda|cpu] [--fixtures DIR] [--block-size N] [--tp N]\n"
-            "                 [--require-gpu] [--quick] [--json FILE]\n"
+            "                 [--require-gpu] [--quick] [--json FILE] [--e2e-prompts FILE]\n"
             "                 [--tol-golden X] [--tol-shape X] [--tol-batch X] [--tie X]\n");
 }
 
@@ -1355,7 +1363,8 @@ static void write_summary(checker *c, const char *skipped, int partial)
 
 int main(int argc, char **argv)
 {
-    checker c = {.kind = "cuda", .fixtures = "tests/fixtures/models", .block_size = 16, .tp = 1};
+    checker c = {.kind = "cuda", .fixtures = "tests/fixtures/models",
+                 .e2e_prompts = "tests/gpu/e2e_prompts.json", .block_size = 16, .tp = 1};
     double tg = 0, ts = 0, tb = 0;
     c.tie = 0.05;
     int require_gpu = 0;
@@ -1379,6 +1388,8 @@ int main(int argc, char **argv)
             c.kind = v;
         else if (strcmp(a, "--fixtures") == 0)
             c.fixtures = v;
+        else if (strcmp(a, "--e2e-prompts") == 0)
+            c.e2e_prompts = v;
         else if (strcmp(a, "--json") == 0)
             c.json_path = v;
         else if (strcmp(a, "--block-size") == 0 && atoi(v) >= 1 && atoi(v) <= 4096)

@@ -25,6 +25,7 @@ machine has python3 but nothing can be installed there).
 import argparse
 import http.client
 import json
+import os
 import re
 import selectors
 import socket
@@ -34,18 +35,12 @@ import threading
 import time
 import urllib.parse
 
-PROMPTS = [
-    "The quick brown fox",
-    "Once upon a time there was a small robot who lived in a quiet town.",
-    "Hello, world!",
-    "What is the weather like in the city this morning?",
-    "Please write a short story about a robot that learns to paint. It",
-    "The answer is forty two. Can you explain how this works?",
-    "Every day the robot watched the people of the town as they walked to work, and every "
-    "evening it looked at the colors of the sky. One evening",
-    "I am fine, thank you.",
-]
-E2E_MAX_TOKENS = 48
+# The end-to-end prompts, shared with gpu_check's replay of the worker's
+# admission orders (tests/gpu/check.c).
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e_prompts.json")) as _f:
+    _E2E = json.load(_f)
+PROMPTS = _E2E["prompts"]
+E2E_MAX_TOKENS = _E2E["max_tokens"]
 
 
 def post(url, body, timeout, stream=False):

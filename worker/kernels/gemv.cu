@@ -52,71 +52,11 @@ static int gemv_pipe = 1; /* 0 off, 1 rows longer than PIPE_K, 2 all */
 
 extern "C" void mm_k_set_gemv_pipe(int mode) { gemv_pipe = mode; }
 
-template <typename T, bool F32, int U>
-__global__ void __launch_bounds__(GEMV_WARPS * 32)
-gemv_pipe_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
-{
-    int lane = threadIdx.x & 31;
-    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (n >= N) {
-        mm_pdl_release();
-        return;
-    }
-    int kb = blockIdx.y * KS, ke = kb + KS < K ? kb + KS : K;
-    const T *wr = W + (size_t)n * K;
-    float acc[1] = {0.0f};
-    constexpr int STEP = 32 * 8 * U;
-    int k0 = kb;
-    uint4 wv[U], wn[U];
-    if (kb + STEP <= ke)
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            wv[u] = __ldcs((const uint4 *)(wr + kb + u * 256 + lane * 8));
-    mm_pdl_release();
-    mm_pdl_wait();
-    for (; k0 + STEP <= ke; k0 += STEP) {
-        bool more = k0 + 2 * STEP <= ke;
-        /* this step's inputs first: loads queued behind the next step's
-         * weight misses would wait for them */
-        uint4 xv[U];
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            xv[u] = __ldg((const uint4 *)(x + k0 + u * 256 + lane * 8));
-        if (more)
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                wn[u] = __ldcs((const uint4 *)(wr + k0 + STEP + u * 256 + lane * 8));
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            float wf[8], xf[8];
-            mm_unpack8<T>(wv[u], wf);
-            mm_unpack8<T>(xv[u], xf);
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                acc[0] += wf[i] * xf[i];
-        }
-        if (more)
-#pragma unroll
-            for (int u = 0; u < U; u++)
-                wv[u] = wn[u];
-    }
-    for (int k = k0 + lane * 8; k < ke; k += 256) {
-        uint4 w = __ldcs((const uint4 *)(wr + k));
-        gemv_tile<T, 1, 1>(&w, x, K, k, acc);
-    }
-    float v = mm_warp_sum(acc[0]);
-    if (lane == 0) {
-        if (F32)
-            ((float *)y)[(size_t)blockIdx.y * N + n] = v;
-        else
-            ((T *)y)[n] = mm_from_f<T>(v);
-    }
-}
-
-template <typename T, int M, bool F32, int U>
+template <typename T, int M, bool F32, int U, bool P>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
 {
+    static_assert(!P || M == 1, "the pipelined product serves single rows");
     int lane = threadIdx.x & 31;
     int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= N) {
@@ -140,6 +80,33 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
     mm_pdl_release();
     mm_pdl_wait();
     for (; k0 + STEP <= ke; k0 += STEP) {
+        if constexpr (P) {
+            /* this step's inputs first (loads queued behind the next step's
+             * weight misses would wait for them), then those weights */
+            bool more = k0 + 2 * STEP <= ke;
+            uint4 xv[U], wn[U];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                xv[u] = __ldg((const uint4 *)(x + k0 + u * 256 + lane * 8));
+            if (more)
+#pragma unroll
+                for (int u = 0; u < U; u++)
+                    wn[u] = __ldcs((const uint4 *)(wr + k0 + STEP + u * 256 + lane * 8));
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                float wf[8], xf[8];
+                mm_unpack8<T>(wv[u], wf);
+                mm_unpack8<T>(xv[u], xf);
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    acc[0] += wf[i] * xf[i];
+            }
+            if (more)
+#pragma unroll
+                for (int u = 0; u < U; u++)
+                    wv[u] = wn[u];
+            continue;
+        }
         if (k0 != kb)
 #pragma unroll
             for (int u = 0; u < U; u++)
@@ -164,49 +131,40 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
     }
 }
 
+template <typename T, int M, int U, bool P>
+static void gemv_launch(dim3 grid, const T *w, const T *x, int N, int K, int KS, void *y,
+                        int y_f32, cudaStream_t s)
+{
+    if (y_f32)
+        mm_launch(gemv_k<T, M, true, U, P>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS, y);
+    else
+        mm_launch(gemv_k<T, M, false, U, P>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS, y);
+}
+
 template <typename T, int M>
 static void gemv_m(const void *W, const void *x, int N, int K, int KS, int splits, void *y,
                    int y_f32, cudaStream_t s)
 {
     dim3 grid((N + GEMV_WARPS - 1) / GEMV_WARPS, splits);
     const T *w = (const T *)W, *xx = (const T *)x;
-    bool pipe = gemv_pipe == 2 || (gemv_pipe == 1 && KS > PIPE_K);
-    if constexpr (M == 1) {
-        if (pipe && KS == K && K <= 2048 && (K / 256) % 3 == 0 && K % 256 == 0) {
-            if (y_f32)
-                mm_launch(gemv_pipe_k<T, true, 3>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K,
-                          KS, y);
-            else
-                mm_launch(gemv_pipe_k<T, false, 3>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K,
-                          KS, y);
-            return;
-        }
-        if (pipe) {
-            if (y_f32)
-                mm_launch(gemv_pipe_k<T, true, GEMV_UNROLL>, grid, GEMV_WARPS * 32, 0, s, w,
-                          xx, N, K, KS, y);
-            else
-                mm_launch(gemv_pipe_k<T, false, GEMV_UNROLL>, grid, GEMV_WARPS * 32, 0, s, w,
-                          xx, N, K, KS, y);
-            return;
-        }
-    }
     /* Short rows whose tiles come in threes (K = 1536: every product of
      * Qwen2.5-1.5B but down) take two steps of 3 tiles instead of one of
      * 4 and two single leftovers: measured 1.244 vs 1.272 ms per token
      * (docs/GPU_NOTES.md, v13). */
-    if (KS == K && K <= 2048 && (K / 256) % 3 == 0 && K % 256 == 0) {
-        if (y_f32)
-            mm_launch(gemv_k<T, M, true, 3>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K, KS, y);
-        else
-            mm_launch(gemv_k<T, M, false, 3>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K, KS, y);
-    } else if (y_f32) {
-        mm_launch(gemv_k<T, M, true, GEMV_UNROLL>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K, KS,
-                  y);
-    } else {
-        mm_launch(gemv_k<T, M, false, GEMV_UNROLL>, grid, GEMV_WARPS * 32, 0, s, w, xx, N, K, KS,
-                  y);
+    bool threes = KS == K && K <= 2048 && (K / 256) % 3 == 0 && K % 256 == 0;
+    if constexpr (M == 1) {
+        if (gemv_pipe == 2 || (gemv_pipe == 1 && KS > PIPE_K)) {
+            if (threes)
+                gemv_launch<T, 1, 3, true>(grid, w, xx, N, K, KS, y, y_f32, s);
+            else
+                gemv_launch<T, 1, GEMV_UNROLL, true>(grid, w, xx, N, K, KS, y, y_f32, s);
+            return;
+        }
     }
+    if (threes)
+        gemv_launch<T, M, 3, false>(grid, w, xx, N, K, KS, y, y_f32, s);
+    else
+        gemv_launch<T, M, GEMV_UNROLL, false>(grid, w, xx, N, K, KS, y, y_f32, s);
 }
 
 template <typename T>
