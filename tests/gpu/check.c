@@ -3,7 +3,7 @@
  * machine, which is how this harness itself is tested in CI).
  *
  *   gpu_check [--backend cuda|cpu] [--fixtures DIR] [--block-size N]
- *             [--require-gpu] [--quick] [--json FILE] [--e2e-prompts FILE]
+ *             [--require-gpu] [--quick] [--json FILE] [--e2e FILE]
  *             [--tol-golden X] [--tol-shape X] [--tol-batch X] [--tie X]
  *
  * Checks, each printed as "ok - name (figures)" or "not ok - name (why)":
@@ -62,7 +62,7 @@
 typedef struct checker {
     const char *kind;        /* backend under test: "cuda" or "cpu" */
     const char *fixtures;
-    const char *e2e_prompts; /* run.sh's end-to-end prompts (JSON) */
+    const char *e2e;         /* run.sh's end-to-end model flags and prompts (JSON) */
     int         cuda;
     int         block_size;
     int         tp;          /* --tp: tensor-parallel size of every cuda backend */
@@ -981,28 +981,24 @@ out:
 
 /* ---- the end-to-end test's schedules, replayed ---- */
 
-/* tests/gpu/run.sh's end-to-end model and prompts (--e2e-prompts, the file
- * client.py reads too), and admission orders the worker's engine produced
- * when the 8 requests arrived at once (MM_CUDA_TRACE=1): prompts admitted per
- * step, "|" between steps, each whole in one slice; where two prompts of
- * 28 tokens could be either, both ways. Replayed on the backend directly,
- * so a difference is the backend's, never the timing's or the HTTP
- * layer's (how a near tie misread by the HTTP comparison was told apart
- * from a fault: docs/GPU_NOTES.md, session 6). */
-static const shape e2e_shape = {
-    "qwen2 e2e",
-    {"--arch", "qwen2", "--layers", "4", "--hidden", "512", "--heads", "8", "--kv-heads", "2",
-     "--intermediate", "1408", "--vocab", "1024", "--max-pos", "2048", "--std", "0.05",
-     "--seed", "3"}};
+/* tests/gpu/run.sh's end-to-end model and prompts (--e2e, the file run.sh
+ * and client.py read too), and admission orders the worker's engine
+ * produced when the 8 requests arrived at once (MM_CUDA_TRACE=1): prompts
+ * admitted per step, "|" between steps, each whole in one slice; where two
+ * prompts of 28 tokens could be either, both ways. Replayed on the backend
+ * directly, so a difference is the backend's, never the timing's or the
+ * HTTP layer's (how a near tie misread by the HTTP comparison was told
+ * apart from a fault: docs/GPU_NOTES.md, session 6). */
 #define ES_N   8
 #define ES_GEN 48
+#define ES_NP  128 /* prompt tokens at most */
 static const char *const e2e_orders[] = {"4,1|3,6,7,5,0,2", "4,5|3,6,7,1,0,2",
                                          "2|1,5,4|0,6,7,3", "2|5,1,4|0,6,7,3",
                                          "0,4|3,7,2,1,6,5", "0,4|3,7,2,5,6,1",
                                          "5|7,3,0,4,1,6,2"};
 
 typedef struct eseq {
-    int32_t ctx[160];
+    int32_t ctx[ES_NP + ES_GEN];
     int     np, n, slot, admit;
     int32_t ref[ES_GEN];
     double  ref_margin[ES_GEN];
@@ -1019,21 +1015,27 @@ static void check_e2e_orders(checker *c)
     double *scratch = NULL;
     char err[1024] = "", path[600];
     const char *name = "batch: the end-to-end test's admission orders vs alone";
-    json_t *pj = NULL, *prompts;
+    json_t *pj = NULL, *prompts = NULL, *margs = NULL;
     json_error_t je;
+    shape sh = {"e2e", {NULL}};
     begin(c);
     if (!sq) {
         report(c, 0, name, NULL, "out of memory");
         goto out;
     }
-    if (!(pj = json_load_file(c->e2e_prompts, 0, &je)) ||
-        !json_is_array(prompts = json_object_get(pj, "prompts")) ||
-        json_array_size(prompts) != ES_N) {
-        report(c, 0, name, NULL, "%s: want {\"prompts\": [%d strings]}: %s", c->e2e_prompts,
-               ES_N, pj ? "wrong shape" : je.text);
+    if ((pj = json_load_file(c->e2e, 0, &je))) {
+        prompts = json_object_get(pj, "prompts");
+        margs = json_object_get(pj, "make_model");
+    }
+    size_t na = json_array_size(margs), nstr = 0;
+    for (size_t i = 0; i < na && i < sizeof sh.args / sizeof sh.args[0] - 1; i++)
+        nstr += (sh.args[i] = json_string_value(json_array_get(margs, i))) != NULL;
+    if (json_array_size(prompts) != ES_N || na == 0 || nstr != na) {
+        report(c, 0, name, NULL, "%s: want {\"make_model\": [flags], \"prompts\": [%d strings]}: "
+               "%s", c->e2e, ES_N, pj ? "wrong shape" : je.text);
         goto out;
     }
-    if (gen_open(&e2e_shape, &gm, err, sizeof err) < 0) {
+    if (gen_open(&sh, &gm, err, sizeof err) < 0) {
         report(c, 0, name, NULL, "generate: %s", err);
         goto out;
     }
@@ -1052,7 +1054,7 @@ static void check_e2e_orders(checker *c)
     for (int i = 0; i < ES_N; i++) {
         eseq *s = &sq[i];
         mm_tok_ids ids;
-        mm_tok_ids_init(&ids, 128);
+        mm_tok_ids_init(&ids, ES_NP);
         json_t *pi = json_array_get(prompts, (size_t)i);
         int rc = json_is_string(pi)
                      ? mm_tokenizer_encode(tok, json_string_value(pi), json_string_length(pi), 1,
@@ -1334,7 +1336,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: gpu_check [--backend cuda|cpu] [--fixtures DIR] [--block-size N] [--tp N]\n"
-            "                 [--require-gpu] [--quick] [--json FILE] [--e2e-prompts FILE]\n"
+            "                 [--require-gpu] [--quick] [--json FILE] [--e2e FILE]\n"
             "                 [--tol-golden X] [--tol-shape X] [--tol-batch X] [--tie X]\n");
 }
 
@@ -1364,7 +1366,7 @@ static void write_summary(checker *c, const char *skipped, int partial)
 int main(int argc, char **argv)
 {
     checker c = {.kind = "cuda", .fixtures = "tests/fixtures/models",
-                 .e2e_prompts = "tests/gpu/e2e_prompts.json", .block_size = 16, .tp = 1};
+                 .e2e = "tests/gpu/e2e.json", .block_size = 16, .tp = 1};
     double tg = 0, ts = 0, tb = 0;
     c.tie = 0.05;
     int require_gpu = 0;
@@ -1388,8 +1390,8 @@ int main(int argc, char **argv)
             c.kind = v;
         else if (strcmp(a, "--fixtures") == 0)
             c.fixtures = v;
-        else if (strcmp(a, "--e2e-prompts") == 0)
-            c.e2e_prompts = v;
+        else if (strcmp(a, "--e2e") == 0)
+            c.e2e = v;
         else if (strcmp(a, "--json") == 0)
             c.json_path = v;
         else if (strcmp(a, "--block-size") == 0 && atoi(v) >= 1 && atoi(v) <= 4096)

@@ -35,9 +35,9 @@ import threading
 import time
 import urllib.parse
 
-# The end-to-end prompts, shared with gpu_check's replay of the worker's
-# admission orders (tests/gpu/check.c).
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e_prompts.json")) as _f:
+# The end-to-end model's flags and prompts, shared with run.sh and with
+# gpu_check's replay of the worker's admission orders (tests/gpu/check.c).
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e.json")) as _f:
     _E2E = json.load(_f)
 PROMPTS = _E2E["prompts"]
 E2E_MAX_TOKENS = _E2E["max_tokens"]

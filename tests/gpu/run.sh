@@ -275,9 +275,10 @@ run_check() {
         return
     fi
     m=$TMP/e2e-model
-    if ! timeout 60 $RUNENV "$WORKER" --make-model "$m" --arch qwen2 --layers 4 --hidden 512 --heads 8 \
-        --kv-heads 2 --intermediate 1408 --vocab 1024 --max-pos 2048 --std 0.05 --seed 3 \
-        >>"$OUT/check.log" 2>&1; then
+    # the model's flags: tests/gpu/e2e.json, which gpu_check and client.py read too
+    margs=$(python3 -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["make_model"]))' \
+        tests/gpu/e2e.json) || { notok "e2e: tests/gpu/e2e.json unreadable"; return; }
+    if ! timeout 60 $RUNENV "$WORKER" --make-model "$m" $margs >>"$OUT/check.log" 2>&1; then
         notok "e2e: --make-model failed"
         return
     fi

@@ -52,6 +52,8 @@ static int gemv_pipe = 1; /* 0 off, 1 rows longer than PIPE_K, 2 all */
 
 extern "C" void mm_k_set_gemv_pipe(int mode) { gemv_pipe = mode; }
 
+static bool gemv_pipe_row(int K) { return gemv_pipe == 2 || (gemv_pipe == 1 && K > PIPE_K); }
+
 template <typename T, int M, bool F32, int U, bool P>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
@@ -153,7 +155,7 @@ static void gemv_m(const void *W, const void *x, int N, int K, int KS, int split
      * (docs/GPU_NOTES.md, v13). */
     bool threes = KS == K && K <= 2048 && (K / 256) % 3 == 0 && K % 256 == 0;
     if constexpr (M == 1) {
-        if (gemv_pipe == 2 || (gemv_pipe == 1 && KS > PIPE_K)) {
+        if (gemv_pipe_row(KS)) {
             if (threes)
                 gemv_launch<T, 1, 3, true>(grid, w, xx, N, K, KS, y, y_f32, s);
             else
@@ -218,6 +220,7 @@ template <typename T, int M, bool P>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T *act)
 {
+    static_assert(!P || M == 1, "the pipelined product serves single rows");
     int lane = threadIdx.x & 31;
     int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= I) {
@@ -299,36 +302,30 @@ gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T 
     }
 }
 
-template <typename T, bool P>
-static void gemv_swiglu_p(const void *W, const void *x, int M, int I, int K, void *act,
-                          cudaStream_t s)
-{
-    dim3 grid((I + GEMV_WARPS - 1) / GEMV_WARPS);
-    const T *w = (const T *)W, *xx = (const T *)x;
-    T *a = (T *)act;
-    switch (M) {
-    case 1: mm_launch(gemv_swiglu_k<T, 1, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 2: mm_launch(gemv_swiglu_k<T, 2, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 3: mm_launch(gemv_swiglu_k<T, 3, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 4: mm_launch(gemv_swiglu_k<T, 4, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 5: mm_launch(gemv_swiglu_k<T, 5, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 6: mm_launch(gemv_swiglu_k<T, 6, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 7: mm_launch(gemv_swiglu_k<T, 7, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    case 8: mm_launch(gemv_swiglu_k<T, 8, P>, grid, GEMV_WARPS * 32, 0, s, w, xx, I, K, a); break;
-    }
-}
-
 template <typename T>
 static int gemv_swiglu(const void *W, const void *x, int M, int I, int K, void *act,
                        cudaStream_t s)
 {
-    if (M < 1 || M > 8)
-        return (int)cudaErrorInvalidValue;
-    if (M == 1 && (gemv_pipe == 2 || (gemv_pipe == 1 && K > PIPE_K)))
-        mm_launch(gemv_swiglu_k<T, 1, true>, dim3((I + GEMV_WARPS - 1) / GEMV_WARPS),
-                  GEMV_WARPS * 32, 0, s, (const T *)W, (const T *)x, I, K, (T *)act);
-    else
-        gemv_swiglu_p<T, false>(W, x, M, I, K, act, s);
+    dim3 grid((I + GEMV_WARPS - 1) / GEMV_WARPS);
+    const T *w = (const T *)W, *xx = (const T *)x;
+    T *a = (T *)act;
+    constexpr int TH = GEMV_WARPS * 32;
+    switch (M) {
+    case 1:
+        if (gemv_pipe_row(K))
+            mm_launch(gemv_swiglu_k<T, 1, true>, grid, TH, 0, s, w, xx, I, K, a);
+        else
+            mm_launch(gemv_swiglu_k<T, 1, false>, grid, TH, 0, s, w, xx, I, K, a);
+        break;
+    case 2: mm_launch(gemv_swiglu_k<T, 2, false>, grid, TH, 0, s, w, xx, I, K, a); break;
+    case 3: mm_launch(gemv_swiglu_k<T, 3, false>, grid, TH, 0, s, w, xx, I, K, a); break;
+    case 4: mm_launch(gemv_swiglu_k<T, 4, false>, grid, TH, 0, s, w, xx, I, K, a); break;
+    case 5: mm_launch(gemv_swiglu_k<T, 5, false>, grid, TH, 0, s, w, xx, I, K, a); break;
+    case 6: mm_launch(gemv_swiglu_k<T, 6, false>, grid, TH, 0, s, w, xx, I, K, a); break;
+    case 7: mm_launch(gemv_swiglu_k<T, 7, false>, grid, TH, 0, s, w, xx, I, K, a); break;
+    case 8: mm_launch(gemv_swiglu_k<T, 8, false>, grid, TH, 0, s, w, xx, I, K, a); break;
+    default: return (int)cudaErrorInvalidValue;
+    }
     return mm_launch_status();
 }
 
