@@ -139,9 +139,9 @@ test('removed model: 404 only after the reload, its worker drained, stopped and 
     assert.deepEqual(live, Object.values(await pidMap()).sort(), 'the gateway\'s children are exactly the fleet\'s workers');
 });
 
-test('SIGHUP with a broken file changes nothing and fails no request', async () => {
+test('SIGHUP with a broken file changes nothing and fails no request', async (t) => {
     const pids = await pidMap();
-    const l = startLoad(gw.port, ['keep', 'added'], { width: 4 });
+    const l = startLoad(gw.port, ['keep', 'added'], { width: 4, t });
     await l.more(20);
     fs.writeFileSync(gw.configFile, '{"models": [');
     gw.proc.kill('SIGHUP');

@@ -78,18 +78,51 @@ export async function waitFor(fn, timeoutMs = 5000, opts = {}) {
 
 export function nowNs() { return process.hrtime.bigint(); }
 
-// A port that was free a moment ago (there is a small race with other
-// processes; on a test machine that is acceptable).
-export function getFreePort() {
-    return new Promise((resolve, reject) => {
+// Ports for processes a test starts later (a launched worker, a gateway).
+// Asking the kernel for port 0 and closing it is racy: the kernel hands the
+// same port to the next bind to port 0 (a fake, or this very function) while
+// the child that is meant to bind it has not started yet, and one CI run lost
+// a test to that (a gated worker's port served by another process, whose
+// /health answered 200). So ports come from below the kernel's ephemeral
+// range, where no bind to port 0 and no outgoing connection lands, in order
+// from a random start per process and never twice in one process; a trial
+// bind skips ports something still holds.
+const PORTS_FLOOR = 10000;
+const portsHandedOut = new Set();
+let portsNext = 0;
+
+function ephemeralLow() {
+    try {
+        const lo = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]);
+        if (Number.isInteger(lo) && lo > 0) return lo;
+    } catch { /* not Linux: assume the IANA range */ }
+    return 49152;
+}
+
+function tryBind(port) {
+    return new Promise((resolve) => {
         const s = net.createServer();
         s.unref();
-        s.on('error', reject);
-        s.listen(0, '127.0.0.1', () => {
-            const { port } = s.address();
-            s.close(() => resolve(port));
-        });
+        s.once('error', () => resolve(false));
+        s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
     });
+}
+
+export async function getFreePort() {
+    const hi = ephemeralLow();          // exclusive
+    const span = hi - PORTS_FLOOR;
+    if (span < 1000) throw new Error(`getFreePort: no room below the ephemeral range (starts at ${hi})`);
+    if (!portsNext) portsNext = PORTS_FLOOR + Math.floor(Math.random() * span);
+    for (let tries = 0; tries < span; tries++) {
+        const port = portsNext;
+        portsNext = portsNext + 1 >= hi ? PORTS_FLOOR : portsNext + 1;
+        if (portsHandedOut.has(port)) continue;
+        if (await tryBind(port)) {
+            portsHandedOut.add(port);
+            return port;
+        }
+    }
+    throw new Error(`getFreePort: every port in ${PORTS_FLOOR}-${hi - 1} is taken`);
 }
 
 // ---- the fake upstream ---------------------------------------------------
@@ -1285,9 +1318,15 @@ export function gatedCommand(port) {
 // connection) until stop(). Every answer is kept in `results` as {model,
 // status, body (non-200 only), error, t0, t1 (Date.now() at send and at
 // answer), backend, served}. models may be changed while it runs (setModels).
-// stop() waits for the requests in flight and resolves the results.
+// stop() waits for the requests in flight and resolves the results; pass the
+// test's context as opts.t to have it called when the test ends, passed or
+// not. The loops also end by themselves after opts.maxMs (default 5 minutes,
+// longer than any test file): a load that a failed test never stopped once
+// kept a test file's process alive for 40 minutes, sending to a stopped
+// gateway, until it ran out of memory.
 export function startLoad(port, models, opts = {}) {
     const width = opts.width || 4;
+    const deadline = Date.now() + (opts.maxMs || 300000);
     let list = [...models];
     let stopping = false;
     let next = 0;
@@ -1310,8 +1349,14 @@ export function startLoad(port, models, opts = {}) {
         rec.t1 = Date.now();
         results.push(rec);
     };
-    const loop = async () => { while (!stopping) await one(); };
+    const loop = async () => { while (!stopping && Date.now() < deadline) await one(); };
     const loops = Array.from({ length: width }, loop);
+    const stop = async () => {
+        stopping = true;
+        await Promise.all(loops);
+        return results;
+    };
+    if (opts.t) opts.t.after(stop);
     return {
         results,
         setModels(m) { list = [...m]; },
@@ -1320,11 +1365,7 @@ export function startLoad(port, models, opts = {}) {
             const target = results.length + n;
             await waitFor(() => results.length >= target, timeoutMs, { what: `${n} more answers under load` });
         },
-        async stop() {
-            stopping = true;
-            await Promise.all(loops);
-            return results;
-        },
+        stop,
     };
 }
 
