@@ -79,11 +79,11 @@ export async function waitFor(fn, timeoutMs = 5000, opts = {}) {
 export function nowNs() { return process.hrtime.bigint(); }
 
 // Ports for processes a test starts later (a launched worker, a gateway).
-// Asking the kernel for port 0 and closing it is racy: the kernel hands the
-// same port to the next bind to port 0 (a fake, or this very function) while
-// the child that is meant to bind it has not started yet, and one CI run lost
-// a test to that (a gated worker's port served by another process, whose
-// /health answered 200). So ports come from below the kernel's ephemeral
+// Asking the kernel for port 0 and closing it is racy: the kernel may hand
+// the same port to the next bind to port 0 (a fake, or the next such call)
+// before the child meant to bind it has started; the likeliest cause of one
+// CI failure (a gated worker's port answered by another process, whose
+// /health said 200). So ports come from below the kernel's ephemeral
 // range, where no bind to port 0 and no outgoing connection lands, in order
 // from a random start per process and never twice in one process; a trial
 // bind skips ports something still holds.
