@@ -176,6 +176,11 @@ typedef struct cuda_backend {
      * only what the layer's own products wrote to its chain of round
      * trips. */
     int      early;
+    /* RoPE and the cache write inside the cluster decode attention at
+     * steps of decode tokens only (MM_CUDA_ROPE_FUSE, default on with
+     * early reads; 0 for comparison): one kernel less a layer, the same
+     * bits (docs/GPU_NOTES.md v26). */
+    int      rope_fuse;
     int      trace; /* MM_CUDA_TRACE=1: log every sub-step (trace_sub); 2: also
                      * check the device's greedy choices, 3: and log every
                      * row's top two (trace_rows) */
@@ -716,8 +721,8 @@ out:
  * cuBLAS; R logits rows (META_ROWS, or all T tokens when rows_all) end in
  * b->logits, and their argmax keys in b->keys_d when argmax. Launches
  * only: capturable when nbig == 0. */
-static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big, int nbig, int R,
-                     int rows_all, int argmax, char *err, size_t errlen)
+static int run_model(cuda_backend *b, int T, int nd, int single, int max_ctx, const seg *big,
+                     int nbig, int R, int rows_all, int argmax, char *err, size_t errlen)
 {
     int rc = 0, H = b->H, I = b->I;
     const int32_t *ids = META_IDS(b->meta_d), *pos = META_POS(b->meta_d);
@@ -745,6 +750,10 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
         CKK(mm_k_tp_epoch(b->tpbuf + 2, b->stream));
     int nsplit = decode_splits(b, nd ? nd : 1, max_ctx);
     int amode = attn_mode(b, nd ? nd : 1, max_ctx);
+    /* every token a decode token, one per sequence (single): attention
+     * rotates q and writes the cache itself */
+    int rope_in_attn = b->rope_fuse && single && nd == T && nbig == 0 &&
+                       amode == MM_K_ATTN_HEAD_CLUSTER && !(b->skip & (SKIP_ROPE | SKIP_ATTN));
     for (int l = 0; l < b->L; l++) {
         const cu_layer *w = &b->layers[l];
         mm_k_cache c = layer_cache(b, l);
@@ -761,12 +770,13 @@ static int run_model(cuda_backend *b, int T, int nd, int max_ctx, const seg *big
             (rc = linear(b, w->wqkv, b->h, T, b->qkvw, H, b->qkv, 0, NULL, err, errlen)) < 0)
             goto out;
         prof_mark(b, P_QKV);
-        if (!(b->skip & SKIP_ROPE))
+        if (!(b->skip & SKIP_ROPE) && !rope_in_attn)
             CKK(mm_k_rope_store(b->dt, b->qkv, w->bqkv, b->inv_freq, pos, slot, T, b->nq, &c,
                                 b->early, b->q, b->stream));
         prof_mark(b, P_ROPE);
+        mm_k_rope_in rope = {b->qkv, w->bqkv, b->inv_freq};
         if (nd && !(b->skip & SKIP_ATTN))
-            CKK(mm_k_attn_decode(b->dt, b->q, tok, pos, slot,
+            CKK(mm_k_attn_decode(b->dt, b->q, rope_in_attn ? &rope : NULL, tok, pos, slot,
                                  b->early ? META_FRESH(b->meta_d) : NULL, nd, b->nq, amode,
                                  b->window, b->scale, &c, nsplit, b->part, b->att, b->stream));
         for (int i = 0; i < nbig; i++)
@@ -850,7 +860,8 @@ static int capture(cuda_backend *b, int gi, int ci, int bucket_ctx, char *err, s
     int gs = graph_sizes[gi], rc = 0;
     cudaGraph_t g = NULL;
     CK(cudaStreamBeginCapture(b->stream, cudaStreamCaptureModeThreadLocal));
-    rc = run_model(b, gs, gs, bucket_ctx, NULL, 0, gs, 1, 1, err, errlen);
+    /* replayed for steps of one token per sequence only (run_sub) */
+    rc = run_model(b, gs, gs, 1, bucket_ctx, NULL, 0, gs, 1, 1, err, errlen);
     cudaError_t e = cudaStreamEndCapture(b->stream, &g);
     if (rc < 0)
         goto out;
@@ -1015,6 +1026,10 @@ static void kernel_knobs(void)
     env = getenv("MM_CUDA_PDL");
     if (env && strcmp(env, "0") == 0)
         mm_k_set_pdl(0);
+    env = getenv("MM_CUDA_ONESTEP");
+    const char *tiles = getenv("MM_CUDA_ONESTEP_TILES");
+    if (env)
+        mm_k_set_gemv_onestep(atoi(env), tiles ? atoi(tiles) : 8);
 }
 
 /* MM_CUDA_TRACE=1: one log line per sub-step - its tokens, how they run
@@ -1051,8 +1066,12 @@ static int run_sub(cuda_backend *b, mm_batch_seq *seqs, int T, int nseg, int R, 
             big[nbig++] = *g;
         }
     }
-    /* A decode-only step: replay (or first capture) the graph of its size. */
-    int gi = nbig == 0 && nd == T && R == T ? graph_index(T) : -1;
+    /* A decode-only step: replay (or first capture) the graph of its size.
+     * Graphs are captured for one token per sequence; with RoPE inside
+     * the attention, a step where a sequence has several (short prompts
+     * asking for every row's logits) runs eagerly. */
+    int single = nseg == T;
+    int gi = nbig == 0 && nd == T && R == T && (single || !b->rope_fuse) ? graph_index(T) : -1;
     if (b->trace)
         trace_sub(b, T, nseg, nd, nbig, R, max_ctx, gi);
     if (gi >= 0 && !b->graph_failed && !b->no_graphs) {
@@ -1077,7 +1096,8 @@ static int run_sub(cuda_backend *b, mm_batch_seq *seqs, int T, int nseg, int R, 
     int rows_all = R == T;
     for (int r = 0; r < R && rows_all; r++)
         rows_all = META_ROWS(b->meta_h)[r] == r;
-    if ((rc = run_model(b, T, nd, max_ctx, big, nbig, R, rows_all, any_argmax, err, errlen)) < 0)
+    if ((rc = run_model(b, T, nd, single, max_ctx, big, nbig, R, rows_all, any_argmax, err,
+                        errlen)) < 0)
         return rc;
     b->n_upd = 0;
     return finish_rows(b, seqs, R, any_argmax, logits, err, errlen);
@@ -1554,6 +1574,8 @@ int mm_cuda_rank_new(const struct mm_model *m, const mm_backend_opts *o, const m
     pthread_once(&kernel_knobs_once, kernel_knobs);
     env = getenv("MM_CUDA_EARLY");
     b->early = !(env && strcmp(env, "0") == 0);
+    env = getenv("MM_CUDA_ROPE_FUSE");
+    b->rope_fuse = b->early && !(env && strcmp(env, "0") == 0);
     env = getenv("MM_CUDA_FLASH");
     b->flash = prop.major >= 8 && !(env && strcmp(env, "0") == 0) &&
               mm_k_flash_setup(b->dt, b->hd) == 0;

@@ -662,6 +662,12 @@ out:
  * orders, so a rounding may flip and propagate like batching's (limit
  * --tol-batch).
  *
+ * RoPE inside the cluster decode attention against its own kernel
+ * (MM_CUDA_ROPE_FUSE=0): the same arithmetic, so the same bits (limit
+ * 1e-3). Products loaded in one step against in steps (MM_CUDA_ONESTEP=0):
+ * the split products' partials are cut elsewhere and summed in another
+ * order, so roundings may differ as with batching (limit --tol-batch).
+ *
  * Tensor parallelism (--tp N) against one GPU: each rank sums its share of
  * the o and down products in float, and the sum over ranks adds those
  * partial sums in another order than one GPU's product does, so roundings
@@ -1526,6 +1532,10 @@ int main(int argc, char **argv)
                            c.tp == 2 ? 1e-3 : c.tol_batch);
             check_same(&c, sh, &gm, "MM_CUDA_FLASH", "1", "0",
                        "prompt attention, flash kernel = cuBLAS products", c.tol_batch);
+            check_same(&c, sh, &gm, "MM_CUDA_ROPE_FUSE", "1", "0",
+                       "decode, RoPE inside the attention = RoPE kernel", 1e-3);
+            check_same(&c, sh, &gm, "MM_CUDA_ONESTEP", "2", "0",
+                       "decode, one-step products = stepped products", c.tol_batch);
         }
         if (i == 0) {
             check_batch(&c, &gm);

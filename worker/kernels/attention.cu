@@ -273,9 +273,9 @@ template <> struct vraw_t<8> { typedef uint2 t; };
 
 template <typename T, int HD>
 __global__ void __launch_bounds__(CHUNK)
-attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
-                    const int32_t *fresh, int nq, int window, float scale, mm_k_cache c,
-                    int nsplit, T *out)
+attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int32_t *pos,
+                    const int32_t *slot, const int32_t *fresh, int nq, int window, float scale,
+                    mm_k_cache c, int nsplit, T *out)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     namespace cg = cooperative_groups;
@@ -287,6 +287,10 @@ attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const in
     __shared__ float red[2][NW];
     __shared__ float accs[NW][HD];
     __shared__ float mine[HD + 2]; /* this block's o, m, l, for rank 0 */
+    constexpr int HALF = HD / 2;
+    __shared__ float rcs[HALF], rsn[HALF];            /* rope: the token's rotation */
+    __shared__ __align__(16) T kfresh[HD], vfresh[HD]; /* rope: this step's K, V rows */
+    const bool fused = rope.qkv != NULL; /* then fresh is set (the host checks) */
     mm_pdl_release();
     /* fresh: the first chunk's cache rows written before this step (below
      * fresh[t]) load before griddepcontrol.wait, with the step metadata and
@@ -297,13 +301,37 @@ attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const in
     int h = blockIdx.x, r = blockIdx.y, sp = blockIdx.z;
     int kvh = h / (nq / c.nkv);
     int t = tok[r], P = pos[t], sl = slot[t];
-    int F = fresh ? fresh[t] : INT_MAX; /* rows from F on: after the wait */
+    /* rows from F on: after the wait; fused, from kfresh/vfresh (the only
+     * such row of a decode token is P, and clamped positions copy it) */
+    int F = fused ? P : fresh ? fresh[t] : INT_MAX;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const T *qkv_row = fused ? (const T *)rope.qkv + (size_t)t * (nq + 2 * c.nkv) * HD : NULL;
+    const T *qkv_bias = (const T *)rope.bias;
+    if (fused) {
+        /* as mm_k_rope_store: angle P * inv_freq[i], full-precision sincosf */
+        if (threadIdx.x < HALF)
+            sincosf((float)P * rope.inv_freq[threadIdx.x], &rsn[threadIdx.x],
+                    &rcs[threadIdx.x]);
+        __syncthreads();
+    }
+    /* element d of head column block col (q head h, k head nq + kvh) of the
+     * q/k/v row, bias added, rotated and rounded as mm_k_rope_store stores it */
+    auto rotated = [&](int col, int d) {
+        int i = d % HALF, base = col * HD;
+        float x1 = mm_to_f(qkv_row[base + i]), x2 = mm_to_f(qkv_row[base + i + HALF]);
+        if (qkv_bias) {
+            x1 += mm_to_f(qkv_bias[base + i]);
+            x2 += mm_to_f(qkv_bias[base + i + HALF]);
+        }
+        float o1, o2;
+        mm_rope_pair(x1, x2, rcs[i], rsn[i], &o1, &o2);
+        return mm_from_f<T>(d < HALF ? o1 : o2);
+    };
     int lo = window > 0 && P - window + 1 > 0 ? P - window + 1 : 0;
     const T *K = (const T *)c.k, *V = (const T *)c.v;
     const int32_t *table = c.block_tables + (size_t)sl * c.max_blocks;
     const T *qh = q + ((size_t)t * nq + h) * HD;
-    float qv = waited && threadIdx.x < HD ? mm_to_f(qh[threadIdx.x]) * scale : 0.0f;
+    float qv = waited && threadIdx.x < HD ? mm_to_f(qh[threadIdx.x]) * scale : 0.0f; /* !fused */
     bool first = true;
     float m = -INFINITY, l = 0.0f, acc[DPL];
 #pragma unroll
@@ -337,7 +365,28 @@ attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const in
             if (lane < LANES && vpos(i) < F)
                 vr[i] = *vrow(i, bi);
         }
-        if (!waited) {
+        if (!waited && fused) {
+            mm_pdl_wait();
+            waited = true;
+            if (threadIdx.x < HD) {
+                qv = mm_to_f(rotated(h, threadIdx.x)) * scale;
+                int d = threadIdx.x, vcol = (nq + c.nkv + kvh) * HD + d;
+                kfresh[d] = rotated(nq + kvh, d);
+                float v = mm_to_f(qkv_row[vcol]);
+                if (qkv_bias)
+                    v += mm_to_f(qkv_bias[vcol]);
+                vfresh[d] = mm_from_f<T>(v);
+            }
+            __syncthreads();
+            /* one block per (token, kv head) writes the rows to the cache,
+             * for the steps to come; nothing in this kernel reads them there */
+            if (h % (nq / c.nkv) == 0 && sp == 0 && threadIdx.x < HD) {
+                size_t off = (((size_t)table[P / c.bs] * c.nkv + kvh) * c.bs + P % c.bs) * HD +
+                             threadIdx.x;
+                ((T *)c.k)[off] = kfresh[threadIdx.x];
+                ((T *)c.v)[off] = vfresh[threadIdx.x];
+            }
+        } else if (!waited) {
             mm_pdl_wait();
             waited = true;
             if (threadIdx.x < HD)
@@ -353,6 +402,16 @@ attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const in
                     vr[i] = *vrow(i, bi);
             }
             F = INT_MAX;
+        }
+        if (fused) { /* this step's rows, in every chunk that holds them */
+            if (jc >= F)
+#pragma unroll
+                for (int d = 0; d < HD / 8; d++)
+                    kv[d] = *(const uint4 *)(kfresh + d * 8);
+#pragma unroll
+            for (int i = 0; i < 32; i++)
+                if (lane < LANES && vpos(i) >= F)
+                    vr[i] = *(const vraw *)(vfresh + lane * DPL);
         }
         if (first) {
             if (threadIdx.x < HD)
@@ -452,7 +511,7 @@ attn_head_cluster_k(const T *q, const int32_t *tok, const int32_t *pos, const in
     cl.sync();
 #else
     (void)q, (void)tok, (void)pos, (void)slot, (void)nq, (void)window, (void)scale, (void)c;
-    (void)nsplit, (void)out;
+    (void)nsplit, (void)out, (void)rope, (void)fresh;
 #endif
 }
 
@@ -480,7 +539,8 @@ __global__ void attn_merge_k(const int32_t *tok, int nq, int hd, int nsplit,
 }
 
 template <typename T, int HD>
-static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
+static void decode_hd(const void *q, const mm_k_rope_in &rope, const int32_t *tok,
+                      const int32_t *pos, const int32_t *slot,
                       const int32_t *fresh, int R, int nq, int mode, int window, float scale,
                       const mm_k_cache *c,
                       int nsplit, float *part, void *out, cudaStream_t s)
@@ -500,7 +560,7 @@ static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, con
         cfg.stream = s;
         cfg.attrs = at;
         cfg.numAttrs = 2;
-        cudaLaunchKernelEx(&cfg, attn_head_cluster_k<T, HD>, (const T *)q, tok, pos, slot,
+        cudaLaunchKernelEx(&cfg, attn_head_cluster_k<T, HD>, (const T *)q, rope, tok, pos, slot,
                            fresh, nq, window, scale, *c, nsplit, (T *)out);
         return;
     }
@@ -518,7 +578,8 @@ static void decode_hd(const void *q, const int32_t *tok, const int32_t *pos, con
 }
 
 template <typename T>
-static int decode(const void *q, const int32_t *tok, const int32_t *pos, const int32_t *slot,
+static int decode(const void *q, const mm_k_rope_in &rope, const int32_t *tok,
+                  const int32_t *pos, const int32_t *slot,
                   const int32_t *fresh, int R, int nq, int mode, int window, float scale,
                   const mm_k_cache *c,
                   int nsplit, float *part, void *out, cudaStream_t s)
@@ -526,24 +587,30 @@ static int decode(const void *q, const int32_t *tok, const int32_t *pos, const i
     if (R <= 0)
         return 0;
     switch (c->hd) {
-    case 16: decode_hd<T, 16>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 32: decode_hd<T, 32>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 64: decode_hd<T, 64>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 128: decode_hd<T, 128>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 256: decode_hd<T, 256>(q, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 16: decode_hd<T, 16>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 32: decode_hd<T, 32>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 64: decode_hd<T, 64>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 128: decode_hd<T, 128>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 256: decode_hd<T, 256>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
     default: return (int)cudaErrorInvalidValue;
     }
     return mm_launch_status();
 }
 
-extern "C" int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok,
-                                const int32_t *pos, const int32_t *slot, const int32_t *fresh,
-                                int R, int nq, int mode, int window, float scale,
-                                const mm_k_cache *c, int nsplit, float *part, void *out,
-                                cudaStream_t s)
+extern "C" int mm_k_attn_decode(mm_kdt dt, const void *q, const mm_k_rope_in *rope,
+                                const int32_t *tok, const int32_t *pos, const int32_t *slot,
+                                const int32_t *fresh, int R, int nq, int mode, int window,
+                                float scale, const mm_k_cache *c, int nsplit, float *part,
+                                void *out, cudaStream_t s)
 {
-    return MM_DISPATCH(dt, decode, q, tok, pos, slot, fresh, R, nq, mode, window, scale, c,
-                       nsplit, part, out, s);
+    /* the fused rotation exists in the cluster kernel only, and needs the
+     * early reads' fresh positions */
+    if (rope && (mode != MM_K_ATTN_HEAD_CLUSTER || nsplit > MM_K_ATTN_CLUSTER_MAX ||
+                 c->hd > 128 || !fresh || !rope->qkv || !rope->inv_freq))
+        return (int)cudaErrorInvalidValue;
+    mm_k_rope_in none = {NULL, NULL, NULL};
+    return MM_DISPATCH(dt, decode, q, rope ? *rope : none, tok, pos, slot, fresh, R, nq, mode,
+                       window, scale, c, nsplit, part, out, s);
 }
 
 template <typename T>

@@ -75,6 +75,18 @@ __device__ __forceinline__ float mm_block_max(float v, float *red)
     return mm_block_reduce<mm_warp_max>(v, red, -INFINITY);
 }
 
+/* The rotate-half rotary embedding of one pair (x1 at i, x2 at i + hd/2,
+ * bias already added): o1 = x1 cos - x2 sin, o2 = x2 cos + x1 sin, each
+ * product rounded on its own (no fused multiply-add, as transformers
+ * computes it) - and so the same bits in the cache write
+ * (mm_k_rope_store) and in the decode attention that fuses it. */
+__device__ __forceinline__ void mm_rope_pair(float x1, float x2, float cs, float sn, float *o1,
+                                             float *o2)
+{
+    *o1 = __fsub_rn(__fmul_rn(x1, cs), __fmul_rn(x2, sn));
+    *o2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+}
+
 /* ---- tensor-core helpers (sm_80+: the mma kernels check the device) ---- */
 
 __device__ __forceinline__ uint32_t mm_smem_u32(const void *p)

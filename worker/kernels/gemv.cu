@@ -2,8 +2,9 @@
  *
  * At batch sizes this small a product is bound by reading the weight once,
  * so the kernel is built around that read: one warp per output feature,
- * 16-byte streaming loads, four of them in flight per lane before any
- * arithmetic, float32 accumulation, a warp reduction at the end. The few
+ * 16-byte streaming loads, three or four of them in flight per lane before
+ * any arithmetic (up to eight for rows short enough to load in one step),
+ * float32 accumulation, a warp reduction at the end. The few
  * input rows are re-read from L1/L2 (they are tiny and hot). Larger
  * batches go to cuBLAS, which wins once the product is compute bound.
  *
@@ -52,6 +53,29 @@ static int gemv_pipe = 1; /* 0 off, 1 rows longer than PIPE_K, 2 all */
 
 extern "C" void mm_k_set_gemv_pipe(int mode) { gemv_pipe = mode; }
 
+/* One-step products (mm_k_set_gemv_onestep, docs/GPU_NOTES.md v25): a
+ * single row's share of at most gemv_onestep_tiles whole tiles is
+ * requested at once, so each warp makes one round trip to memory instead
+ * of steps and single leftover tiles (1.5B's down product, split in 3
+ * shares of 2992: 2 steps and 4 leftovers a warp; now 5 shares of 7 tiles,
+ * one step). 1: splits over K are chosen among those that cut the row into
+ * equal shares of whole tiles that fit; 2 (the default): unsplit single
+ * rows that fit, too. Measured on the 1.5B shape 1.218 -> 1.194 ms a
+ * token, on 7B (whose long rows do not fit) 3.818 -> 3.810. */
+static int gemv_onestep = 2, gemv_onestep_tiles = 8; /* tiles at most: 1-8 */
+
+extern "C" void mm_k_set_gemv_onestep(int mode, int max_tiles)
+{
+    gemv_onestep = mode;
+    gemv_onestep_tiles = max_tiles < 1 ? 1 : max_tiles > 8 ? 8 : max_tiles;
+}
+
+static bool gemv_onestep_row(int K, int KS, int splits)
+{
+    return gemv_onestep && KS % 256 == 0 && K % KS == 0 && KS / 256 <= gemv_onestep_tiles &&
+           (splits > 1 || gemv_onestep >= 2);
+}
+
 static bool gemv_pipe_row(int K) { return gemv_pipe == 2 || (gemv_pipe == 1 && K > PIPE_K); }
 
 template <typename T, int M, bool F32, int U, bool P>
@@ -72,15 +96,23 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
     for (int m = 0; m < M; m++)
         acc[m] = 0.0f;
     constexpr int STEP = 32 * 8 * U;
+    /* tiles of the first step requested before the wait: at most 4 (more
+     * would queue ahead of the previous kernel's loads, v13b), the rest
+     * right after it */
+    constexpr int PRE = U < 4 ? U : 4;
     int k0 = kb;
     uint4 wv[U];
-    /* The first weight tile is fetched before waiting for the input. */
-    if (kb + STEP <= ke)
+    bool first = kb + STEP <= ke;
+    if (first)
 #pragma unroll
-        for (int u = 0; u < U; u++)
+        for (int u = 0; u < PRE; u++)
             wv[u] = __ldcs((const uint4 *)(wr + kb + u * 256 + lane * 8));
     mm_pdl_release();
     mm_pdl_wait();
+    if (first)
+#pragma unroll
+        for (int u = PRE; u < U; u++)
+            wv[u] = __ldcs((const uint4 *)(wr + kb + u * 256 + lane * 8));
     for (; k0 + STEP <= ke; k0 += STEP) {
         if constexpr (P) {
             /* this step's inputs first (loads queued behind the next step's
@@ -155,6 +187,19 @@ static void gemv_m(const void *W, const void *x, int N, int K, int KS, int split
      * (docs/GPU_NOTES.md, v13). */
     bool threes = KS == K && K <= 2048 && (K / 256) % 3 == 0 && K % 256 == 0;
     if constexpr (M == 1) {
+        if (gemv_onestep_row(K, KS, (K + KS - 1) / KS)) {
+            switch (KS / 256) {
+            case 1: gemv_launch<T, 1, 1, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 2: gemv_launch<T, 1, 2, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 3: gemv_launch<T, 1, 3, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 4: gemv_launch<T, 1, 4, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 5: gemv_launch<T, 1, 5, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 6: gemv_launch<T, 1, 6, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 7: gemv_launch<T, 1, 7, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            default: gemv_launch<T, 1, 8, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            }
+            return;
+        }
         if (gemv_pipe_row(KS)) {
             if (threes)
                 gemv_launch<T, 1, 3, true>(grid, w, xx, N, K, KS, y, y_f32, s);
@@ -194,6 +239,14 @@ extern "C" int mm_k_gemv_ok(int M, int K)
 
 extern "C" int mm_k_gemv_splits(int N, int K, int nsm)
 {
+    if (gemv_onestep && K % 256 == 0) {
+        /* the fewest equal shares of whole tiles, one step each, from
+         * what 32 warps per SM would want */
+        int tiles = K / 256, w = (32 * nsm + N - 1) / N;
+        for (int s = w < 1 ? 1 : w; s <= 8; s++)
+            if (tiles % s == 0 && tiles / s <= gemv_onestep_tiles)
+                return s;
+    }
     /* Aim at 32 warps per SM; each split keeps at least two unrolled
      * steps (2048 inputs) so the partials stay few. */
     int want = (32 * nsm + N - 1) / N, most = K / 2048;

@@ -88,11 +88,23 @@ int mm_k_rope_store(mm_kdt dt, const void *qkv, const void *bias, const float *i
  * position whose cache rows this step writes; the rows before it, the
  * step metadata and the block tables are then read before
  * griddepcontrol.wait, so the kernel must follow a serial mm_k_embed in
- * the same step. */
+ * the same step.
+ * rope (HEAD_CLUSTER with fresh, steps of decode tokens only; NULL: q comes
+ * rotated from mm_k_rope_store): the kernel does mm_k_rope_store's work
+ * itself - q rotated from this layer's q/k/v product, this step's K and V
+ * rows computed from it, used from shared memory and written to the
+ * cache by one block per kv head - with the same arithmetic, so one
+ * kernel less a layer and the same bits; q is then unused. */
 enum { MM_K_ATTN_GROUP = 0, MM_K_ATTN_HEAD = 1, MM_K_ATTN_HEAD_CLUSTER = 2 };
 #define MM_K_ATTN_CLUSTER_MAX 8
+typedef struct mm_k_rope_in {
+    const void  *qkv;      /* [T][(nq + 2 nkv) hd] in dt */
+    const void  *bias;     /* [(nq + 2 nkv) hd] in dt, or NULL */
+    const float *inv_freq; /* [hd / 2] */
+} mm_k_rope_in;
 size_t mm_k_attn_part_floats(int R, int nq, int hd, int nsplit);
-int mm_k_attn_decode(mm_kdt dt, const void *q, const int32_t *tok, const int32_t *pos,
+int mm_k_attn_decode(mm_kdt dt, const void *q, const mm_k_rope_in *rope, const int32_t *tok,
+                     const int32_t *pos,
                      const int32_t *slot, const int32_t *fresh, int R, int nq, int mode,
                      int window, float scale, const mm_k_cache *c, int nsplit, float *part,
                      void *out, cudaStream_t s);
@@ -153,7 +165,14 @@ int mm_k_gemv_ok(int M, int K);
 /* Single-row products' weight pipelining (process-wide; MM_CUDA_PIPE): 0
  * off, 1 rows longer than 4096 (the default), 2 every row. */
 void mm_k_set_gemv_pipe(int mode);
-/* How many splits suit an N x K product on nsm SMs. */
+/* One-step products (process-wide; MM_CUDA_ONESTEP, MM_CUDA_ONESTEP_TILES):
+ * 0 off, 1 splits over K in equal shares of at most max_tiles (1-8) whole
+ * tiles of 256, each loaded in one step, 2 (the default, with 8 tiles)
+ * also unsplit single rows of at most max_tiles tiles. */
+void mm_k_set_gemv_onestep(int mode, int max_tiles);
+/* How many splits suit an N x K product on nsm SMs (with one-step
+ * products, mm_k_set_gemv_onestep: equal shares of whole tiles where
+ * that fits). */
 int mm_k_gemv_splits(int N, int K, int nsm);
 int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, int K, void *y, int y_f32,
               int splits, cudaStream_t s);

@@ -46,7 +46,9 @@ __global__ void rope_store_k(const T *qkv, const T *bias, const float *inv_freq,
         float sn = sn0, cs = cs0;
         if (j != (int)threadIdx.x)
             sincosf((float)p * inv_freq[i], &sn, &cs);
-        T o1 = mm_from_f<T>(x1 * cs - x2 * sn), o2 = mm_from_f<T>(x2 * cs + x1 * sn);
+        float r1, r2;
+        mm_rope_pair(x1, x2, cs, sn, &r1, &r2);
+        T o1 = mm_from_f<T>(r1), o2 = mm_from_f<T>(r2);
         if (h < nq) {
             T *q = q_out + (size_t)t * nq * hd + base;
             q[i] = o1;
