@@ -664,9 +664,10 @@ out:
  *
  * RoPE inside the cluster decode attention against its own kernel
  * (MM_CUDA_ROPE_FUSE=0): the same arithmetic, so the same bits (limit
- * 1e-3). Products loaded in one step against in steps (MM_CUDA_ONESTEP=0):
- * the split products' partials are cut elsewhere and summed in another
- * order, so roundings may differ as with batching (limit --tol-batch).
+ * 1e-3). (Products loaded in one step, MM_CUDA_ONESTEP, are not compared
+ * here: the knob is process-wide, and on these shapes no split changes;
+ * gpu_bench's verify checks the 1.5B shape's greedy tokens, its down
+ * product in 5 one-step shares, against the CPU backend.)
  *
  * Tensor parallelism (--tp N) against one GPU: each rank sums its share of
  * the o and down products in float, and the sum over ranks adds those
@@ -1534,8 +1535,6 @@ int main(int argc, char **argv)
                        "prompt attention, flash kernel = cuBLAS products", c.tol_batch);
             check_same(&c, sh, &gm, "MM_CUDA_ROPE_FUSE", "1", "0",
                        "decode, RoPE inside the attention = RoPE kernel", 1e-3);
-            check_same(&c, sh, &gm, "MM_CUDA_ONESTEP", "2", "0",
-                       "decode, one-step products = stepped products", c.tol_batch);
         }
         if (i == 0) {
             check_batch(&c, &gm);
