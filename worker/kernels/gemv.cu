@@ -187,7 +187,7 @@ static void gemv_m(const void *W, const void *x, int N, int K, int KS, int split
      * (docs/GPU_NOTES.md, v13). */
     bool threes = KS == K && K <= 2048 && (K / 256) % 3 == 0 && K % 256 == 0;
     if constexpr (M == 1) {
-        if (gemv_onestep_row(K, KS, (K + KS - 1) / KS)) {
+        if (gemv_onestep_row(K, KS, splits)) {
             switch (KS / 256) {
             case 1: gemv_launch<T, 1, 1, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
             case 2: gemv_launch<T, 1, 2, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
@@ -239,17 +239,16 @@ extern "C" int mm_k_gemv_ok(int M, int K)
 
 extern "C" int mm_k_gemv_splits(int N, int K, int nsm)
 {
-    if (gemv_onestep && K % 256 == 0) {
-        /* the fewest equal shares of whole tiles, one step each, from
-         * what 32 warps per SM would want */
-        int tiles = K / 256, w = (32 * nsm + N - 1) / N;
-        for (int s = w < 1 ? 1 : w; s <= 8; s++)
-            if (tiles % s == 0 && tiles / s <= gemv_onestep_tiles)
+    /* Aim at 32 warps per SM */
+    int want = (32 * nsm + N - 1) / N;
+    if (gemv_onestep && K % 256 == 0) /* the fewest equal shares of whole
+                                       * tiles from there, one step each */
+        for (int s = want < 1 ? 1 : want; s <= 8; s++)
+            if ((K / 256) % s == 0 && K / 256 / s <= gemv_onestep_tiles)
                 return s;
-    }
-    /* Aim at 32 warps per SM; each split keeps at least two unrolled
-     * steps (2048 inputs) so the partials stay few. */
-    int want = (32 * nsm + N - 1) / N, most = K / 2048;
+    /* else each split keeps at least two unrolled steps (2048 inputs) so
+     * the partials stay few */
+    int most = K / 2048;
     if (want > most)
         want = most;
     if (want > 8)
