@@ -5,7 +5,9 @@
 #                          build with CUDA=0 too and then say the build has no
 #                          CUDA backend (gpu_check --backend cpu runs in CI);
 #   gpu_bw, gpu_gemm       device memory bandwidth and cuBLAS bf16 peak, the
-#                          yardsticks for the roofline; CUDA=1 only.
+#                          yardsticks for the roofline; CUDA=1 only;
+#   libktrace.so           a kernel timeline through CUPTI (run.sh profile);
+#                          CUDA=1 only.
 # Standalone: make -f Makefile -f tests/gpu/gpu.mk BUILD=... gpu-tests
 #
 # Its rules must not become the default goal wherever it is included.
@@ -13,7 +15,7 @@ GPU_SAVED_GOAL := $(.DEFAULT_GOAL)
 GPU_HARNESS := tests/gpu/harness.c tests/gpu/harness.h
 GPU_TEST_BIN := $(BUILD)/tests/gpu_check $(BUILD)/tests/gpu_bench
 ifeq ($(CUDA),1)
-GPU_TEST_BIN += $(BUILD)/tests/gpu_bw $(BUILD)/tests/gpu_gemm
+GPU_TEST_BIN += $(BUILD)/tests/gpu_bw $(BUILD)/tests/gpu_gemm $(BUILD)/tests/libktrace.so
 endif
 
 .PHONY: gpu-tests
@@ -37,5 +39,12 @@ $(BUILD)/tests/gpu_bw: tests/gpu/bw.cu
 $(BUILD)/tests/gpu_gemm: tests/gpu/gemm.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -o $@ $< $(GPU_CU_LIBS) -lcublas
+
+# The kernel timeline (run.sh profile): a library the CUDA driver loads
+# (CUDA_INJECTION64_PATH), on the toolkit's CUPTI.
+$(BUILD)/tests/libktrace.so: tests/gpu/ktrace.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fPIC -shared -I$(CUDA_HOME)/include -o $@ $< -L$(CUDA_HOME)/lib64 \
+		-Wl,-rpath,$(CUDA_HOME)/lib64 -lcupti -lstdc++
 
 .DEFAULT_GOAL := $(GPU_SAVED_GOAL)

@@ -45,6 +45,14 @@
 #     ($TP_HTTP_MODELS: q7, at $TP_HTTP_CONC: 1 32 256). NCCL is loaded at run time: when the loader cannot
 #     find libnccl.so.2, the one Python's nvidia-nccl package ships is used.
 #
+#   profile (~1 min per model): one single-stream decode of each of
+#     $BENCH_MODELS with every kernel's start and end recorded through CUPTI
+#     (tests/gpu/ktrace.c, graph nodes included), summarized by
+#     tests/gpu/steptrace.py into profile-MODEL.txt:
+#     how much later each kernel ends than the one before it (with
+#     programmatic dependent launch, what it adds to the step), per kernel
+#     name and for one step kernel by kernel.
+#
 #   libs (run HERE, before carrying): copy the shared libraries our binaries
 #     need beyond glibc, libstdc++/libgcc and CUDA's into $BUILD/lib, for a
 #     GPU machine that lacks them (its ldd says which); run.sh then puts
@@ -66,7 +74,7 @@ cd "$(dirname "$0")/../.." || exit 1
 
 BUILD=${BUILD:-build}
 what=${1:-all}
-case $what in check|bench|all|libs|ab|tp) ;; *) echo "usage: tests/gpu/run.sh [check|bench|all|libs|ab|tp]" >&2; exit 2 ;; esac
+case $what in check|bench|all|libs|ab|tp|profile) ;; *) echo "usage: tests/gpu/run.sh [check|bench|all|libs|ab|tp|profile]" >&2; exit 2 ;; esac
 OUT=${OUT:-$BUILD/gpu-results}
 CHECK_BACKEND=${CHECK_BACKEND:-cuda}
 E2E_DEVICE=${E2E_DEVICE:-cuda}
@@ -529,6 +537,26 @@ run_ab() {
     [ -s "$TMP/ab.txt" ] && ok "ab"
 }
 
+run_profile() {
+    ensure "$T/gpu_bench" "$T/libktrace.so"
+    kt=$(cd "$T" && pwd)/libktrace.so
+    for m in $BENCH_MODELS; do
+        gen_model "$m" || { notok "generate $m"; continue; }
+        csv=$TMP/ktrace-$m.csv
+        rm -f "$csv"
+        timeout 300 env $RUNENV CUDA_INJECTION64_PATH="$kt" MM_KTRACE_OUT="$csv" "$T/gpu_bench" \
+            --model "$BENCH_DIR/$m" --backend "$BENCH_BACKEND" --name "$m" --only single \
+            --single-steps 64 $BENCH_ARGS >"$TMP/prof.log" 2>&1
+        grep '"decode_single"' "$TMP/prof.log" | head -n 1
+        if [ -s "$csv" ] && python3 tests/gpu/steptrace.py "$csv" >"$OUT/profile-$m.txt"; then
+            head -n 45 "$OUT/profile-$m.txt"
+            ok "profile $m"
+        else
+            notok "profile $m: no trace ($(tail -c 300 "$TMP/prof.log"))"
+        fi
+    done
+}
+
 # find_nccl: when the loader cannot find libnccl.so.2, point
 # MM_NCCL_LIBRARY at one that is on the machine (Python's nvidia-nccl).
 find_nccl() {
@@ -591,6 +619,8 @@ run_tp() {
 
 if [ "$what" = ab ]; then
     run_ab
+elif [ "$what" = profile ]; then
+    run_profile
 elif [ "$what" = tp ]; then
     run_tp
 else
