@@ -73,6 +73,19 @@ template <typename T, int N> __device__ __forceinline__ void load_n(const T *src
  * 7, Llama-3-70B: 8). */
 #define GMAX 8
 
+/* A score q.k is summed as four interleaved partial sums (element i into
+ * sum i % 4), added pairwise: at batch 1 the score is on attention's
+ * critical path, and four chains of HD / 4 fused multiply-adds finish
+ * sooner than one of HD (measured -1.2% a token on the 1.5B shape,
+ * docs/GPU_NOTES.md v29). The cluster kernel and the one-head-per-block
+ * kernel both sum this way, so they agree bit for bit; blocks serving a
+ * group of heads (large batches) keep one chain a head, as four would
+ * cost them a third more registers. */
+__device__ __forceinline__ float attn_sum4(const float *s4)
+{
+    return (s4[0] + s4[1]) + (s4[2] + s4[3]);
+}
+
 /* GM: the most query heads one block serves (GMAX, or 1 for the
  * one-head-per-block launch of small batches); hpc: how many it does. */
 template <typename T, int HD, int GM>
@@ -127,10 +140,12 @@ attn_decode_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t 
             s[g] = -INFINITY;
         if (j >= lo && j <= P) {
             const T *kr = K + (((size_t)table[j / c.bs] * c.nkv + kvh) * c.bs + j % c.bs) * HD;
+            float s4[GM][4];
 #pragma unroll
             for (int g = 0; g < GM; g++)
-                if (g < G)
-                    s[g] = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    s4[g][i] = 0.0f;
             /* all of the row's loads first (one memory round trip) */
             uint4 kv[HD / 8];
 #pragma unroll
@@ -145,8 +160,12 @@ attn_decode_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t 
                     if (g < G)
 #pragma unroll
                         for (int i = 0; i < 8; i++)
-                            s[g] += f[i] * qs[g][d + i];
+                            s4[g][GM == 1 ? i & 3 : 0] += f[i] * qs[g][d + i];
             }
+#pragma unroll
+            for (int g = 0; g < GM; g++)
+                if (g < G)
+                    s[g] = GM == 1 ? attn_sum4(s4[g]) : s4[g][0];
         }
         /* per-head max and sum over the chunk: one shared round each */
 #pragma unroll
@@ -264,8 +283,9 @@ attn_decode_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t 
  * 13 us of a 54 us layer on Qwen2.5-1.5B with HEAD and its merge kernel):
  * a thread's block-table entry, then its K row and its warp's 32 V rows
  * (lanes over the dimensions) all in flight at once, the softmax weights
- * passed to P.V by shuffle, and the splits merged by cluster rank 0 from
- * the other blocks' shared memory instead of by a second kernel. */
+ * passed to P.V by shuffle, and the splits merged by cluster rank 0 in its
+ * own shared memory, where every block puts its part, instead of by a
+ * second kernel. */
 template <int BYTES> struct vraw_t; /* one lane's raw V elements */
 template <> struct vraw_t<2> { typedef uint16_t t; };
 template <> struct vraw_t<4> { typedef uint32_t t; };
@@ -286,7 +306,9 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
     __shared__ float qs[HD];
     __shared__ float red[2][NW];
     __shared__ float accs[NW][HD];
-    __shared__ float mine[HD + 2]; /* this block's o, m, l, for rank 0 */
+    /* rank 0's: every block's o, m, l (rank k at row k), put there by the
+     * blocks themselves before the cluster barrier */
+    __shared__ float gath[MM_K_ATTN_CLUSTER_MAX][HD + 2];
     constexpr int HALF = HD / 2;
     __shared__ float rcs[HALF], rsn[HALF];            /* rope: the token's rotation */
     __shared__ __align__(16) T kfresh[HD], vfresh[HD]; /* rope: this step's K, V rows */
@@ -421,15 +443,16 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
         }
         float s = -INFINITY;
         if (valid) {
-            s = 0.0f;
+            float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int d = 0; d < HD; d += 8) {
                 float f[8];
                 mm_unpack8<T>(kv[d / 8], f);
 #pragma unroll
                 for (int i = 0; i < 8; i++)
-                    s += f[i] * qs[d + i];
+                    s4[i & 3] += f[i] * qs[d + i];
             }
+            s = attn_sum4(s4);
         }
         float wm = mm_warp_max(s);
         if (lane == 0)
@@ -483,32 +506,35 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
             dst[threadIdx.x] = mm_from_f<T>(o / l);
         return;
     }
-    if (threadIdx.x < HD)
-        mine[threadIdx.x] = o;
-    if (threadIdx.x == 0) {
-        mine[HD] = m;
-        mine[HD + 1] = l;
-    }
+    /* Each block stores its o, m, l into rank 0's shared memory and the
+     * barrier (release, then acquire) publishes them: rank 0 merges from
+     * its own memory and the others leave at once, where rank 0 reading
+     * the others' memory took a remote round trip per split and a second
+     * barrier to keep that memory alive (docs/GPU_NOTES.md v29). */
     cg::cluster_group cl = cg::this_cluster();
+    float *put = cl.map_shared_rank(&gath[0][0], 0) + cl.block_rank() * (HD + 2);
+    if (threadIdx.x < HD)
+        put[threadIdx.x] = o;
+    if (threadIdx.x == 0) {
+        put[HD] = m;
+        put[HD + 1] = l;
+    }
     cl.sync();
     if (cl.block_rank() == 0 && threadIdx.x < HD) {
         float M = -INFINITY;
         for (int k = 0; k < nsplit; k++)
-            M = fmaxf(M, cl.map_shared_rank(mine, k)[HD]);
+            M = fmaxf(M, gath[k][HD]);
         float L = 0.0f, O = 0.0f;
         for (int k = 0; k < nsplit; k++) {
-            const float *pk = cl.map_shared_rank(mine, k);
-            float lk = pk[HD + 1];
+            float lk = gath[k][HD + 1];
             if (lk <= 0.0f)
                 continue;
-            float wgt = __expf(pk[HD] - M);
+            float wgt = __expf(gath[k][HD] - M);
             L += lk * wgt;
-            O += pk[threadIdx.x] * wgt;
+            O += gath[k][threadIdx.x] * wgt;
         }
         dst[threadIdx.x] = mm_from_f<T>(O / L);
     }
-    /* the others' shared memory must outlive rank 0's reads */
-    cl.sync();
 #else
     (void)q, (void)tok, (void)pos, (void)slot, (void)nq, (void)window, (void)scale, (void)c;
     (void)nsplit, (void)out, (void)rope, (void)fresh;
