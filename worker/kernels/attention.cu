@@ -366,26 +366,29 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
         bool valid = j >= lo && j <= P;
         int jc = j < lo ? lo : (j > P ? P : j);
         int blk = table[jc / c.bs];
-        const T *kr = K + (((size_t)blk * c.nkv + kvh) * c.bs + jc % c.bs) * HD;
+        /* the row's offset in the K (and V) pool */
+        long long roff = (((long long)blk * c.nkv + kvh) * c.bs + jc % c.bs) * HD;
+        const T *kr = K + roff;
         uint4 kv[HD / 8];
         if (jc < F)
 #pragma unroll
             for (int d = 0; d < HD / 8; d++)
                 kv[d] = *(const uint4 *)(kr + d * 8);
-        /* lane i's position is j0 + i (clamped alike): its block id comes
-         * by shuffle */
-        int j0 = ch * CHUNK + w * 32;
+        /* lane i of the warp holds the warp's i-th position (clamped): its
+         * row offset and position come by shuffle - a few instructions a row where
+         * computing them took ~45 (this unrolled code runs once a launch,
+         * mostly from a cold instruction cache: docs/GPU_NOTES.md v30) */
         vraw vr[32];
-        auto vpos = [&](int i) { return j0 + i < lo ? lo : (j0 + i > P ? P : j0 + i); };
-        auto vrow = [&](int i, int bi) {
-            return (const vraw *)(V + (((size_t)bi * c.nkv + kvh) * c.bs + vpos(i) % c.bs) * HD +
-                                  lane * DPL);
+        auto vpos = [&](int i) { return __shfl_sync(0xffffffffu, jc, i); };
+        auto vrow = [&](int i) {
+            return (const vraw *)(V + __shfl_sync(0xffffffffu, roff, i) + lane * DPL);
         };
 #pragma unroll
-        for (int i = 0; i < 32; i++) {
-            int bi = __shfl_sync(0xffffffffu, blk, i);
-            if (lane < LANES && vpos(i) < F)
-                vr[i] = *vrow(i, bi);
+        for (int i = 0; i < 32; i++) { /* every lane shuffles, then some load */
+            const vraw *vp = vrow(i);
+            int pi = vpos(i);
+            if (lane < LANES && pi < F)
+                vr[i] = *vp;
         }
         if (!waited && fused) {
             mm_pdl_wait();
@@ -419,9 +422,10 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
                     kv[d] = *(const uint4 *)(kr + d * 8);
 #pragma unroll
             for (int i = 0; i < 32; i++) {
-                int bi = __shfl_sync(0xffffffffu, blk, i);
-                if (lane < LANES && vpos(i) >= F)
-                    vr[i] = *vrow(i, bi);
+                const vraw *vp = vrow(i);
+                int pi = vpos(i);
+                if (lane < LANES && pi >= F)
+                    vr[i] = *vp;
             }
             F = INT_MAX;
         }
@@ -430,10 +434,13 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
 #pragma unroll
                 for (int d = 0; d < HD / 8; d++)
                     kv[d] = *(const uint4 *)(kfresh + d * 8);
+            if (vpos(31) >= F) /* only a warp whose (clamped) rows reach F */
 #pragma unroll
-            for (int i = 0; i < 32; i++)
-                if (lane < LANES && vpos(i) >= F)
-                    vr[i] = *(const vraw *)(vfresh + lane * DPL);
+                for (int i = 0; i < 32; i++) {
+                    int pi = vpos(i);
+                    if (lane < LANES && pi >= F)
+                        vr[i] = *(const vraw *)(vfresh + lane * DPL);
+                }
         }
         if (first) {
             if (threadIdx.x < HD)
