@@ -40,11 +40,15 @@ extern "C" int mm_k_embed(mm_kdt dt, const void *table, const int32_t *ids, int 
  * (measured: 2.4 us of each 54 us layer on Qwen2.5-1.5B, 5 us of 158 on
  * the 7B shape, where a loop of dependent loads made four round trips):
  * so with ND, the number of partials, known at compile time, and rows of
- * up to NORM_U x blockDim elements held in registers, every load of the
- * row (x, partials, bias, norm weights) is issued before the first is
- * used. Longer rows go through shared memory in a loop. */
+ * up to NU x blockDim elements held in registers, every load of the row
+ * (x, partials, bias, norm weights) is issued before the first is used.
+ * Longer rows go through shared memory in a loop (LONG). Rows of at most
+ * two elements a thread take an instantiation with NU = 2 and no loop:
+ * half the code, which matters because a norm is one block on an SM that
+ * has not run it yet in the step, its code fetched on the way (1.5B:
+ * 1.344 -> 1.335 ms a token on an H100, docs/GPU_NOTES.md v31). */
 #define NORM_U 4
-template <typename T, int ND>
+template <typename T, int ND, int NU, bool LONG>
 __global__ void __launch_bounds__(1024)
 add_rmsnorm_k(float *__restrict__ x, const float *__restrict__ delta, size_t dstride,
               const T *__restrict__ dbias, const float *__restrict__ w, float eps,
@@ -59,10 +63,10 @@ add_rmsnorm_k(float *__restrict__ x, const float *__restrict__ delta, size_t dst
     const float *dr = delta ? delta + (size_t)t * H : NULL;
     T *yr = y + (size_t)r * H;
     float ss = 0.0f;
-    if (H <= NORM_U * (int)blockDim.x) {
-        float v[NORM_U], wv[NORM_U];
+    if (!LONG || H <= NU * (int)blockDim.x) {
+        float v[NU], wv[NU];
 #pragma unroll
-        for (int u = 0; u < NORM_U; u++) {
+        for (int u = 0; u < NU; u++) {
             int i = threadIdx.x + u * blockDim.x;
             v[u] = i < H ? xr[i] : 0.0f;
             wv[u] = i < H ? w[i] : 0.0f;
@@ -70,25 +74,25 @@ add_rmsnorm_k(float *__restrict__ x, const float *__restrict__ delta, size_t dst
 #pragma unroll
         for (int p = 0; p < ND; p++)
 #pragma unroll
-            for (int u = 0; u < NORM_U; u++) {
+            for (int u = 0; u < NU; u++) {
                 int i = threadIdx.x + u * blockDim.x;
                 if (i < H)
                     v[u] += dr[p * dstride + i];
             }
         if (dbias)
 #pragma unroll
-            for (int u = 0; u < NORM_U; u++) {
+            for (int u = 0; u < NU; u++) {
                 int i = threadIdx.x + u * blockDim.x;
                 if (i < H)
                     v[u] += mm_to_f(dbias[i]);
             }
 #pragma unroll
-        for (int u = 0; u < NORM_U; u++)
+        for (int u = 0; u < NU; u++)
             ss += v[u] * v[u];
         ss = mm_block_sum(ss, red);
         float inv = rsqrtf(ss / (float)H + eps);
 #pragma unroll
-        for (int u = 0; u < NORM_U; u++) {
+        for (int u = 0; u < NU; u++) {
             int i = threadIdx.x + u * blockDim.x;
             if (i < H) {
                 if (!rows)
@@ -98,22 +102,24 @@ add_rmsnorm_k(float *__restrict__ x, const float *__restrict__ delta, size_t dst
         }
         return;
     }
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        float v = xr[i];
+    if constexpr (LONG) {
+        for (int i = threadIdx.x; i < H; i += blockDim.x) {
+            float v = xr[i];
 #pragma unroll
-        for (int p = 0; p < ND; p++)
-            v += dr[p * dstride + i];
-        if (dbias)
-            v += mm_to_f(dbias[i]);
-        row[i] = v;
-        ss += v * v;
-    }
-    ss = mm_block_sum(ss, red);
-    float inv = rsqrtf(ss / (float)H + eps);
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        if (!rows)
-            xr[i] = row[i];
-        yr[i] = mm_from_f<T>(row[i] * inv * w[i]);
+            for (int p = 0; p < ND; p++)
+                v += dr[p * dstride + i];
+            if (dbias)
+                v += mm_to_f(dbias[i]);
+            row[i] = v;
+            ss += v * v;
+        }
+        ss = mm_block_sum(ss, red);
+        float inv = rsqrtf(ss / (float)H + eps);
+        for (int i = threadIdx.x; i < H; i += blockDim.x) {
+            if (!rows)
+                xr[i] = row[i];
+            yr[i] = mm_from_f<T>(row[i] * inv * w[i]);
+        }
     }
 }
 
@@ -122,9 +128,13 @@ static void add_rmsnorm_nd(float *x, const float *delta, size_t dstride, const v
                            const float *w, float eps, const int32_t *rows, int R, int H, void *y,
                            cudaStream_t s)
 {
-    mm_launch(add_rmsnorm_k<T, ND>, R, H >= 1024 ? 1024 : ((H + 31) / 32) * 32,
-              (size_t)H * sizeof(float), s, x, delta, dstride, (const T *)dbias, w, eps, rows, H,
-              (T *)y);
+    int threads = H >= 1024 ? 1024 : ((H + 31) / 32) * 32;
+    if (H <= 2 * threads) /* Qwen2.5-1.5B: half the code (v31) */
+        mm_launch(add_rmsnorm_k<T, ND, 2, false>, R, threads, 0, s, x, delta, dstride,
+                  (const T *)dbias, w, eps, rows, H, (T *)y);
+    else
+        mm_launch(add_rmsnorm_k<T, ND, NORM_U, true>, R, threads, (size_t)H * sizeof(float), s, x,
+                  delta, dstride, (const T *)dbias, w, eps, rows, H, (T *)y);
 }
 
 template <typename T>
