@@ -78,7 +78,12 @@ static bool gemv_onestep_row(int K, int KS, int splits)
 
 static bool gemv_pipe_row(int K) { return gemv_pipe == 2 || (gemv_pipe == 1 && K > PIPE_K); }
 
-template <typename T, int M, bool F32, int U, bool P>
+/* ONE: every share is exactly one step of U tiles (one-step products,
+ * gemv_onestep_row), and the kernel holds only that path: these kernels
+ * start on SMs whose instruction cache does not hold them, so their code's
+ * length is latency (docs/GPU_NOTES.md v32). The same sums in the same
+ * order as the general path. */
+template <typename T, int M, bool F32, int U, bool P, bool ONE = false>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
 {
@@ -113,7 +118,13 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
 #pragma unroll
         for (int u = PRE; u < U; u++)
             wv[u] = __ldcs((const uint4 *)(wr + kb + u * 256 + lane * 8));
-    for (; k0 + STEP <= ke; k0 += STEP) {
+    if constexpr (ONE) {
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            gemv_tile<T, M, 1>(&wv[u], x, K, kb + u * 256 + lane * 8, acc);
+        k0 = ke;
+    }
+    for (; !ONE && k0 + STEP <= ke; k0 += STEP) {
         if constexpr (P) {
             /* this step's inputs first (loads queued behind the next step's
              * weight misses would wait for them), then those weights */
@@ -149,7 +160,7 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
         for (int u = 0; u < U; u++)
             gemv_tile<T, M, 1>(&wv[u], x, K, k0 + u * 256 + lane * 8, acc);
     }
-    for (int k = k0 + lane * 8; k < ke; k += 256) {
+    for (int k = k0 + lane * 8; !ONE && k < ke; k += 256) {
         uint4 w = __ldcs((const uint4 *)(wr + k));
         gemv_tile<T, M, 1>(&w, x, K, k, acc);
     }
@@ -165,14 +176,15 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
     }
 }
 
-template <typename T, int M, int U, bool P>
+template <typename T, int M, int U, bool P, bool ONE = false>
 static void gemv_launch(dim3 grid, const T *w, const T *x, int N, int K, int KS, void *y,
                         int y_f32, cudaStream_t s)
 {
     if (y_f32)
-        mm_launch(gemv_k<T, M, true, U, P>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS, y);
+        mm_launch(gemv_k<T, M, true, U, P, ONE>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS, y);
     else
-        mm_launch(gemv_k<T, M, false, U, P>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS, y);
+        mm_launch(gemv_k<T, M, false, U, P, ONE>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS,
+                  y);
 }
 
 template <typename T, int M>
@@ -189,14 +201,14 @@ static void gemv_m(const void *W, const void *x, int N, int K, int KS, int split
     if constexpr (M == 1) {
         if (gemv_onestep_row(K, KS, splits)) {
             switch (KS / 256) {
-            case 1: gemv_launch<T, 1, 1, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
-            case 2: gemv_launch<T, 1, 2, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
-            case 3: gemv_launch<T, 1, 3, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
-            case 4: gemv_launch<T, 1, 4, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
-            case 5: gemv_launch<T, 1, 5, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
-            case 6: gemv_launch<T, 1, 6, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
-            case 7: gemv_launch<T, 1, 7, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
-            default: gemv_launch<T, 1, 8, false>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 1: gemv_launch<T, 1, 1, false, true>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 2: gemv_launch<T, 1, 2, false, true>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 3: gemv_launch<T, 1, 3, false, true>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 4: gemv_launch<T, 1, 4, false, true>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 5: gemv_launch<T, 1, 5, false, true>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 6: gemv_launch<T, 1, 6, false, true>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            case 7: gemv_launch<T, 1, 7, false, true>(grid, w, xx, N, K, KS, y, y_f32, s); break;
+            default: gemv_launch<T, 1, 8, false, true>(grid, w, xx, N, K, KS, y, y_f32, s); break;
             }
             return;
         }
