@@ -139,7 +139,7 @@ attn_decode_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t 
         for (int g = 0; g < GM; g++)
             s[g] = -INFINITY;
         if (j >= lo && j <= P) {
-            const T *kr = K + (((size_t)table[j / c.bs] * c.nkv + kvh) * c.bs + j % c.bs) * HD;
+            const T *kr = K + mm_kv_row(c, table[j / c.bs], kvh, j, HD);
             float s4[GM][4];
 #pragma unroll
             for (int g = 0; g < GM; g++)
@@ -234,8 +234,7 @@ attn_decode_k(const T *q, const int32_t *tok, const int32_t *pos, const int32_t 
                 if (jj - j0 < 0 || jj - j0 > 31)
                     blk = myblk;
                 if (lane < LANES)
-                    load_n<T, DPL>(V + (((size_t)blk * c.nkv + kvh) * c.bs + jj % c.bs) * HD +
-                                       lane * DPL, v[i]);
+                    load_n<T, DPL>(V + mm_kv_row(c, blk, kvh, jj, HD) + lane * DPL, v[i]);
             }
             if (lane < LANES)
 #pragma unroll
@@ -367,7 +366,7 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
         int jc = j < lo ? lo : (j > P ? P : j);
         int blk = table[jc / c.bs];
         /* the row's offset in the K (and V) pool */
-        long long roff = (((long long)blk * c.nkv + kvh) * c.bs + jc % c.bs) * HD;
+        unsigned long long roff = mm_kv_row(c, blk, kvh, jc, HD);
         const T *kr = K + roff;
         uint4 kv[HD / 8];
         if (jc < F)
@@ -406,8 +405,7 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
             /* one block per (token, kv head) writes the rows to the cache,
              * for the steps to come; nothing in this kernel reads them there */
             if (h % (nq / c.nkv) == 0 && sp == 0 && threadIdx.x < HD) {
-                size_t off = (((size_t)table[P / c.bs] * c.nkv + kvh) * c.bs + P % c.bs) * HD +
-                             threadIdx.x;
+                size_t off = mm_kv_row(c, table[P / c.bs], kvh, P, HD) + threadIdx.x;
                 ((T *)c.k)[off] = kfresh[threadIdx.x];
                 ((T *)c.v)[off] = vfresh[threadIdx.x];
             }
@@ -619,12 +617,16 @@ static int decode(const void *q, const mm_k_rope_in &rope, const int32_t *tok,
 {
     if (R <= 0)
         return 0;
+    auto go = [&](auto hd) {
+        decode_hd<T, decltype(hd)::value>(q, rope, tok, pos, slot, fresh, R, nq, mode, window,
+                                          scale, c, nsplit, part, out, s);
+    };
     switch (c->hd) {
-    case 16: decode_hd<T, 16>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 32: decode_hd<T, 32>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 64: decode_hd<T, 64>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 128: decode_hd<T, 128>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
-    case 256: decode_hd<T, 256>(q, rope, tok, pos, slot, fresh, R, nq, mode, window, scale, c, nsplit, part, out, s); break;
+    case 16: go(std::integral_constant<int, 16>()); break;
+    case 32: go(std::integral_constant<int, 32>()); break;
+    case 64: go(std::integral_constant<int, 64>()); break;
+    case 128: go(std::integral_constant<int, 128>()); break;
+    case 256: go(std::integral_constant<int, 256>()); break;
     default: return (int)cudaErrorInvalidValue;
     }
     return mm_launch_status();

@@ -75,6 +75,15 @@ __device__ __forceinline__ float mm_block_max(float v, float *red)
     return mm_block_reduce<mm_warp_max>(v, red, -INFINITY);
 }
 
+/* The offset, in elements, of position p's row of kv head h in the paged
+ * cache, p being in block blk (rows of hd elements, c.bs positions and
+ * c.nkv heads a block): the one layout the cache writes and every
+ * attention kernel reads. */
+__device__ __forceinline__ size_t mm_kv_row(const mm_k_cache &c, int blk, int h, int p, int hd)
+{
+    return (((size_t)blk * c.nkv + h) * c.bs + p % c.bs) * hd;
+}
+
 /* The rotate-half rotary embedding of one pair (x1 at i, x2 at i + hd/2,
  * bias already added): o1 = x1 cos - x2 sin, o2 = x2 cos + x1 sin, each
  * product rounded on its own (no fused multiply-add, as transformers

@@ -7,7 +7,7 @@
 __device__ __forceinline__ size_t cache_off(const mm_k_cache &c, int slot, int p, int h)
 {
     int blk = c.block_tables[(size_t)slot * c.max_blocks + p / c.bs];
-    return (((size_t)blk * c.nkv + h) * c.bs + p % c.bs) * c.hd;
+    return mm_kv_row(c, blk, h, p, c.hd);
 }
 
 /* One block per token. The angle is pos * inv_freq[i] in float32 with a
