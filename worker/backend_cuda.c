@@ -727,11 +727,13 @@ static int run_model(cuda_backend *b, int T, int nd, int single, int max_ctx, co
     int rc = 0, H = b->H, I = b->I;
     const int32_t *ids = META_IDS(b->meta_d), *pos = META_POS(b->meta_d);
     const int32_t *slot = META_SLOT(b->meta_d), *tok = META_TOK(b->meta_d);
-    CKK(mm_k_table_update(b->d_tables, META_UPD(b->meta_d), b->stream));
+    /* the argmax keys are zeroed by the step's first kernel */
+    CKK(mm_k_table_update(b->d_tables, META_UPD(b->meta_d), argmax ? b->keys_d : NULL,
+                          argmax ? R : 0, b->stream));
     if (b->mega && T == 1 && nd == 1 && nbig == 0 && R == 1) {
         CKK(mm_k_mega_run(b->dt, &b->mk, b->nsm, b->stream));
         if (argmax)
-            CKK(mm_k_argmax(b->logits, 1, b->V, META_NVALID(b->meta_d), b->keys_d, NULL,
+            CKK(mm_k_argmax(b->logits, 1, b->V, META_NVALID(b->meta_d), b->keys_d, NULL, 1,
                             b->stream));
         goto out;
     }
@@ -819,7 +821,7 @@ static int run_model(cuda_backend *b, int T, int nd, int single, int max_ctx, co
     if ((rc = linear(b, b->lm_head, b->hrows, R, b->V, H, b->logits, 1, NULL, err, errlen)) < 0)
         goto out;
     if (argmax)
-        CKK(mm_k_argmax(b->logits, R, b->V, META_NVALID(b->meta_d), b->keys_d, NULL,
+        CKK(mm_k_argmax(b->logits, R, b->V, META_NVALID(b->meta_d), b->keys_d, NULL, 1,
                         b->stream));
     prof_mark(b, P_HEAD);
 out:
@@ -1030,6 +1032,12 @@ static void kernel_knobs(void)
     const char *tiles = getenv("MM_CUDA_ONESTEP_TILES");
     if (env)
         mm_k_set_gemv_onestep(atoi(env), tiles ? atoi(tiles) : 8);
+    env = getenv("MM_CUDA_GU_TILES");
+    if (env)
+        mm_k_set_gemv_swiglu_tiles(atoi(env));
+    env = getenv("MM_CUDA_PRE");
+    if (env)
+        mm_k_set_gemv_pre(atoi(env));
 }
 
 /* MM_CUDA_TRACE=1: one log line per sub-step - its tokens, how they run

@@ -290,7 +290,7 @@ template <> struct vraw_t<2> { typedef uint16_t t; };
 template <> struct vraw_t<4> { typedef uint32_t t; };
 template <> struct vraw_t<8> { typedef uint2 t; };
 
-template <typename T, int HD>
+template <typename T, int HD, bool FUSED>
 __global__ void __launch_bounds__(CHUNK)
 attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int32_t *pos,
                     const int32_t *slot, const int32_t *fresh, int nq, int window, float scale,
@@ -311,12 +311,16 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
     constexpr int HALF = HD / 2;
     __shared__ float rcs[HALF], rsn[HALF];            /* rope: the token's rotation */
     __shared__ __align__(16) T kfresh[HD], vfresh[HD]; /* rope: this step's K, V rows */
-    const bool fused = rope.qkv != NULL; /* then fresh is set (the host checks) */
+    /* FUSED: rope.qkv is set and so is fresh (the host checks). A template
+     * parameter, not a test of rope.qkv: each instantiation then holds one
+     * of the two paths around the wait, and this code runs from a cold
+     * instruction cache (docs/GPU_NOTES.md v34) */
+    constexpr bool fused = FUSED;
     mm_pdl_release();
     /* fresh: the first chunk's cache rows written before this step (below
      * fresh[t]) load before griddepcontrol.wait, with the step metadata and
      * the block table (see mm_k_embed); only q and this step's rows wait */
-    bool waited = fresh == NULL;
+    bool waited = !FUSED && fresh == NULL;
     if (waited)
         mm_pdl_wait();
     int h = blockIdx.x, r = blockIdx.y, sp = blockIdx.z;
@@ -335,14 +339,27 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
                     &rcs[threadIdx.x]);
         __syncthreads();
     }
+    /* this thread's bias elements (weights: loaded before the wait, which
+     * takes a memory round trip off the path after it): q head h's and k
+     * head kvh's pair for element threadIdx.x, and v's element */
+    float bq[2] = {0.0f, 0.0f}, bk[2] = {0.0f, 0.0f}, bv = 0.0f;
+    if (fused && qkv_bias && threadIdx.x < HD) {
+        int i = threadIdx.x % HALF;
+        bq[0] = mm_to_f(qkv_bias[h * HD + i]);
+        bq[1] = mm_to_f(qkv_bias[h * HD + i + HALF]);
+        bk[0] = mm_to_f(qkv_bias[(nq + kvh) * HD + i]);
+        bk[1] = mm_to_f(qkv_bias[(nq + kvh) * HD + i + HALF]);
+        bv = mm_to_f(qkv_bias[(nq + c.nkv + kvh) * HD + threadIdx.x]);
+    }
     /* element d of head column block col (q head h, k head nq + kvh) of the
-     * q/k/v row, bias added, rotated and rounded as mm_k_rope_store stores it */
-    auto rotated = [&](int col, int d) {
+     * q/k/v row, bias b (that pair's) added, rotated and rounded as
+     * mm_k_rope_store stores it */
+    auto rotated = [&](int col, int d, const float *b) {
         int i = d % HALF, base = col * HD;
         float x1 = mm_to_f(qkv_row[base + i]), x2 = mm_to_f(qkv_row[base + i + HALF]);
         if (qkv_bias) {
-            x1 += mm_to_f(qkv_bias[base + i]);
-            x2 += mm_to_f(qkv_bias[base + i + HALF]);
+            x1 += b[0];
+            x2 += b[1];
         }
         float o1, o2;
         mm_rope_pair(x1, x2, rcs[i], rsn[i], &o1, &o2);
@@ -393,12 +410,12 @@ attn_head_cluster_k(const T *q, mm_k_rope_in rope, const int32_t *tok, const int
             mm_pdl_wait();
             waited = true;
             if (threadIdx.x < HD) {
-                qv = mm_to_f(rotated(h, threadIdx.x)) * scale;
+                qv = mm_to_f(rotated(h, threadIdx.x, bq)) * scale;
                 int d = threadIdx.x, vcol = (nq + c.nkv + kvh) * HD + d;
-                kfresh[d] = rotated(nq + kvh, d);
+                kfresh[d] = rotated(nq + kvh, d, bk);
                 float v = mm_to_f(qkv_row[vcol]);
                 if (qkv_bias)
-                    v += mm_to_f(qkv_bias[vcol]);
+                    v += bv;
                 vfresh[d] = mm_from_f<T>(v);
             }
             __syncthreads();
@@ -591,8 +608,12 @@ static void decode_hd(const void *q, const mm_k_rope_in &rope, const int32_t *to
         cfg.stream = s;
         cfg.attrs = at;
         cfg.numAttrs = 2;
-        cudaLaunchKernelEx(&cfg, attn_head_cluster_k<T, HD>, (const T *)q, rope, tok, pos, slot,
-                           fresh, nq, window, scale, *c, nsplit, (T *)out);
+        if (rope.qkv)
+            cudaLaunchKernelEx(&cfg, attn_head_cluster_k<T, HD, true>, (const T *)q, rope, tok,
+                               pos, slot, fresh, nq, window, scale, *c, nsplit, (T *)out);
+        else
+            cudaLaunchKernelEx(&cfg, attn_head_cluster_k<T, HD, false>, (const T *)q, rope, tok,
+                               pos, slot, fresh, nq, window, scale, *c, nsplit, (T *)out);
         return;
     }
     }

@@ -9,14 +9,30 @@ int mm_k_pdl_on = 1;
 
 extern "C" void mm_k_set_pdl(int on) { mm_k_pdl_on = on != 0; }
 
+/* One block per token. Rows of a multiple of 8 elements (every model
+ * here) go as one 16-byte load a thread: the row is one memory round trip
+ * (1536 elements as 6 dependent 2-byte loads a thread took 4.9 us of the
+ * 1.5B shape's step on an H100). */
+#define EMBED_MAX_THREADS 1024
+
 template <typename T>
-__global__ void embed_k(const T *table, const int32_t *ids, int H, float *x)
+__global__ void __launch_bounds__(EMBED_MAX_THREADS)
+embed_k(const T *table, const int32_t *ids, int H, float *x)
 {
     mm_pdl_release();
     mm_pdl_wait();
     int t = blockIdx.x;
     const T *row = table + (size_t)ids[t] * H;
     float *out = x + (size_t)t * H;
+    if (H % 8 == 0) {
+        for (int i = 8 * threadIdx.x; i < H; i += 8 * blockDim.x) {
+            float f[8];
+            mm_unpack8<T>(*(const uint4 *)(row + i), f);
+            *(float4 *)(out + i) = make_float4(f[0], f[1], f[2], f[3]);
+            *(float4 *)(out + i + 4) = make_float4(f[4], f[5], f[6], f[7]);
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < H; i += blockDim.x)
         out[i] = mm_to_f(row[i]);
 }
@@ -25,8 +41,10 @@ template <typename T>
 static int embed(const void *table, const int32_t *ids, int T_, int H, float *x, int serial,
                  cudaStream_t s)
 {
+    int threads = H % 8 == 0 ? (H / 8 + 31) / 32 * 32 : 256;
+    threads = threads > EMBED_MAX_THREADS ? EMBED_MAX_THREADS : threads;
     if (T_ > 0)
-        mm_launch_pdl(embed_k<T>, T_, 256, 0, s, !serial, (const T *)table, ids, H, x);
+        mm_launch_pdl(embed_k<T>, T_, threads, 0, s, !serial, (const T *)table, ids, H, x);
     return mm_launch_status();
 }
 
@@ -55,6 +73,18 @@ add_rmsnorm_k(float *__restrict__ x, const float *__restrict__ delta, size_t dst
               const int32_t *__restrict__ rows, int H, T *__restrict__ y)
 {
     mm_pdl_release();
+    /* the norm's weights before the wait: nothing writes them, and with a
+     * weight stream just gone through L2 they come from memory - a round
+     * trip the predecessor's drain now hides (1.5B: -0.8% a token,
+     * docs/GPU_NOTES.md session 10) */
+    float wv[NU];
+    const bool reg = !LONG || H <= NU * (int)blockDim.x; /* the row in registers */
+    if (reg)
+#pragma unroll
+        for (int u = 0; u < NU; u++) {
+            int i = threadIdx.x + u * blockDim.x;
+            wv[u] = i < H ? w[i] : 0.0f;
+        }
     mm_pdl_wait();
     extern __shared__ float row[];
     __shared__ float red[32];
@@ -63,13 +93,12 @@ add_rmsnorm_k(float *__restrict__ x, const float *__restrict__ delta, size_t dst
     const float *dr = delta ? delta + (size_t)t * H : NULL;
     T *yr = y + (size_t)r * H;
     float ss = 0.0f;
-    if (!LONG || H <= NU * (int)blockDim.x) {
-        float v[NU], wv[NU];
+    if (reg) {
+        float v[NU];
 #pragma unroll
         for (int u = 0; u < NU; u++) {
             int i = threadIdx.x + u * blockDim.x;
             v[u] = i < H ? xr[i] : 0.0f;
-            wv[u] = i < H ? w[i] : 0.0f;
         }
 #pragma unroll
         for (int p = 0; p < ND; p++)

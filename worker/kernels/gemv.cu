@@ -83,7 +83,7 @@ static bool gemv_pipe_row(int K) { return gemv_pipe == 2 || (gemv_pipe == 1 && K
  * start on SMs whose instruction cache does not hold them, so their code's
  * length is latency (docs/GPU_NOTES.md v32). The same sums in the same
  * order as the general path. */
-template <typename T, int M, bool F32, int U, bool P, bool ONE = false>
+template <typename T, int M, bool F32, int U, bool P, bool ONE = false, bool ALLPRE = false>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, void *y)
 {
@@ -103,8 +103,8 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
     constexpr int STEP = 32 * 8 * U;
     /* tiles of the first step requested before the wait: at most 4 (more
      * would queue ahead of the previous kernel's loads, v13b), the rest
-     * right after it */
-    constexpr int PRE = U < 4 ? U : 4;
+     * right after it; ALLPRE: all of them (gemv_pre) */
+    constexpr int PRE = ALLPRE || U < 4 ? U : 4;
     int k0 = kb;
     uint4 wv[U];
     bool first = kb + STEP <= ke;
@@ -176,10 +176,31 @@ gemv_k(const T *__restrict__ W, const T *__restrict__ x, int N, int K, int KS, v
     }
 }
 
+/* Unsplit one-step products (q/k/v and the LM head, whose predecessor is
+ * a norm that streams nothing) request all their tiles before the wait.
+ * Measured with gate/up in one step (gu_step_tiles): 1.5B 1.294 -> 1.281
+ * ms a token on an H100, 8 rounds; neutral with 2-tile gate/up steps, a
+ * loss on split products such as down (docs/GPU_NOTES.md session 10).
+ * MM_CUDA_PRE=0 (a measuring knob) turns it off. */
+static int gemv_pre = 1;
+
+extern "C" void mm_k_set_gemv_pre(int on) { gemv_pre = on != 0; }
+
 template <typename T, int M, int U, bool P, bool ONE = false>
 static void gemv_launch(dim3 grid, const T *w, const T *x, int N, int K, int KS, void *y,
                         int y_f32, cudaStream_t s)
 {
+    if constexpr (ONE && U > 4) {
+        if (gemv_pre && KS >= K) {
+            if (y_f32)
+                mm_launch(gemv_k<T, M, true, U, P, ONE, true>, grid, GEMV_WARPS * 32, 0, s, w, x,
+                          N, K, KS, y);
+            else
+                mm_launch(gemv_k<T, M, false, U, P, ONE, true>, grid, GEMV_WARPS * 32, 0, s, w,
+                          x, N, K, KS, y);
+            return;
+        }
+    }
     if (y_f32)
         mm_launch(gemv_k<T, M, true, U, P, ONE>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS, y);
     else
@@ -280,11 +301,15 @@ extern "C" int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, 
 
 /* ---- gate/up with SwiGLU: one warp per (gate row, up row) pair ---- */
 
-template <typename T, int M, bool P>
+/* UT: tiles of each row a step, the first step's all requested before the
+ * wait (a lane's 2 x UT loads in flight): 2, or for single rows 6 or 7
+ * (gu_step_tiles). */
+template <typename T, int M, bool P, int UT = 2>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T *act)
 {
     static_assert(!P || M == 1, "the pipelined product serves single rows");
+    static_assert(!P || UT == 2, "the pipelined product takes two tiles a step");
     int lane = threadIdx.x & 31;
     int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= I) {
@@ -296,12 +321,12 @@ gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T 
 #pragma unroll
     for (int m = 0; m < 2 * M; m++)
         acc[m] = 0.0f;
-    constexpr int STEP = 32 * 8 * 2; /* two tiles of each row in flight */
+    constexpr int STEP = 32 * 8 * UT; /* UT tiles of each row in flight */
     int k0 = 0;
-    uint4 wv[2][2];                  /* [tile][gate, up] */
+    uint4 wv[UT][2];                  /* [tile][gate, up] */
     if (STEP <= K)
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
+        for (int u = 0; u < UT; u++) {
             wv[u][0] = __ldcs((const uint4 *)(wg + u * 256 + lane * 8));
             wv[u][1] = __ldcs((const uint4 *)(wu + u * 256 + lane * 8));
         }
@@ -343,12 +368,12 @@ gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T 
         }
         if (k0)
 #pragma unroll
-            for (int u = 0; u < 2; u++) {
+            for (int u = 0; u < UT; u++) {
                 wv[u][0] = __ldcs((const uint4 *)(wg + k0 + u * 256 + lane * 8));
                 wv[u][1] = __ldcs((const uint4 *)(wu + k0 + u * 256 + lane * 8));
             }
 #pragma unroll
-        for (int u = 0; u < 2; u++)
+        for (int u = 0; u < UT; u++)
             gemv_tile<T, M, 2>(wv[u], x, K, k0 + u * 256 + lane * 8, acc);
     }
     for (int k = k0 + lane * 8; k < K; k += 256) {
@@ -366,6 +391,26 @@ gemv_swiglu_k(const T *__restrict__ W, const T *__restrict__ x, int I, int K, T 
     }
 }
 
+/* Single-row gate/up in steps of 6 or 7 tiles of each row (all of the
+ * first step requested before the wait) where they divide the row: the
+ * row pair in one step on the 1.5B shape (6 tiles), two on 7B (14), with
+ * 80 or 96 registers - fewer warps a SM, each with 12 or 14 loads in
+ * flight where 2-tile steps have 4 (1.5B 1.300 -> 1.281 ms a token, 7B
+ * 4.972 -> 4.950 on an H100, docs/GPU_NOTES.md session 10; 3-tile steps,
+ * or 6 with only 2 requested before the wait, were slower). Otherwise 2.
+ * MM_CUDA_GU_TILES (a measuring knob) forces 2, 6 or 7 where they divide. */
+static int gu_tiles = 0; /* 0: that rule */
+
+extern "C" void mm_k_set_gemv_swiglu_tiles(int tiles) { gu_tiles = tiles; }
+
+static int gu_step_tiles(int K)
+{
+    int tiles = K % 256 == 0 ? K / 256 : 0;
+    if (gu_tiles)
+        return (gu_tiles == 6 || gu_tiles == 7) && tiles && tiles % gu_tiles == 0 ? gu_tiles : 2;
+    return tiles && tiles % 7 == 0 ? 7 : tiles && tiles % 6 == 0 ? 6 : 2;
+}
+
 template <typename T>
 static int gemv_swiglu(const void *W, const void *x, int M, int I, int K, void *act,
                        cudaStream_t s)
@@ -378,6 +423,10 @@ static int gemv_swiglu(const void *W, const void *x, int M, int I, int K, void *
     case 1:
         if (gemv_pipe_row(K))
             mm_launch(gemv_swiglu_k<T, 1, true>, grid, TH, 0, s, w, xx, I, K, a);
+        else if (gu_step_tiles(K) == 6)
+            mm_launch(gemv_swiglu_k<T, 1, false, 6>, grid, TH, 0, s, w, xx, I, K, a);
+        else if (gu_step_tiles(K) == 7)
+            mm_launch(gemv_swiglu_k<T, 1, false, 7>, grid, TH, 0, s, w, xx, I, K, a);
         else
             mm_launch(gemv_swiglu_k<T, 1, false>, grid, TH, 0, s, w, xx, I, K, a);
         break;

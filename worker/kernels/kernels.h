@@ -129,8 +129,12 @@ int mm_k_tp_reduce(const mm_k_tp *p, int slot, int layer, size_t count, int nsm,
 
 /* Block-table updates: upd[0] = count (read on the device, so a captured
  * graph replays whatever the host wrote before launching it), then count
- * pairs (index, value): table[index] = value. */
-int mm_k_table_update(int32_t *table, const int32_t *upd, cudaStream_t s);
+ * pairs (index, value): table[index] = value. The same kernel zeroes nzero
+ * words at zero: the step's argmax keys (mm_k_argmax with zeroed set),
+ * which a memset node right before the argmax kept ~2 us from its
+ * start. */
+int mm_k_table_update(int32_t *table, const int32_t *upd, unsigned long long *zero, int nzero,
+                      cudaStream_t s);
 
 /* Copy positions [0, n) of one slot's cache into contiguous kc, vc
  * [nkv][n][hd] for the GEMM-based prefill attention. */
@@ -183,15 +187,25 @@ int mm_k_gemv(mm_kdt dt, const void *W, const void *x, int M, int N, int K, void
  * followed by mm_k_swiglu). */
 int mm_k_gemv_swiglu(mm_kdt dt, const void *W, const void *x, int M, int I, int K, void *act,
                      cudaStream_t s);
+/* Tiles of each row a single-row gate/up step loads (process-wide;
+ * MM_CUDA_GU_TILES, for measuring): 0 (the default) 7 or 6 where they
+ * divide K, else 2; 2, 6 or 7 force that (where it divides K). */
+void mm_k_set_gemv_swiglu_tiles(int tiles);
+/* Unsplit one-step products request all their weight tiles before
+ * griddepcontrol.wait (process-wide; MM_CUDA_PRE=0, for measuring, caps
+ * them at 4 as split ones are): 1 (the default) or 0. */
+void mm_k_set_gemv_pre(int on);
 
 /* ids[r] = argmax over columns < *n_valid of logits row r (lowest id on
  * ties, NaN and -inf never win, -1 when nothing is finite), R rows of ld
  * floats. keys[r] holds the winner as a 64-bit key (the value's order
  * bits above the id's complement, 0 when nothing is finite); with ids
  * NULL only the keys are written. n_valid is read on the device, so a
- * graph captured before it is known still uses the right one. */
+ * graph captured before it is known still uses the right one. zeroed:
+ * the keys already hold 0 (mm_k_table_update earlier in the step), else
+ * they are cleared here first. */
 int mm_k_argmax(const float *logits, int R, int ld, const int *n_valid, unsigned long long *keys,
-                int32_t *ids, cudaStream_t s);
+                int32_t *ids, int zeroed, cudaStream_t s);
 
 /* The decode step of one sequence (token ids[0] at position pos[0] of
  * slot[0]) as one persistent kernel of nb blocks, one per SM (mega.cu):

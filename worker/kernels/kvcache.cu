@@ -124,17 +124,21 @@ extern "C" int mm_k_gather_kv(mm_kdt dt, const mm_k_cache *c, int slot, int n, v
     return MM_DISPATCH(dt, gather, c, slot, n, kc, vc, s);
 }
 
-__global__ void table_update_k(int32_t *table, const int32_t *upd)
+__global__ void table_update_k(int32_t *table, const int32_t *upd, unsigned long long *zero,
+                               int nzero)
 {
     mm_pdl_release();
     mm_pdl_wait();
     int n = upd[0];
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
         table[upd[1 + 2 * i]] = upd[2 + 2 * i];
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < nzero; i += gridDim.x * blockDim.x)
+        zero[i] = 0;
 }
 
-extern "C" int mm_k_table_update(int32_t *table, const int32_t *upd, cudaStream_t s)
+extern "C" int mm_k_table_update(int32_t *table, const int32_t *upd, unsigned long long *zero,
+                                 int nzero, cudaStream_t s)
 {
-    mm_launch(table_update_k, 16, 256, 0, s, table, upd);
+    mm_launch(table_update_k, 16, 256, 0, s, table, upd, zero, nzero);
     return mm_launch_status();
 }
