@@ -733,7 +733,7 @@ static int run_model(cuda_backend *b, int T, int nd, int single, int max_ctx, co
     if (b->mega && T == 1 && nd == 1 && nbig == 0 && R == 1) {
         CKK(mm_k_mega_run(b->dt, &b->mk, b->nsm, b->stream));
         if (argmax)
-            CKK(mm_k_argmax(b->logits, 1, b->V, META_NVALID(b->meta_d), b->keys_d, NULL, 1,
+            CKK(mm_k_argmax(b->logits, 1, b->V, META_NVALID(b->meta_d), b->keys_d, NULL,
                             b->stream));
         goto out;
     }
@@ -821,7 +821,7 @@ static int run_model(cuda_backend *b, int T, int nd, int single, int max_ctx, co
     if ((rc = linear(b, b->lm_head, b->hrows, R, b->V, H, b->logits, 1, NULL, err, errlen)) < 0)
         goto out;
     if (argmax)
-        CKK(mm_k_argmax(b->logits, R, b->V, META_NVALID(b->meta_d), b->keys_d, NULL, 1,
+        CKK(mm_k_argmax(b->logits, R, b->V, META_NVALID(b->meta_d), b->keys_d, NULL,
                         b->stream));
     prof_mark(b, P_HEAD);
 out:

@@ -186,26 +186,28 @@ static int gemv_pre = 1;
 
 extern "C" void mm_k_set_gemv_pre(int on) { gemv_pre = on != 0; }
 
+template <typename T, int M, int U, bool P, bool ONE, bool ALLPRE>
+static void gemv_launch_out(dim3 grid, const T *w, const T *x, int N, int K, int KS, void *y,
+                            int y_f32, cudaStream_t s)
+{
+    if (y_f32)
+        mm_launch(gemv_k<T, M, true, U, P, ONE, ALLPRE>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K,
+                  KS, y);
+    else
+        mm_launch(gemv_k<T, M, false, U, P, ONE, ALLPRE>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K,
+                  KS, y);
+}
+
 template <typename T, int M, int U, bool P, bool ONE = false>
 static void gemv_launch(dim3 grid, const T *w, const T *x, int N, int K, int KS, void *y,
                         int y_f32, cudaStream_t s)
 {
-    if constexpr (ONE && U > 4) {
+    if constexpr (ONE && U > 4)
         if (gemv_pre && KS >= K) {
-            if (y_f32)
-                mm_launch(gemv_k<T, M, true, U, P, ONE, true>, grid, GEMV_WARPS * 32, 0, s, w, x,
-                          N, K, KS, y);
-            else
-                mm_launch(gemv_k<T, M, false, U, P, ONE, true>, grid, GEMV_WARPS * 32, 0, s, w,
-                          x, N, K, KS, y);
+            gemv_launch_out<T, M, U, P, ONE, true>(grid, w, x, N, K, KS, y, y_f32, s);
             return;
         }
-    }
-    if (y_f32)
-        mm_launch(gemv_k<T, M, true, U, P, ONE>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS, y);
-    else
-        mm_launch(gemv_k<T, M, false, U, P, ONE>, grid, GEMV_WARPS * 32, 0, s, w, x, N, K, KS,
-                  y);
+    gemv_launch_out<T, M, U, P, ONE, false>(grid, w, x, N, K, KS, y, y_f32, s);
 }
 
 template <typename T, int M>
@@ -405,10 +407,12 @@ extern "C" void mm_k_set_gemv_swiglu_tiles(int tiles) { gu_tiles = tiles; }
 
 static int gu_step_tiles(int K)
 {
-    int tiles = K % 256 == 0 ? K / 256 : 0;
+    if (K <= 0 || K % 256 != 0)
+        return 2;
+    int tiles = K / 256;
     if (gu_tiles)
-        return (gu_tiles == 6 || gu_tiles == 7) && tiles && tiles % gu_tiles == 0 ? gu_tiles : 2;
-    return tiles && tiles % 7 == 0 ? 7 : tiles && tiles % 6 == 0 ? 6 : 2;
+        return (gu_tiles == 6 || gu_tiles == 7) && tiles % gu_tiles == 0 ? gu_tiles : 2;
+    return tiles % 7 == 0 ? 7 : tiles % 6 == 0 ? 6 : 2;
 }
 
 template <typename T>
@@ -420,16 +424,18 @@ static int gemv_swiglu(const void *W, const void *x, int M, int I, int K, void *
     T *a = (T *)act;
     constexpr int TH = GEMV_WARPS * 32;
     switch (M) {
-    case 1:
+    case 1: {
+        int ut = gu_step_tiles(K);
         if (gemv_pipe_row(K))
             mm_launch(gemv_swiglu_k<T, 1, true>, grid, TH, 0, s, w, xx, I, K, a);
-        else if (gu_step_tiles(K) == 6)
+        else if (ut == 6)
             mm_launch(gemv_swiglu_k<T, 1, false, 6>, grid, TH, 0, s, w, xx, I, K, a);
-        else if (gu_step_tiles(K) == 7)
+        else if (ut == 7)
             mm_launch(gemv_swiglu_k<T, 1, false, 7>, grid, TH, 0, s, w, xx, I, K, a);
         else
             mm_launch(gemv_swiglu_k<T, 1, false>, grid, TH, 0, s, w, xx, I, K, a);
         break;
+    }
     case 2: mm_launch(gemv_swiglu_k<T, 2, false>, grid, TH, 0, s, w, xx, I, K, a); break;
     case 3: mm_launch(gemv_swiglu_k<T, 3, false>, grid, TH, 0, s, w, xx, I, K, a); break;
     case 4: mm_launch(gemv_swiglu_k<T, 4, false>, grid, TH, 0, s, w, xx, I, K, a); break;

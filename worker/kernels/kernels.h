@@ -130,9 +130,8 @@ int mm_k_tp_reduce(const mm_k_tp *p, int slot, int layer, size_t count, int nsm,
 /* Block-table updates: upd[0] = count (read on the device, so a captured
  * graph replays whatever the host wrote before launching it), then count
  * pairs (index, value): table[index] = value. The same kernel zeroes nzero
- * words at zero: the step's argmax keys (mm_k_argmax with zeroed set),
- * which a memset node right before the argmax kept ~2 us from its
- * start. */
+ * words at zero: the step's argmax keys (mm_k_argmax), which a memset
+ * node right before the argmax kept ~2 us from its start. */
 int mm_k_table_update(int32_t *table, const int32_t *upd, unsigned long long *zero, int nzero,
                       cudaStream_t s);
 
@@ -201,11 +200,11 @@ void mm_k_set_gemv_pre(int on);
  * floats. keys[r] holds the winner as a 64-bit key (the value's order
  * bits above the id's complement, 0 when nothing is finite); with ids
  * NULL only the keys are written. n_valid is read on the device, so a
- * graph captured before it is known still uses the right one. zeroed:
- * the keys already hold 0 (mm_k_table_update earlier in the step), else
- * they are cleared here first. */
+ * graph captured before it is known still uses the right one. The keys
+ * must hold 0 when it runs: mm_k_table_update zeroes them at the start of
+ * the step. */
 int mm_k_argmax(const float *logits, int R, int ld, const int *n_valid, unsigned long long *keys,
-                int32_t *ids, int zeroed, cudaStream_t s);
+                int32_t *ids, cudaStream_t s);
 
 /* The decode step of one sequence (token ids[0] at position pos[0] of
  * slot[0]) as one persistent kernel of nb blocks, one per SM (mega.cu):

@@ -83,15 +83,10 @@ __global__ void argmax_ids_k(const unsigned long long *keys, int R, int32_t *ids
 }
 
 extern "C" int mm_k_argmax(const float *logits, int R, int ld, const int *n_valid,
-                           unsigned long long *keys, int32_t *ids, int zeroed, cudaStream_t s)
+                           unsigned long long *keys, int32_t *ids, cudaStream_t s)
 {
     if (R <= 0)
         return 0;
-    if (!zeroed) {
-        cudaError_t e = cudaMemsetAsync(keys, 0, (size_t)R * sizeof *keys, s);
-        if (e != cudaSuccess)
-            return (int)e;
-    }
     /* slices sized for ld columns; fewer valid ones make them shorter */
     int slices = (ld + ARGMAX_SLICE - 1) / ARGMAX_SLICE;
     mm_launch(argmax_k, dim3(slices < 1 ? 1 : slices, R), ARGMAX_THREADS, 0, s, logits, ld,
